@@ -1,0 +1,200 @@
+//! Map keys, values and constants shared by ztunnel's eBPF programs and its user
+//! space, so that every map's layout is defined exactly once.
+//!
+//! Addresses are kept as `[u32; 4]` exactly as the kernel hands them to the
+//! programs (`bpf_sock_addr.user_ip6`, `bpf_sock_ops.local_ip6`, ...): each word
+//! holds four address bytes in network order. An IPv4 address occupies word 0
+//! and the rest is zero; `family` tells the two apart. Ports are host order.
+#![no_std]
+
+/// Outbound capture listener: redirected connections arrive here.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Inbound plaintext capture listener (steered by sk_lookup).
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// Inbound HBONE listener; never steered, it is reached directly.
+pub const INBOUND_HBONE_PORT: u16 = 15008;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Deepest cgroup level the programs inspect when they look for the enrolled
+/// ancestor of a task's cgroup. Kubernetes pods sit at depth 4-6.
+pub const MAX_CGROUP_DEPTH: u32 = 24;
+
+/// Bumped whenever a map's key or value layout changes: maps are pinned under a
+/// directory named after it, so an upgraded tunnel never reinterprets the bytes
+/// of a map pinned by an older one.
+pub const MAP_ABI_VERSION: u32 = 1;
+
+/// Value of the `ENROLLED_CGROUPS` map, keyed by cgroup v2 id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EnrolledWorkload {
+    /// The tunnel's number for the workload; stamped on every capture record.
+    pub workload_id: u32,
+    /// `WORKLOAD_*` flags.
+    pub flags: u32,
+}
+
+/// The tunnel can serve this workload's outbound connections now. Without it
+/// the workload is enrolled but not ready, and its connect() fails (EPERM):
+/// capture fails closed, it never lets a connection go out in the clear.
+pub const WORKLOAD_READY: u32 = 1;
+
+/// What connect4/connect6 learn about a captured connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CaptureRecord {
+    /// Original destination address (see the crate docs for the encoding).
+    pub dst_addr: [u32; 4],
+    /// Original destination port, host order.
+    pub dst_port: u16,
+    pub family: u16,
+    pub workload_id: u32,
+    /// cgroup v2 id of the task that called connect(): the workload's own
+    /// cgroup or one of its descendants (a pod's container).
+    pub cgroup_id: u64,
+    pub pid: u32,
+    pub _pad: u32,
+}
+
+/// Key of the `CAPTURED_BY_TUPLE` map: the client end of a redirected
+/// connection as the tunnel's listener sees it in `getpeername()`, qualified by
+/// the network namespace because every namespace reuses 127.0.0.1 and the same
+/// ephemeral ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnTuple {
+    pub netns_cookie: u64,
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Data part of the `EXCLUDED_CIDRS` LPM-trie key: a workload's excluded
+/// destination prefixes. The trie's prefix length counts the 64 bits of
+/// `workload_id` and `family` plus the CIDR's own length, so a lookup only
+/// matches prefixes of the same workload and family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CidrKey {
+    pub workload_id: u32,
+    pub family: u32,
+    pub addr: [u32; 4],
+}
+
+/// Bits of `workload_id` and `family` that precede the address in [`CidrKey`].
+pub const CIDR_KEY_FIXED_BITS: u32 = 64;
+
+/// Key of the `EXCLUDED_PORTS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub workload_id: u32,
+    pub port: u16,
+    /// `DIRECTION_*`.
+    pub direction: u16,
+}
+
+pub const DIRECTION_OUTBOUND: u16 = 0;
+pub const DIRECTION_INBOUND: u16 = 1;
+
+/// Key of `INBOUND_ADDRS` (local address -> workload) and `INBOUND_LISTENERS`
+/// (local address -> the 15006 listener of the namespace that owns it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AddrKey {
+    pub addr: [u32; 4],
+    pub family: u32,
+}
+
+/// Indexes of the per-CPU `CAPTURE_COUNTERS` array.
+pub mod counter {
+    /// Outbound connections redirected to the tunnel.
+    pub const CAPTURED: u32 = 0;
+    /// connect() refused because the workload is enrolled but not ready.
+    pub const REFUSED_NOT_READY: u32 = 1;
+    /// connect() refused because a capture map was full.
+    pub const REFUSED_MAP_FULL: u32 = 2;
+    /// A captured connection's record could not be re-keyed (map full); the
+    /// tunnel finds no record and refuses the connection.
+    pub const TUPLE_MAP_FULL: u32 = 3;
+    /// Inbound connections steered to the plaintext listener.
+    pub const INBOUND_STEERED: u32 = 4;
+    /// Inbound connections dropped because no listener was registered for the
+    /// destination address (tunnel down or restarting).
+    pub const INBOUND_NO_LISTENER: u32 = 5;
+    /// Inbound connections dropped because the destination address belongs to
+    /// no enrolled workload.
+    pub const INBOUND_UNKNOWN_ADDR: u32 = 6;
+    /// Outbound connections left alone because of a port or CIDR exclusion.
+    pub const EXCLUDED: u32 = 7;
+    pub const COUNT: u32 = 8;
+}
+
+/// Names of the maps, shared so that pin paths and lookups cannot drift.
+pub mod map_name {
+    pub const ENROLLED_CGROUPS: &str = "ENROLLED_CGROUPS";
+    pub const CAPTURED_BY_COOKIE: &str = "CAPTURED_BY_COOKIE";
+    pub const CAPTURED_BY_TUPLE: &str = "CAPTURED_BY_TUPLE";
+    pub const EXCLUDED_CIDRS: &str = "EXCLUDED_CIDRS";
+    pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
+    pub const INBOUND_ADDRS: &str = "INBOUND_ADDRS";
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    pub const CAPTURE_COUNTERS: &str = "CAPTURE_COUNTERS";
+    /// Every map that outlives the tunnel process (pinned in bpffs).
+    pub const PINNED: [&str; 8] = [
+        ENROLLED_CGROUPS,
+        CAPTURED_BY_COOKIE,
+        CAPTURED_BY_TUPLE,
+        EXCLUDED_CIDRS,
+        EXCLUDED_PORTS,
+        INBOUND_ADDRS,
+        INBOUND_LISTENERS,
+        CAPTURE_COUNTERS,
+    ];
+}
+
+/// Names of the programs.
+pub mod program_name {
+    pub const CONNECT4: &str = "ztunnel_connect4";
+    pub const CONNECT6: &str = "ztunnel_connect6";
+    pub const SOCKOPS: &str = "ztunnel_sockops";
+    pub const SK_LOOKUP: &str = "ztunnel_sk_lookup";
+}
+
+/// Names of the globals the loader sets.
+pub mod global_name {
+    /// cgroup v2 id of the tunnel's own cgroup: sockets created in it or below
+    /// are never captured, whatever is enrolled.
+    pub const TUNNEL_CGROUP_ID: &str = "TUNNEL_CGROUP_ID";
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: every type is #[repr(C)], made only of integers and integer
+    // arrays, with explicit padding fields, so any bit pattern is valid.
+    unsafe impl aya::Pod for super::EnrolledWorkload {}
+    unsafe impl aya::Pod for super::CaptureRecord {}
+    unsafe impl aya::Pod for super::ConnTuple {}
+    unsafe impl aya::Pod for super::CidrKey {}
+    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::AddrKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<EnrolledWorkload>(), 8);
+        assert_eq!(size_of::<CaptureRecord>(), 16 + 2 + 2 + 4 + 8 + 4 + 4);
+        assert_eq!(size_of::<ConnTuple>(), 8 + 16 + 2 + 2 + 4);
+        assert_eq!(size_of::<CidrKey>(), 4 + 4 + 16);
+        assert_eq!(size_of::<PortKey>(), 8);
+        assert_eq!(size_of::<AddrKey>(), 20);
+    }
+}

@@ -1,0 +1,392 @@
+//! ztunnel's eBPF programs.
+//!
+//! * `ztunnel_connect4` / `ztunnel_connect6` (cgroup/connect4, cgroup/connect6,
+//!   attached once to the cgroup subtree that holds the node's workloads): a TCP
+//!   connect() by a task whose cgroup, or an ancestor of it, is enrolled is
+//!   rewritten to the tunnel's outbound listener on loopback:15001 of the task's
+//!   own network namespace; the original destination, the cgroup and the pid are
+//!   recorded under the socket cookie.
+//! * `ztunnel_sockops` (sockops, same cgroup): once the client socket has its
+//!   local port (TCP_CONNECT_CB), re-keys that record by what the listener will
+//!   see as its peer, (netns cookie, address, port); deletes it when the client
+//!   socket closes, so the map holds only live connections.
+//! * `ztunnel_sk_lookup` (sk_lookup, one link per enrolled pod namespace): inbound
+//!   TCP to a workload address, any port but 15008, goes to the tunnel's plaintext
+//!   listener (15006) of that namespace; the accepted socket keeps the original
+//!   destination as its local address.
+//!
+//! Every path fails closed: a workload that is enrolled but not ready, a full
+//! map, or a missing listener refuses the connection; nothing enrolled ever
+//! goes out or comes in around the tunnel.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext as _, Global,
+    bindings::{BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_get_netns_cookie, bpf_get_socket_cookie,
+    },
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::warn;
+use ztunnel_ebpf_common::{
+    AF_INET, AF_INET6, AddrKey, CIDR_KEY_FIXED_BITS, CaptureRecord, CidrKey, ConnTuple,
+    DIRECTION_INBOUND, DIRECTION_OUTBOUND, EnrolledWorkload, INBOUND_HBONE_PORT, MAX_CGROUP_DEPTH,
+    OUTBOUND_PORT, PortKey, WORKLOAD_READY, counter,
+};
+
+const IPPROTO_TCP: u32 = 6;
+const TCP_CLOSE: u32 = 7;
+/// cgroup/connect verdicts.
+const CONNECT_ALLOW: i32 = 1;
+const CONNECT_REFUSE: i32 = 0;
+/// sk_lookup verdicts.
+const SK_DROP: u32 = 0;
+const SK_PASS: u32 = 1;
+/// Every network namespace's loopback device has ifindex 1.
+const LOOPBACK_IFINDEX: u32 = 1;
+const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+/// Word 2 of an IPv4-mapped IPv6 address (::ffff:a.b.c.d), as stored.
+const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+const LOOPBACK6_LAST_WORD: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
+
+/// Set by the loader: the tunnel's own cgroup. Sockets of tasks in it (or
+/// below it) are never captured, whatever is enrolled: loop-freedom does not
+/// depend on the operator enrolling the right cgroups.
+#[unsafe(no_mangle)]
+static TUNNEL_CGROUP_ID: Global<u64> = Global::new(0);
+
+// Sizes are defaults; the loader may override them from configuration.
+#[map]
+static ENROLLED_CGROUPS: HashMap<u64, EnrolledWorkload> = HashMap::with_max_entries(16384, 0);
+// LRU: a record lives here only between connect() and TCP_CONNECT_CB; one whose
+// connect() fails in between is never moved, and must age out, not pile up.
+#[map]
+static CAPTURED_BY_COOKIE: LruHashMap<u64, CaptureRecord> = LruHashMap::with_max_entries(65536, 0);
+// Not LRU: evicting the record of a live connection would make the tunnel
+// refuse it. Entries are removed when the client socket closes.
+#[map]
+static CAPTURED_BY_TUPLE: HashMap<ConnTuple, CaptureRecord> = HashMap::with_max_entries(65536, 0);
+#[map]
+static EXCLUDED_CIDRS: LpmTrie<CidrKey, u8> = LpmTrie::with_max_entries(16384, 0);
+#[map]
+static EXCLUDED_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(16384, 0);
+#[map]
+static INBOUND_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(16384, 0);
+#[map]
+static INBOUND_LISTENERS: SockHash<AddrKey> = SockHash::with_max_entries(16384, 0);
+#[map]
+static CAPTURE_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(slot) = CAPTURE_COUNTERS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot; nothing else on this CPU runs concurrently.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// The enrolled workload of the calling task: the deepest enrolled cgroup among
+/// the task's cgroup and its ancestors, so that a pod's containers (children of
+/// the pod's cgroup) are attributed to the pod. `None` for the tunnel itself.
+#[inline(always)]
+fn enrolled_workload() -> Option<EnrolledWorkload> {
+    let tunnel = TUNNEL_CGROUP_ID.load();
+    let mut found = None;
+    let mut level = 1;
+    while level <= MAX_CGROUP_DEPTH {
+        // SAFETY: plain helper call; returns 0 past the task's depth.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            break;
+        }
+        if id == tunnel {
+            return None;
+        }
+        // SAFETY: the value is copied out before the map can change.
+        if let Some(w) = unsafe { ENROLLED_CGROUPS.get(&id) } {
+            found = Some(*w);
+        }
+        level += 1;
+    }
+    found
+}
+
+#[inline(always)]
+fn is_excluded(workload_id: u32, family: u16, addr: [u32; 4], port: u16) -> bool {
+    let port_key = PortKey {
+        workload_id,
+        port,
+        direction: DIRECTION_OUTBOUND,
+    };
+    // SAFETY: only presence is read.
+    if unsafe { EXCLUDED_PORTS.get(&port_key) }.is_some() {
+        return true;
+    }
+    let key = Key::new(
+        CIDR_KEY_FIXED_BITS + 128,
+        CidrKey {
+            workload_id,
+            family: u32::from(family),
+            addr,
+        },
+    );
+    EXCLUDED_CIDRS.get(&key).is_some()
+}
+
+enum Verdict {
+    Pass,
+    Refuse,
+    Redirect,
+}
+
+/// Decides what happens to a TCP connect() to `addr`:`port`, and records the
+/// original destination when the connection is captured.
+#[inline(always)]
+fn capture(ctx: &SockAddrContext, family: u16, addr: [u32; 4], port: u16) -> Verdict {
+    let Some(workload) = enrolled_workload() else {
+        return Verdict::Pass;
+    };
+    if is_excluded(workload.workload_id, family, addr, port) {
+        count(counter::EXCLUDED);
+        return Verdict::Pass;
+    }
+    if workload.flags & WORKLOAD_READY == 0 {
+        count(counter::REFUSED_NOT_READY);
+        return Verdict::Refuse;
+    }
+    let record = CaptureRecord {
+        dst_addr: addr,
+        dst_port: port,
+        family,
+        workload_id: workload.workload_id,
+        // SAFETY: plain helper calls.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        _pad: 0,
+    };
+    // SAFETY: the context is a valid bpf_sock_addr.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if CAPTURED_BY_COOKIE.insert(&cookie, &record, 0).is_err() {
+        count(counter::REFUSED_MAP_FULL);
+        warn!(ctx, "ztunnel: capture record map full; connect() refused");
+        return Verdict::Refuse;
+    }
+    count(counter::CAPTURED);
+    Verdict::Redirect
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn ztunnel_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.protocol != IPPROTO_TCP {
+        return CONNECT_ALLOW;
+    }
+    let ip = sa.user_ip4;
+    // 127/8 is the workload's own loopback; 0.0.0.0 means the same.
+    if ip == 0 || ip.to_ne_bytes()[0] == 127 {
+        return CONNECT_ALLOW;
+    }
+    let port = u16::from_be(sa.user_port as u16);
+    match capture(&ctx, AF_INET, [ip, 0, 0, 0], port) {
+        Verdict::Pass => CONNECT_ALLOW,
+        Verdict::Refuse => CONNECT_REFUSE,
+        Verdict::Redirect => {
+            sa.user_ip4 = LOOPBACK4;
+            sa.user_port = u32::from(OUTBOUND_PORT.to_be());
+            CONNECT_ALLOW
+        }
+    }
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn ztunnel_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as in connect4.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.protocol != IPPROTO_TCP {
+        return CONNECT_ALLOW;
+    }
+    let ip6 = sa.user_ip6;
+    let port = u16::from_be(sa.user_port as u16);
+    // A dual-stack socket dialling an IPv4 address: treat it as IPv4 and send it
+    // to the IPv4 listener through the mapped loopback address.
+    if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_WORD {
+        let ip = ip6[3];
+        if ip == 0 || ip.to_ne_bytes()[0] == 127 {
+            return CONNECT_ALLOW;
+        }
+        return match capture(&ctx, AF_INET, [ip, 0, 0, 0], port) {
+            Verdict::Pass => CONNECT_ALLOW,
+            Verdict::Refuse => CONNECT_REFUSE,
+            Verdict::Redirect => {
+                sa.user_ip6 = [0, 0, V4_MAPPED_WORD, LOOPBACK4];
+                sa.user_port = u32::from(OUTBOUND_PORT.to_be());
+                CONNECT_ALLOW
+            }
+        };
+    }
+    // ::1 and :: stay on the workload's own loopback.
+    if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && (ip6[3] == 0 || ip6[3] == LOOPBACK6_LAST_WORD) {
+        return CONNECT_ALLOW;
+    }
+    match capture(&ctx, AF_INET6, ip6, port) {
+        Verdict::Pass => CONNECT_ALLOW,
+        Verdict::Refuse => CONNECT_REFUSE,
+        Verdict::Redirect => {
+            sa.user_ip6 = [0, 0, 0, LOOPBACK6_LAST_WORD];
+            sa.user_port = u32::from(OUTBOUND_PORT.to_be());
+            CONNECT_ALLOW
+        }
+    }
+}
+
+/// The client end of the socket as the listener will see it: an IPv4-mapped
+/// local address of a dual-stack socket is the IPv4 address the listener sees.
+#[inline(always)]
+fn local_tuple(ctx: &SockOpsContext) -> Option<ConnTuple> {
+    let (family, addr) = match ctx.family() {
+        f if f == u32::from(AF_INET) => (AF_INET, [ctx.local_ip4(), 0, 0, 0]),
+        f if f == u32::from(AF_INET6) => {
+            let ip6 = ctx.local_ip6();
+            if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_WORD {
+                (AF_INET, [ip6[3], 0, 0, 0])
+            } else {
+                (AF_INET6, ip6)
+            }
+        }
+        _ => return None,
+    };
+    Some(ConnTuple {
+        // SAFETY: the context is a valid bpf_sock_ops.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        addr,
+        // bpf_sock_ops.local_port is host order.
+        port: ctx.local_port() as u16,
+        family,
+        _pad: 0,
+    })
+}
+
+#[sock_ops]
+pub fn ztunnel_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_tcp_connect(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
+            if let Some(tuple) = local_tuple(&ctx) {
+                let _ = CAPTURED_BY_TUPLE.remove(&tuple);
+            }
+        }
+        _ => {}
+    }
+    1
+}
+
+#[inline(always)]
+fn on_tcp_connect(ctx: &SockOpsContext) {
+    // SAFETY: the context is a valid bpf_sock_ops.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the record is copied out before it is removed.
+    let Some(record) = (unsafe { CAPTURED_BY_COOKIE.get(&cookie) }).copied() else {
+        return;
+    };
+    let _ = CAPTURED_BY_COOKIE.remove(&cookie);
+    let Some(tuple) = local_tuple(ctx) else {
+        return;
+    };
+    if CAPTURED_BY_TUPLE.insert(&tuple, &record, 0).is_err() {
+        // The tunnel will find no record and refuse the connection.
+        count(counter::TUPLE_MAP_FULL);
+        warn!(
+            ctx,
+            "ztunnel: connection map full; connection will be refused"
+        );
+        return;
+    }
+    // Ask for state callbacks so the record goes when the socket closes.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+#[sk_lookup]
+pub fn ztunnel_sk_lookup(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the kernel passes a valid bpf_sk_lookup.
+    let l = unsafe { &*ctx.lookup };
+    // local_port is host order in bpf_sk_lookup.
+    if l.protocol != IPPROTO_TCP || l.local_port == u32::from(INBOUND_HBONE_PORT) {
+        return SK_PASS;
+    }
+    // Connections the namespace makes to itself (including the tunnel handing a
+    // connection to the workload) arrive over loopback and are never steered.
+    if l.ingress_ifindex == LOOPBACK_IFINDEX {
+        return SK_PASS;
+    }
+    let key = if l.family == u32::from(AF_INET) {
+        AddrKey {
+            addr: [l.local_ip4, 0, 0, 0],
+            family: u32::from(AF_INET),
+        }
+    } else if l.family == u32::from(AF_INET6) {
+        AddrKey {
+            addr: sk_lookup_local_ip6(ctx.lookup),
+            family: u32::from(AF_INET6),
+        }
+    } else {
+        return SK_PASS;
+    };
+    // SAFETY: the value is copied out.
+    let Some(workload_id) = (unsafe { INBOUND_ADDRS.get(&key) }).copied() else {
+        // This program runs only in enrolled namespaces: an address the tunnel
+        // does not know is refused rather than let through in the clear.
+        count(counter::INBOUND_UNKNOWN_ADDR);
+        return SK_DROP;
+    };
+    let port_key = PortKey {
+        workload_id,
+        port: l.local_port as u16,
+        direction: DIRECTION_INBOUND,
+    };
+    // SAFETY: only presence is read.
+    if unsafe { EXCLUDED_PORTS.get(&port_key) }.is_some() {
+        return SK_PASS;
+    }
+    match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, key, 0) {
+        Ok(()) => {
+            count(counter::INBOUND_STEERED);
+            SK_PASS
+        }
+        Err(_) => {
+            count(counter::INBOUND_NO_LISTENER);
+            SK_DROP
+        }
+    }
+}
+
+/// `bpf_sk_lookup.local_ip6`, one word at a time: copying the array lets LLVM
+/// form a pointer into the context first, which the verifier rejects
+/// ("dereference of modified ctx ptr").
+#[inline(always)]
+fn sk_lookup_local_ip6(l: *const aya_ebpf::bindings::bpf_sk_lookup) -> [u32; 4] {
+    // SAFETY: `l` is the program's context; each read is a fixed-offset load.
+    unsafe {
+        [
+            core::ptr::read_volatile(&raw const (*l).local_ip6[0]),
+            core::ptr::read_volatile(&raw const (*l).local_ip6[1]),
+            core::ptr::read_volatile(&raw const (*l).local_ip6[2]),
+            core::ptr::read_volatile(&raw const (*l).local_ip6[3]),
+        ]
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,157 @@
+//! One JSON line per connection, written when the connection ends.
+//!
+//! Lines go through a bounded queue to a writer task so that a slow disk or a
+//! blocked stdout never stalls the data path; if the queue is full the line is
+//! dropped and counted rather than buffered without bound.
+
+use std::{
+    fs::OpenOptions,
+    io::{self, Write as _},
+    path::PathBuf,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::config::AccessLogTarget;
+
+const QUEUE: usize = 8192;
+
+/// Everything an operator needs to know about one connection.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Entry {
+    pub timestamp: String,
+    /// `outbound` (captured from a local workload) or `inbound`.
+    pub direction: &'static str,
+    /// How the bytes travelled: `passthrough`, `hbone`, `plaintext`.
+    pub mode: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_workload: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_identity: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_cgroup_id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_address: Option<String>,
+    pub destination_address: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_workload: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_identity: Option<String>,
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    /// Why the connection ended the way it did (`ok`, or a failure reason).
+    pub reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub duration_ms: u64,
+}
+
+impl Entry {
+    pub fn now(direction: &'static str, mode: &'static str) -> Self {
+        Self {
+            timestamp: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            direction,
+            mode,
+            decision: "allow",
+            reason: "ok".into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// The access log of a running tunnel.
+#[derive(Debug)]
+pub struct AccessLog {
+    tx: Option<mpsc::Sender<Entry>>,
+    queued: AtomicU64,
+    written: std::sync::Arc<AtomicU64>,
+    dropped: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open access log {path}: {source}")]
+pub struct AccessLogError {
+    path: PathBuf,
+    source: io::Error,
+}
+
+impl AccessLog {
+    /// Opens the target and starts the writer task (inside a tokio runtime).
+    pub fn start(target: &AccessLogTarget) -> Result<Self, AccessLogError> {
+        let mut out: Box<dyn io::Write + Send> = match target {
+            AccessLogTarget::Off => {
+                return Ok(Self {
+                    tx: None,
+                    queued: AtomicU64::new(0),
+                    written: Default::default(),
+                    dropped: AtomicU64::new(0),
+                });
+            }
+            AccessLogTarget::Stdout => Box::new(io::stdout()),
+            AccessLogTarget::File(path) => Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| AccessLogError {
+                        path: path.clone(),
+                        source,
+                    })?,
+            ),
+        };
+        let (tx, mut rx) = mpsc::channel::<Entry>(QUEUE);
+        let written = std::sync::Arc::new(AtomicU64::new(0));
+        let counter = written.clone();
+        tokio::task::spawn_blocking(move || {
+            while let Some(entry) = rx.blocking_recv() {
+                let written = serde_json::to_writer(&mut out, &entry)
+                    .map_err(io::Error::from)
+                    .and_then(|()| out.write_all(b"\n"))
+                    .and_then(|()| out.flush());
+                if let Err(e) = written {
+                    tracing::warn!("access log write failed: {e}");
+                }
+                counter.fetch_add(1, Ordering::Release);
+            }
+        });
+        Ok(Self {
+            tx: Some(tx),
+            queued: AtomicU64::new(0),
+            written,
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    pub fn log(&self, entry: Entry) {
+        let Some(tx) = &self.tx else { return };
+        match tx.try_send(entry) {
+            Ok(()) => {
+                self.queued.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Waits (at most `limit`) until every queued line is written.
+    pub async fn flushed(&self, limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.written.load(Ordering::Acquire) < self.queued.load(Ordering::Relaxed)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Lines dropped because the writer could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,352 @@
+//! `ztunnel run`: wires configuration, capture, enrollment, the proxies and
+//! the node endpoints together, reloads configuration, and shuts down
+//! gracefully.
+//!
+//! Order matters: the tunnel moves into its own cgroup before it opens any
+//! socket (sockets keep the cgroup they were created in, and the tunnel's
+//! must never be captured), and everything that can be checked is checked
+//! before capture is touched, so a bad start leaves the node as it was.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, atomic::AtomicBool},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::{signal::unix::SignalKind, sync::watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use ztunnel_ebpf_common::OUTBOUND_PORT;
+
+use crate::{
+    access_log::AccessLog,
+    admin::{Admin, AdminView, LogLevelSetter},
+    capture::{Capture, CaptureSettings},
+    cgroup::{Cgroup, cgroup2_mount},
+    config::Config,
+    enrollment::Enrollment,
+    http,
+    metrics::Metrics,
+    netns::Netns,
+    proxy::{self, ProxyContext, outbound::ListenerScope},
+    sockopt,
+    state::State,
+};
+
+/// Runs the node tunnel until SIGTERM or SIGINT.
+pub fn run(config_path: &Path, set_log_level: LogLevelSetter) -> anyhow::Result<()> {
+    let config = Arc::new(Config::load(config_path)?);
+    let mount = cgroup2_mount()?;
+    let cgroup_root = match &config.capture.cgroup_root {
+        Some(p) => Cgroup::resolve(&mount, p).context("capture.cgroup_root")?,
+        None => Cgroup::root(&mount),
+    };
+    anyhow::ensure!(
+        cgroup_root.exists(),
+        "capture.cgroup_root {cgroup_root} does not exist or is not a cgroup v2 directory"
+    );
+    let tunnel_cgroup = match &config.capture.tunnel_cgroup {
+        Some(p) => {
+            let c = Cgroup::resolve(&mount, p).context("capture.tunnel_cgroup")?;
+            c.join()
+                .with_context(|| format!("moving the tunnel into {c}"))?;
+            c
+        }
+        None => Cgroup::current(&mount)?,
+    };
+    let tunnel_cgroup_id = tunnel_cgroup.id()?;
+    sockopt::raise_nofile_limit();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ztunnel")
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(serve(Start {
+        config,
+        config_path: config_path.to_owned(),
+        mount,
+        cgroup_root,
+        tunnel_cgroup,
+        tunnel_cgroup_id,
+        set_log_level,
+    }))
+}
+
+struct Start {
+    config: Arc<Config>,
+    config_path: PathBuf,
+    mount: PathBuf,
+    cgroup_root: Cgroup,
+    tunnel_cgroup: Cgroup,
+    tunnel_cgroup_id: u64,
+    set_log_level: LogLevelSetter,
+}
+
+async fn serve(start: Start) -> anyhow::Result<()> {
+    let Start {
+        config,
+        config_path,
+        mount,
+        cgroup_root,
+        tunnel_cgroup,
+        tunnel_cgroup_id,
+        set_log_level,
+    } = start;
+    let node_netns = Netns::open_or_current(config.node.netns.as_deref()).context("node.netns")?;
+    let bind = |addr: SocketAddr, what: &str| -> anyhow::Result<tokio::net::TcpListener> {
+        let l = node_netns
+            .tcp_listener(addr)
+            .with_context(|| format!("{what} listener {addr}"))?;
+        Ok(tokio::net::TcpListener::from_std(l)?)
+    };
+    // Node listeners first: a port conflict must stop the start before
+    // capture is touched.
+    let admin_listener = bind(config.listeners.admin, "admin")?;
+    let metrics_listener = bind(config.listeners.metrics, "metrics")?;
+    let readiness_listener = bind(config.listeners.readiness, "readiness")?;
+    let node_outbound_v4 = bind(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)),
+        "outbound",
+    )?;
+    let node_outbound_v6 = bind(
+        SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT)),
+        "outbound",
+    )
+    .map_err(|e| tracing::warn!("no IPv6 outbound listener on the node: {e:#}"))
+    .ok();
+    let access_log = Arc::new(AccessLog::start(&config.access_log)?);
+
+    let capture = Capture::install(&CaptureSettings {
+        pin_dir: config.capture.bpf_pin_dir.clone(),
+        cgroup_root: cgroup_root.clone(),
+        tunnel_cgroup_id,
+        max_connections: config.capture.max_connections,
+    })?;
+    let mut metrics = Metrics::new();
+    metrics.register_capture(capture.counters());
+    let metrics = Arc::new(metrics);
+    let admin = Arc::new(Admin {
+        view: Mutex::new(AdminView {
+            node: config.node.name.clone(),
+            config_file: config_path.display().to_string(),
+            ..AdminView::default()
+        }),
+        ready: AtomicBool::new(false),
+        capture: capture.counters(),
+        metrics: metrics.clone(),
+        set_log_level,
+    });
+
+    let shutdown = CancellationToken::new();
+    let (state_tx, state_rx) = watch::channel(Arc::new(State::empty(config.clone())));
+    let ctx = Arc::new(ProxyContext {
+        state: state_rx,
+        records: capture.records(),
+        access_log: access_log.clone(),
+        metrics: metrics.clone(),
+        connect_timeout: config.proxy.connect_timeout,
+        connections: TaskTracker::new(),
+        shutdown: shutdown.clone(),
+    });
+
+    let servers = TaskTracker::new();
+    {
+        let a = admin.clone();
+        servers.spawn(http::serve(admin_listener, shutdown.clone(), move |p| {
+            a.handle_admin(p)
+        }));
+        let a = admin.clone();
+        servers.spawn(http::serve(
+            readiness_listener,
+            shutdown.clone(),
+            move |p| a.handle_readiness(p),
+        ));
+        let a = admin.clone();
+        servers.spawn(http::serve(metrics_listener, shutdown.clone(), move |p| {
+            a.handle_metrics(p)
+        }));
+    }
+    for listener in std::iter::once(node_outbound_v4).chain(node_outbound_v6) {
+        let c = ctx.clone();
+        servers.spawn(proxy::accept_loop(listener, c.clone(), move |s, p| {
+            proxy::outbound::handle(s, p, ListenerScope::Node, c.clone())
+        }));
+    }
+
+    let mut enrollment = Enrollment::new(
+        capture,
+        mount,
+        tunnel_cgroup,
+        node_netns,
+        ctx.clone(),
+        state_tx,
+        tokio::runtime::Handle::current(),
+    );
+    let statuses = tokio::task::block_in_place(|| enrollment.apply(&config));
+    publish_status(&admin, &metrics, &enrollment, statuses, false);
+    admin.set_ready(true);
+    tracing::info!(node = %config.node.name, "ztunnel ready");
+
+    let mut reloader = Reloader::new(&config_path);
+    let mut current = config;
+    let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(current.proxy.reload_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let forced = tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = sighup.recv() => true,
+            _ = tick.tick() => false,
+        };
+        match reloader.check(forced) {
+            Reload::Unchanged if enrollment.has_pending() => {
+                let statuses = tokio::task::block_in_place(|| enrollment.apply(&current));
+                publish_status(&admin, &metrics, &enrollment, statuses, false);
+            }
+            Reload::Unchanged => {}
+            Reload::Invalid(error) => {
+                tracing::error!("configuration not reloaded, keeping the running one: {error}");
+                metrics
+                    .config_reloads
+                    .get_or_create(&result("invalid"))
+                    .inc();
+                admin.update(|v| v.last_reload_error = Some(error));
+            }
+            Reload::Changed(new) => {
+                warn_unreloadable(&current, &new);
+                let new = Arc::new(new);
+                let statuses = tokio::task::block_in_place(|| enrollment.apply(&new));
+                publish_status(&admin, &metrics, &enrollment, statuses, true);
+                metrics
+                    .config_reloads
+                    .get_or_create(&result("applied"))
+                    .inc();
+                tracing::info!(
+                    generation = enrollment.generation(),
+                    "configuration reloaded"
+                );
+                current = new;
+            }
+        }
+    }
+
+    tracing::info!(drain = ?current.proxy.drain_timeout, "shutting down: no new connections, draining open ones");
+    admin.set_ready(false);
+    shutdown.cancel();
+    ctx.connections.close();
+    if tokio::time::timeout(current.proxy.drain_timeout, ctx.connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = ctx.connections.len(),
+            "drain timeout reached; closing remaining connections"
+        );
+    }
+    servers.close();
+    let _ = tokio::time::timeout(Duration::from_secs(1), servers.wait()).await;
+    access_log.flushed(Duration::from_secs(2)).await;
+    // Capture stays attached (pinned): enrolled workloads are refused until
+    // the next tunnel starts, never let out in the clear.
+    drop(enrollment);
+    tracing::info!("stopped; capture stays installed (`ztunnel uninstall` removes it)");
+    Ok(())
+}
+
+fn result(r: &str) -> crate::metrics::ResultLabels {
+    crate::metrics::ResultLabels {
+        result: r.to_owned(),
+    }
+}
+
+fn publish_status(
+    admin: &Admin,
+    metrics: &Metrics,
+    enrollment: &Enrollment,
+    statuses: Vec<crate::enrollment::WorkloadStatus>,
+    reloaded: bool,
+) {
+    for state in ["enrolled", "not_ready", "failed"] {
+        let n = statuses.iter().filter(|s| s.state == state).count();
+        metrics
+            .workloads
+            .get_or_create(&crate::metrics::WorkloadStateLabels {
+                state: state.to_owned(),
+            })
+            .set(n as i64);
+    }
+    admin.update(|v| {
+        v.generation = enrollment.generation();
+        v.workloads = statuses;
+        if reloaded {
+            v.last_reload_error = None;
+        }
+    });
+}
+
+/// Settings that only take effect at start.
+fn warn_unreloadable(old: &Config, new: &Config) {
+    fn json<T: serde::Serialize>(t: &T) -> String {
+        serde_json::to_string(t).unwrap_or_default()
+    }
+    for (what, changed) in [
+        ("node", json(&old.node) != json(&new.node)),
+        ("trust_domain", old.trust_domain != new.trust_domain),
+        ("capture", json(&old.capture) != json(&new.capture)),
+        ("listeners", json(&old.listeners) != json(&new.listeners)),
+        ("proxy", json(&old.proxy) != json(&new.proxy)),
+        ("access_log", old.access_log != new.access_log),
+    ] {
+        if changed {
+            tracing::warn!(
+                "`{what}` changed in the configuration file; it takes effect at the next restart"
+            );
+        }
+    }
+}
+
+enum Reload {
+    Unchanged,
+    Invalid(String),
+    Changed(Config),
+}
+
+/// Notices configuration file changes (by content, so that editors' atomic
+/// renames and Kubernetes' symlink swaps count).
+struct Reloader {
+    path: PathBuf,
+    last: Option<Vec<u8>>,
+}
+
+impl Reloader {
+    fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_owned(),
+            last: std::fs::read(path).ok(),
+        }
+    }
+
+    fn check(&mut self, forced: bool) -> Reload {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) => return Reload::Invalid(format!("cannot read {}: {e}", self.path.display())),
+        };
+        if !forced && self.last.as_ref() == Some(&bytes) {
+            return Reload::Unchanged;
+        }
+        self.last = Some(bytes.clone());
+        let text = match String::from_utf8(bytes) {
+            Ok(t) => t,
+            Err(_) => return Reload::Invalid(format!("{} is not UTF-8", self.path.display())),
+        };
+        match Config::parse(&text, &self.path) {
+            Ok(c) => Reload::Changed(c),
+            Err(e) => Reload::Invalid(e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,541 @@
+//! The node tunnel's configuration file (YAML).
+//!
+//! Everything is checked before anything is started: a file that loads is a
+//! file the tunnel can run. Every error names the file, the field and the line.
+
+mod locate;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize};
+
+pub use self::locate::Step;
+use crate::identity::spiffe::{SpiffeError, SpiffeId, TrustDomain, validate_segment};
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}{field}: {message}", location(file, *line))]
+    Invalid {
+        file: PathBuf,
+        line: Option<(usize, usize)>,
+        field: String,
+        message: String,
+    },
+}
+
+fn location(file: &Path, line: Option<(usize, usize)>) -> String {
+    match line {
+        Some((l, c)) => format!("{}:{l}:{c}: ", file.display()),
+        None => format!("{}: ", file.display()),
+    }
+}
+
+/// The whole configuration of one node tunnel.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    #[serde(default)]
+    pub trust_domain: TrustDomain,
+    #[serde(default)]
+    pub capture: CaptureConfig,
+    #[serde(default)]
+    pub listeners: ListenerConfig,
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub access_log: AccessLogTarget,
+    /// The workloads of the mesh this node knows: its own (placed on this
+    /// node), which it captures, and other nodes', which it can reach.
+    #[serde(default)]
+    pub workloads: Vec<WorkloadConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub name: String,
+    /// The node's network namespace, for a tunnel that runs outside it (the
+    /// testbed). Absent: the namespace the tunnel starts in.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    /// The node's own addresses: plain-host workloads share them.
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    /// The cgroup v2 directory the capture programs are attached to; every local
+    /// workload's cgroup must be inside it. Absent: the cgroup v2 root.
+    pub cgroup_root: Option<PathBuf>,
+    /// The cgroup the tunnel moves itself into before it opens any socket. Its
+    /// sockets, and those of anything below it, are never captured.
+    /// Absent: the cgroup the tunnel was started in.
+    pub tunnel_cgroup: Option<PathBuf>,
+    /// Where programs, links and maps are pinned so that they outlive a
+    /// restart of the tunnel (enrollment survives, nothing escapes capture).
+    pub bpf_pin_dir: PathBuf,
+    /// Captured connections that can be open at once on this node; beyond it
+    /// new connections are refused (and counted). Fixed when the maps are first
+    /// pinned: changing it takes `ztunnel uninstall` first.
+    pub max_connections: u32,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            cgroup_root: None,
+            tunnel_cgroup: None,
+            bpf_pin_dir: PathBuf::from("/sys/fs/bpf/ztunnel"),
+            max_connections: 65536,
+        }
+    }
+}
+
+/// Where the node-level listeners bind, in the node's network namespace.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerConfig {
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub readiness: SocketAddr,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        Self {
+            admin: SocketAddr::from(([127, 0, 0, 1], 15000)),
+            metrics: SocketAddr::from(([0, 0, 0, 0], 15020)),
+            readiness: SocketAddr::from(([0, 0, 0, 0], 15021)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// How long a dial to a destination may take.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// On shutdown, how long open connections get to finish.
+    #[serde(with = "duration")]
+    pub drain_timeout: Duration,
+    /// How often the configuration file is checked for changes (it is also
+    /// re-read at once on SIGHUP).
+    #[serde(with = "duration")]
+    pub reload_interval: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(10),
+            reload_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Where the access log (one JSON line per connection) goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub enum AccessLogTarget {
+    #[default]
+    Stdout,
+    Off,
+    File(PathBuf),
+}
+
+impl<'de> Deserialize<'de> for AccessLogTarget {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "stdout" => Ok(Self::Stdout),
+            "off" => Ok(Self::Off),
+            p if p.starts_with('/') => Ok(Self::File(PathBuf::from(p))),
+            other => Err(serde::de::Error::custom(format!(
+                "`{other}`: expected `stdout`, `off` or an absolute file path"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadConfig {
+    pub name: String,
+    #[serde(default = "default_segment")]
+    pub namespace: String,
+    #[serde(default = "default_segment")]
+    pub service_account: String,
+    /// The node the workload runs on. Absent: this node.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// The workload's cgroup v2 directory (absolute, or relative to the cgroup
+    /// v2 mount). Required for a workload on this node; processes in it and in
+    /// its descendants are the workload.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    /// The workload's own network namespace (a pod). Absent: a plain-host
+    /// workload in the node's namespace.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    /// Addresses the workload is reached at. A plain-host workload shares its
+    /// node's addresses and tells its own traffic apart by `ports`.
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+    /// Ports the workload serves. Required when several workloads share an
+    /// address; empty means every port.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub capture: WorkloadCaptureConfig,
+}
+
+fn default_segment() -> String {
+    "default".to_owned()
+}
+
+/// Traffic of one workload that capture leaves alone.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkloadCaptureConfig {
+    /// Outbound connections to these destination ports go direct.
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Outbound connections to these destination prefixes go direct.
+    pub exclude_outbound_cidrs: Vec<IpNet>,
+    /// Inbound connections to these ports are not steered to the tunnel.
+    pub exclude_inbound_ports: Vec<u16>,
+}
+
+impl WorkloadConfig {
+    /// The workload's identity under `trust_domain` (always Ok for a loaded
+    /// configuration: both segments were checked).
+    pub fn spiffe_id(&self, trust_domain: &TrustDomain) -> Result<SpiffeId, SpiffeError> {
+        SpiffeId::new(trust_domain.clone(), &self.namespace, &self.service_account)
+    }
+
+    /// Whether the workload runs on `node`.
+    pub fn is_on(&self, node: &str) -> bool {
+        self.node.as_deref().is_none_or(|n| n == node)
+    }
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks `text`; `file` names it in errors.
+    pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
+        let config: Config = serde_yaml_ng::from_str(text).map_err(|e| {
+            let line = e.location().map(|l| (l.line(), l.column()));
+            let full = e.to_string();
+            // serde_yaml_ng appends " at line L column C"; the line is shown first.
+            let message = match full.rfind(" at line ") {
+                Some(i) if line.is_some() => full[..i].to_owned(),
+                _ => full,
+            };
+            let (field, message) = split_field(&message);
+            ConfigError::Invalid {
+                file: file.to_owned(),
+                line,
+                field,
+                message,
+            }
+        })?;
+        config
+            .validate()
+            .map_err(|Invalid { path, message }| ConfigError::Invalid {
+                file: file.to_owned(),
+                line: locate::locate(text, &path),
+                field: locate::render(&path),
+                message,
+            })?;
+        Ok(config)
+    }
+
+    /// The workloads placed on this node.
+    pub fn local_workloads(&self) -> impl Iterator<Item = &WorkloadConfig> {
+        self.workloads.iter().filter(|w| w.is_on(&self.node.name))
+    }
+
+    fn validate(&self) -> Result<(), Invalid> {
+        let key = |k: &str| Step::Key(k.to_owned());
+        if self.node.name.is_empty() {
+            return Err(Invalid::at([key("node"), key("name")], "must not be empty"));
+        }
+        let mut names: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut cgroups: HashMap<&Path, usize> = HashMap::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let at = |field: &str| [key("workloads"), Step::Index(i), key(field)];
+            if w.name.is_empty() {
+                return Err(Invalid::at(at("name"), "must not be empty"));
+            }
+            if let Some(first) = names.insert((&w.namespace, &w.name), i) {
+                return Err(Invalid::at(
+                    at("name"),
+                    format!(
+                        "duplicate workload `{}` in namespace `{}` (also workloads[{first}])",
+                        w.name, w.namespace
+                    ),
+                ));
+            }
+            validate_segment("namespace", &w.namespace)
+                .map_err(|e| Invalid::at(at("namespace"), e.to_string()))?;
+            validate_segment("service account", &w.service_account)
+                .map_err(|e| Invalid::at(at("service_account"), e.to_string()))?;
+            if !w.is_on(&self.node.name) {
+                continue;
+            }
+            let Some(cgroup) = &w.cgroup else {
+                return Err(Invalid::at(
+                    [key("workloads"), Step::Index(i)],
+                    format!(
+                        "workload `{}` runs on this node ({}) and needs `cgroup`",
+                        w.name, self.node.name
+                    ),
+                ));
+            };
+            if let Some(first) = cgroups.insert(cgroup, i) {
+                return Err(Invalid::at(
+                    at("cgroup"),
+                    format!("cgroup {} is also workloads[{first}]'s", cgroup.display()),
+                ));
+            }
+            if let (Some(root), true) = (&self.capture.cgroup_root, cgroup.is_absolute()) {
+                if !cgroup.starts_with(root) {
+                    return Err(Invalid::at(
+                        at("cgroup"),
+                        format!(
+                            "{} is outside capture.cgroup_root {}: its connections could not be captured",
+                            cgroup.display(),
+                            root.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        self.validate_addresses()
+    }
+
+    /// Two workloads may share an address only when both name their ports and
+    /// the ports do not overlap: otherwise a destination would be ambiguous.
+    fn validate_addresses(&self) -> Result<(), Invalid> {
+        let mut owners: HashMap<IpAddr, Vec<usize>> = HashMap::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            for (j, addr) in w.addresses.iter().enumerate() {
+                let others = owners.entry(*addr).or_default();
+                for &o in others.iter() {
+                    let other = &self.workloads[o];
+                    let clash = w.ports.is_empty()
+                        || other.ports.is_empty()
+                        || w.ports.iter().any(|p| other.ports.contains(p));
+                    if clash {
+                        return Err(Invalid::at(
+                            [
+                                Step::Key("workloads".into()),
+                                Step::Index(i),
+                                Step::Key("addresses".into()),
+                                Step::Index(j),
+                            ],
+                            format!(
+                                "address {addr} is also workload `{}`'s; workloads sharing an address need disjoint `ports`",
+                                other.name
+                            ),
+                        ));
+                    }
+                }
+                others.push(i);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A failed cross-field check, located by path.
+struct Invalid {
+    path: Vec<Step>,
+    message: String,
+}
+
+impl Invalid {
+    fn at(path: impl IntoIterator<Item = Step>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into_iter().collect(),
+            message: message.into(),
+        }
+    }
+}
+
+/// serde_yaml_ng prefixes messages with the field path (`workloads[1].name: ...`).
+fn split_field(message: &str) -> (String, String) {
+    match message.split_once(": ") {
+        Some((field, rest))
+            if !field.contains(' ') && !field.is_empty() && !field.starts_with('`') =>
+        {
+            (field.to_owned(), rest.to_owned())
+        }
+        _ => ("(document)".to_owned(), message.to_owned()),
+    }
+}
+
+impl fmt::Display for WorkloadConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// `humantime` durations in configuration ("10s", "5m", "24h").
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a duration: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("node.yaml")).map_err(|e| e.to_string())
+    }
+
+    const GOOD: &str = "\
+node:
+  name: node-a
+  addresses: [198.18.0.1]
+capture:
+  cgroup_root: /sys/fs/cgroup/mesh
+workloads:
+  - name: web
+    namespace: shop
+    service_account: web-sa
+    cgroup: /sys/fs/cgroup/mesh/web
+    netns: /var/run/netns/web
+    addresses: [198.19.1.2, 'fd7a:7e57:1::2']
+    capture:
+      exclude_outbound_ports: [53]
+      exclude_outbound_cidrs: [198.19.200.0/24]
+  - name: db
+    node: node-b
+    addresses: [198.19.2.2]
+";
+
+    #[test]
+    fn loads_a_good_file() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.node.name, "node-a");
+        assert_eq!(c.trust_domain.as_str(), "cluster.local");
+        assert_eq!(c.local_workloads().count(), 1);
+        let web = &c.workloads[0];
+        assert_eq!(
+            web.spiffe_id(&c.trust_domain).unwrap().to_string(),
+            "spiffe://cluster.local/ns/shop/sa/web-sa"
+        );
+        assert_eq!(web.capture.exclude_outbound_ports, vec![53]);
+        assert_eq!(c.proxy.connect_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn errors_name_field_and_line() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "node:\n  name: a\nworkloads:\n  - name: w\n    cgroup: /x\n    addresses: [10.0.0.300]\n",
+                "node.yaml:6:",
+                "workloads[0].addresses[0]: invalid IP address syntax",
+            ),
+            (
+                "node:\n  name: a\n  colour: red\n",
+                "node.yaml:3:",
+                "unknown field `colour`",
+            ),
+            (
+                "node:\n  name: a\nworkloads:\n  - name: w\n",
+                "node.yaml:4:",
+                "workloads[0]: workload `w` runs on this node (a) and needs `cgroup`",
+            ),
+            (
+                "node:\n  name: a\nworkloads:\n  - name: w\n    cgroup: /x\n  - name: w\n    cgroup: /y\n",
+                "node.yaml:6:",
+                "workloads[1].name: duplicate workload `w` in namespace `default`",
+            ),
+            (
+                "node:\n  name: a\nworkloads:\n  - name: w\n    cgroup: /x\n    namespace: 'a b'\n",
+                "node.yaml:6:",
+                "workloads[0].namespace: namespace `a b` may contain only",
+            ),
+            (
+                "node:\n  name: a\ntrust_domain: Bad.Domain\n",
+                "node.yaml:3:",
+                "lowercase",
+            ),
+            (
+                "node:\n  name: a\nproxy:\n  connect_timeout: soon\n",
+                "node.yaml:4:",
+                "`soon` is not a duration",
+            ),
+            (
+                "node:\n  name: a\nworkloads:\n  - name: w\n    node: b\n    addresses: [198.19.0.1]\n  - name: v\n    node: c\n    addresses: [198.19.0.1]\n",
+                "node.yaml:9:",
+                "address 198.19.0.1 is also workload `w`'s",
+            ),
+            (
+                "node:\n  name: a\ncapture:\n  cgroup_root: /sys/fs/cgroup/mesh\nworkloads:\n  - name: w\n    cgroup: /sys/fs/cgroup/other/w\n",
+                "node.yaml:7:",
+                "outside capture.cgroup_root",
+            ),
+            (
+                "node: [",
+                "node.yaml:1:",
+                "did not find expected node content",
+            ),
+            ("{}", "node.yaml", "missing field `node`"),
+        ];
+        for (text, at, want) in cases {
+            let err = parse(text).unwrap_err();
+            assert!(
+                err.starts_with(at),
+                "{text:?}: `{err}` does not start with `{at}`"
+            );
+            assert!(err.contains(want), "{text:?}: `{err}` lacks `{want}`");
+        }
+    }
+
+    #[test]
+    fn shared_addresses_need_disjoint_ports() {
+        let text = "node:\n  name: a\n  addresses: [198.18.0.1]\nworkloads:\n  - name: w\n    cgroup: /x\n    addresses: [198.18.0.1]\n    ports: [80]\n  - name: v\n    cgroup: /y\n    addresses: [198.18.0.1]\n    ports: [81]\n";
+        parse(text).unwrap();
+    }
+}

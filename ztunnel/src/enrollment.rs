@@ -1,0 +1,493 @@
+//! Enrollment: makes the node's capture match its configuration, at start and
+//! on every reload, without a restart and without touching workloads that did
+//! not change.
+//!
+//! For each local workload: resolve its cgroup, open its namespace, open its
+//! in-pod listeners (:15001 outbound, :15006 inbound plaintext), register the
+//! inbound listener for its addresses, attach inbound steering to its
+//! namespace, and only then mark it ready. A workload whose cgroup is known but
+//! that cannot be served is enrolled *not ready*: its connections are refused,
+//! never let out in the clear. Failures are retried on the next reload tick.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd as _, OwnedFd},
+    path::PathBuf,
+    sync::Arc,
+};
+
+use ipnet::IpNet;
+use serde::Serialize;
+use tokio::sync::watch;
+use ztunnel_ebpf_common::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+
+use crate::{
+    capture::{Capture, DesiredMaps, WorkloadCapture, addr_key},
+    cgroup::Cgroup,
+    config::{Config, WorkloadConfig},
+    netns::Netns,
+    proxy::{self, ProxyContext, outbound::ListenerScope},
+    state::State,
+    workload::{LocalWorkload, Registry, Workload},
+};
+
+/// What an operator sees of one local workload (admin `/config_dump`).
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadStatus {
+    pub workload: String,
+    pub identity: String,
+    /// `enrolled`, `not_ready` (captured, connections refused) or `failed`
+    /// (not captured: its cgroup is unknown).
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload_id: Option<u32>,
+    pub cgroup: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup_id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+}
+
+struct Enrolled {
+    local: Arc<LocalWorkload>,
+    capture: WorkloadCapture,
+    error: Option<String>,
+    listeners: PodListeners,
+}
+
+/// A pod's in-pod listeners. Dropping this closes them.
+#[derive(Default)]
+struct PodListeners {
+    /// Accept loops; each owns its listening socket.
+    tasks: Vec<AbortOnDrop>,
+    /// Duplicates of the :15006 sockets (IPv4, IPv6), kept so that steering
+    /// can be pointed at them again when the pod's addresses change.
+    inbound_v4: Option<OwnedFd>,
+    inbound_v6: Option<OwnedFd>,
+}
+
+impl PodListeners {
+    fn is_open(&self) -> bool {
+        !self.tasks.is_empty()
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+pub struct Enrollment {
+    capture: Capture,
+    cgroup_mount: PathBuf,
+    tunnel_cgroup: Cgroup,
+    node_netns: Netns,
+    ctx: Arc<ProxyContext>,
+    state_tx: watch::Sender<Arc<State>>,
+    runtime: tokio::runtime::Handle,
+    /// Workload ids an earlier tunnel gave (by cgroup id), kept so that
+    /// connections captured across a restart stay attributable.
+    earlier_ids: HashMap<u64, u32>,
+    next_id: u32,
+    enrolled: BTreeMap<String, Enrolled>,
+    failed: BTreeMap<String, WorkloadStatus>,
+    generation: u64,
+}
+
+impl Enrollment {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        capture: Capture,
+        cgroup_mount: PathBuf,
+        tunnel_cgroup: Cgroup,
+        node_netns: Netns,
+        ctx: Arc<ProxyContext>,
+        state_tx: watch::Sender<Arc<State>>,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        let earlier_ids = capture.enrolled_ids();
+        let next_id = earlier_ids.values().copied().max().unwrap_or(0) + 1;
+        Self {
+            capture,
+            cgroup_mount,
+            tunnel_cgroup,
+            node_netns,
+            ctx,
+            state_tx,
+            runtime,
+            earlier_ids,
+            next_id,
+            enrolled: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            generation: 0,
+        }
+    }
+
+    /// Whether some workload still waits for its cgroup, namespace or
+    /// listeners: the controller retries those on every tick.
+    pub fn has_pending(&self) -> bool {
+        !self.failed.is_empty() || self.enrolled.values().any(|e| !e.capture.ready)
+    }
+
+    /// Makes capture match `config`. Returns the status of every local workload.
+    pub fn apply(&mut self, config: &Arc<Config>) -> Vec<WorkloadStatus> {
+        let desired: BTreeMap<String, &WorkloadConfig> = config
+            .local_workloads()
+            .map(|w| (w.to_string(), w))
+            .collect();
+
+        // Workloads that left, or moved to another namespace, go first.
+        let leaving: Vec<String> = self
+            .enrolled
+            .iter()
+            .filter(|(key, e)| {
+                desired
+                    .get(*key)
+                    .is_none_or(|w| w.netns != e.local.config.netns)
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in leaving {
+            if let Some(e) = self.enrolled.remove(&key) {
+                self.unenroll(&e);
+            }
+        }
+        self.failed.retain(|key, _| desired.contains_key(key));
+
+        for (key, wc) in &desired {
+            let unchanged = self
+                .enrolled
+                .get(key)
+                .is_some_and(|e| e.local.config == **wc && e.capture.ready);
+            if unchanged {
+                continue;
+            }
+            let previous = self.enrolled.remove(key);
+            match self.enroll(config, wc, previous) {
+                Ok(e) => {
+                    self.failed.remove(key);
+                    self.enrolled.insert(key.clone(), e);
+                }
+                Err(status) => {
+                    self.failed.insert(key.clone(), *status);
+                }
+            }
+        }
+
+        let mut desired_maps = DesiredMaps::default();
+        for e in self.enrolled.values() {
+            desired_maps.add(&e.capture);
+        }
+        if let Err(e) = self.capture.sync(&desired_maps) {
+            tracing::error!("updating capture maps: {e}");
+        }
+        let keep: Vec<(String, String)> = self
+            .enrolled
+            .values()
+            .filter(|e| e.local.is_pod())
+            .map(|e| {
+                (
+                    e.local.workload.namespace.clone(),
+                    e.local.workload.name.clone(),
+                )
+            })
+            .collect();
+        if let Err(e) = self.capture.detach_stale_netns(&keep) {
+            tracing::error!("detaching steering from departed pods: {e}");
+        }
+        self.publish(config);
+        self.statuses()
+    }
+
+    fn publish(&mut self, config: &Arc<Config>) {
+        self.generation += 1;
+        let local: HashMap<u32, Arc<LocalWorkload>> = self
+            .enrolled
+            .values()
+            .map(|e| (e.local.id, e.local.clone()))
+            .collect();
+        let by_key: HashMap<String, Arc<Workload>> = local
+            .values()
+            .map(|l| (l.workload.key(), l.workload.clone()))
+            .collect();
+        let registry = Registry::new(config.workloads.iter().filter_map(|w| {
+            let key = w.to_string();
+            by_key
+                .get(&key)
+                .cloned()
+                .or_else(|| Workload::from_config(config, w).ok().map(Arc::new))
+        }));
+        let _ = self.state_tx.send(Arc::new(State {
+            generation: self.generation,
+            config: config.clone(),
+            registry,
+            local,
+        }));
+    }
+
+    pub fn statuses(&self) -> Vec<WorkloadStatus> {
+        let mut out: Vec<WorkloadStatus> = self
+            .enrolled
+            .values()
+            .map(|e| WorkloadStatus {
+                workload: e.local.workload.key(),
+                identity: e.local.workload.identity.to_string(),
+                state: if e.capture.ready {
+                    "enrolled"
+                } else {
+                    "not_ready"
+                },
+                error: e.error.clone(),
+                workload_id: Some(e.local.id),
+                cgroup: e.local.cgroup.to_string(),
+                cgroup_id: Some(e.local.cgroup_id),
+                netns: e.local.config.netns.clone(),
+            })
+            .collect();
+        out.extend(self.failed.values().cloned());
+        out.sort_by(|a, b| a.workload.cmp(&b.workload));
+        out
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn unenroll(&mut self, e: &Enrolled) {
+        if e.local.is_pod() {
+            if let Err(err) = self
+                .capture
+                .detach_netns(&e.local.workload.namespace, &e.local.workload.name)
+            {
+                tracing::error!(workload = %e.local.workload.key(), "detaching inbound steering: {err}");
+            }
+        }
+        tracing::info!(workload = %e.local.workload.key(), "workload removed from capture");
+    }
+
+    /// Enrolls one workload. `previous` is its earlier enrollment in the same
+    /// namespace, whose id and listeners are kept.
+    fn enroll(
+        &mut self,
+        config: &Config,
+        wc: &WorkloadConfig,
+        previous: Option<Enrolled>,
+    ) -> Result<Enrolled, Box<WorkloadStatus>> {
+        let key = wc.to_string();
+        let failed = |error: String| {
+            tracing::warn!(workload = %key, "cannot enroll: {error}");
+            Box::new(WorkloadStatus {
+                workload: key.clone(),
+                identity: wc
+                    .spiffe_id(&config.trust_domain)
+                    .map(|i| i.to_string())
+                    .unwrap_or_default(),
+                state: "failed",
+                error: Some(error),
+                workload_id: None,
+                cgroup: wc
+                    .cgroup
+                    .as_ref()
+                    .map(|c| c.display().to_string())
+                    .unwrap_or_default(),
+                cgroup_id: None,
+                netns: wc.netns.clone(),
+            })
+        };
+        let workload = Workload::from_config(config, wc).map_err(|e| failed(e.to_string()))?;
+        let Some(cgroup_path) = &wc.cgroup else {
+            return Err(failed("no cgroup configured".into()));
+        };
+        let cgroup =
+            Cgroup::resolve(&self.cgroup_mount, cgroup_path).map_err(|e| failed(e.to_string()))?;
+        if !cgroup.exists() {
+            return Err(failed(format!("cgroup {cgroup} does not exist (yet)")));
+        }
+        let cgroup_id = cgroup.id().map_err(|e| failed(e.to_string()))?;
+        if cgroup.contains(&self.tunnel_cgroup) {
+            return Err(failed(format!(
+                "cgroup {cgroup} contains the tunnel's own cgroup {}: the tunnel never captures itself",
+                self.tunnel_cgroup
+            )));
+        }
+        let id = match &previous {
+            Some(p) => p.local.id,
+            None => self.earlier_ids.remove(&cgroup_id).unwrap_or_else(|| {
+                let id = self.next_id;
+                self.next_id += 1;
+                id
+            }),
+        };
+        let is_pod = wc.netns.is_some();
+        let mut capture = WorkloadCapture {
+            workload_id: id,
+            cgroup_id,
+            ready: false,
+            exclude_outbound_ports: wc.capture.exclude_outbound_ports.clone(),
+            exclude_outbound_cidrs: wc.capture.exclude_outbound_cidrs.clone(),
+            exclude_inbound_ports: wc.capture.exclude_inbound_ports.clone(),
+            inbound_addresses: if is_pod {
+                workload.addresses.clone()
+            } else {
+                Vec::new()
+            },
+        };
+        // The workload's own addresses never leave it: like loopback, they
+        // are not captured.
+        capture
+            .exclude_outbound_cidrs
+            .extend(workload.addresses.iter().map(|a| IpNet::from(*a)));
+
+        let netns = match (&wc.netns, &previous) {
+            (Some(_), Some(p)) => Ok(p.local.netns.clone()),
+            (Some(path), None) => Netns::open(path).map_err(|e| e.to_string()),
+            (None, _) => Ok(self.node_netns.clone()),
+        };
+        let local = |netns: Netns| {
+            Arc::new(LocalWorkload {
+                id,
+                workload: Arc::new(workload.clone()),
+                cgroup: cgroup.clone(),
+                cgroup_id,
+                netns,
+                config: wc.clone(),
+            })
+        };
+        let netns = match netns {
+            Ok(n) => n,
+            Err(error) => {
+                // Known cgroup, no way to serve it: enrolled, not ready.
+                tracing::warn!(workload = %key, "enrolled but not ready: {error}");
+                return Ok(Enrolled {
+                    local: local(Netns::current()),
+                    capture,
+                    error: Some(error),
+                    listeners: PodListeners::default(),
+                });
+            }
+        };
+        let local = local(netns);
+        let mut error = None;
+        let listeners = match previous {
+            Some(p) if p.listeners.is_open() => p.listeners,
+            _ if is_pod => self.open_pod_listeners(&local).unwrap_or_else(|e| {
+                error = Some(e);
+                PodListeners::default()
+            }),
+            _ => PodListeners::default(),
+        };
+        if is_pod && error.is_none() {
+            if let Err(e) = self.register_inbound(&local, &listeners) {
+                error = Some(e);
+            }
+        }
+        capture.ready = error.is_none();
+        match &error {
+            None => tracing::info!(
+                workload = %key,
+                workload_id = id,
+                cgroup = %local.cgroup,
+                cgroup_id,
+                netns = %local.netns.display(),
+                "workload enrolled"
+            ),
+            Some(e) => tracing::warn!(workload = %key, "enrolled but not ready: {e}"),
+        }
+        Ok(Enrolled {
+            local,
+            capture,
+            error,
+            listeners,
+        })
+    }
+
+    /// Opens :15001 and :15006 (IPv4, and IPv6 when the pod has an IPv6
+    /// address) on the pod's loopback.
+    fn open_pod_listeners(&mut self, local: &Arc<LocalWorkload>) -> Result<PodListeners, String> {
+        let _rt = self.runtime.enter();
+        let mut out = PodListeners::default();
+        let has_v6 = local.workload.addresses.iter().any(IpAddr::is_ipv6);
+        let mut loopbacks: Vec<IpAddr> = vec![Ipv4Addr::LOCALHOST.into()];
+        if has_v6 {
+            loopbacks.push(Ipv6Addr::LOCALHOST.into());
+        }
+        for ip in loopbacks {
+            let listener = self.listen(local, SocketAddr::new(ip, OUTBOUND_PORT))?;
+            let ctx = self.ctx.clone();
+            let scope = ListenerScope::Pod(local.id);
+            out.tasks
+                .push(AbortOnDrop(self.runtime.spawn(proxy::accept_loop(
+                    listener,
+                    ctx.clone(),
+                    move |s, p| proxy::outbound::handle(s, p, scope, ctx.clone()),
+                ))));
+            let listener = self.listen(local, SocketAddr::new(ip, INBOUND_PLAINTEXT_PORT))?;
+            let dup = listener
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| format!("duplicating the :{INBOUND_PLAINTEXT_PORT} listener: {e}"))?;
+            if ip.is_ipv4() {
+                out.inbound_v4 = Some(dup);
+            } else {
+                out.inbound_v6 = Some(dup);
+            }
+            let ctx = self.ctx.clone();
+            let id = local.id;
+            out.tasks
+                .push(AbortOnDrop(self.runtime.spawn(proxy::accept_loop(
+                    listener,
+                    ctx.clone(),
+                    move |s, p| proxy::inbound::handle_plaintext(s, p, id, ctx.clone()),
+                ))));
+        }
+        Ok(out)
+    }
+
+    fn listen(
+        &self,
+        local: &LocalWorkload,
+        addr: SocketAddr,
+    ) -> Result<tokio::net::TcpListener, String> {
+        let std = local
+            .netns
+            .tcp_listener(addr)
+            .map_err(|e| format!("listen on {addr}: {e}"))?;
+        tokio::net::TcpListener::from_std(std).map_err(|e| format!("listen on {addr}: {e}"))
+    }
+
+    /// Points inbound steering for the pod's addresses at its :15006
+    /// listeners and attaches steering to its namespace.
+    fn register_inbound(
+        &mut self,
+        local: &LocalWorkload,
+        listeners: &PodListeners,
+    ) -> Result<(), String> {
+        let Some(path) = local.config.netns.clone() else {
+            return Ok(());
+        };
+        for addr in &local.workload.addresses {
+            let listener = if addr.is_ipv4() {
+                &listeners.inbound_v4
+            } else {
+                &listeners.inbound_v6
+            };
+            let Some(listener) = listener else {
+                return Err(format!(
+                    "no :{INBOUND_PLAINTEXT_PORT} listener for {addr}'s family"
+                ));
+            };
+            self.capture
+                .set_inbound_listener(addr_key(*addr), listener)
+                .map_err(|e| format!("registering the inbound listener for {addr}: {e}"))?;
+        }
+        self.capture
+            .attach_netns(&local.workload.namespace, &local.workload.name, &path)
+            .map_err(|e| format!("attaching inbound steering: {e}"))
+    }
+}

@@ -1,0 +1,3 @@
+//! Workload identity.
+
+pub mod spiffe;

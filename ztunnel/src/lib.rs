@@ -1,0 +1,28 @@
+//! ztunnel: a node-level, sidecar-free, transparent mTLS tunnel.
+//!
+//! | module | job |
+//! | --- | --- |
+//! | `config` | the node configuration file, checked before anything starts |
+//! | `cgroup`, `netns` | the kernel objects workloads are known by |
+//! | `capture` | the eBPF programs and maps that send workloads' connections to the tunnel |
+//! | `enrollment` | makes capture match the configuration, at start and on reload |
+//! | `proxy` | listeners, per-connection handling, the byte relay |
+//! | `identity` | SPIFFE IDs |
+//! | `admin`, `metrics`, `access_log` | what operators see |
+//! | `app` | `ztunnel run`: wiring, reload, graceful shutdown |
+
+pub mod access_log;
+pub mod admin;
+pub mod app;
+pub mod capture;
+pub mod cgroup;
+pub mod config;
+pub mod enrollment;
+pub mod http;
+pub mod identity;
+pub mod metrics;
+pub mod netns;
+pub mod proxy;
+pub mod sockopt;
+pub mod state;
+pub mod workload;

@@ -1,0 +1,127 @@
+//! The `ztunnel` command.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::{
+    EnvFilter, layer::SubscriberExt as _, reload, util::SubscriberInitExt as _,
+};
+use ztunnel::{capture::Capture, config::Config};
+
+#[derive(Parser)]
+#[command(
+    name = "ztunnel",
+    version,
+    about = "Node-level transparent mTLS tunnel"
+)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax: `info`, `ztunnel=debug,info`, ...).
+    #[arg(long, global = true, env = "ZTUNNEL_LOG", default_value = "info")]
+    log_level: String,
+    /// Log line format (logs go to stderr; the access log is separate).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node tunnel.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Check a configuration file and exit (0: valid).
+    Validate {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Remove capture from this node: unpin every program, link and map, so
+    /// nothing stays attached to any cgroup or namespace. Stop the tunnel
+    /// first; enrolled workloads then connect directly again.
+    Uninstall {
+        /// Read the pin directory from this configuration file.
+        #[arg(long, conflicts_with = "pin_dir", required_unless_present = "pin_dir")]
+        config: Option<PathBuf>,
+        /// The pin directory (capture.bpf_pin_dir).
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let set_log_level = match init_logging(&cli.log_level, cli.log_format) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ztunnel: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Run { config } => ztunnel::app::run(&config, set_log_level),
+        Command::Validate { config } => Config::load(&config)
+            .map(|c| {
+                println!(
+                    "{}: valid ({} workloads, {} on node {})",
+                    config.display(),
+                    c.workloads.len(),
+                    c.local_workloads().count(),
+                    c.node.name
+                );
+            })
+            .map_err(Into::into),
+        Command::Uninstall { config, pin_dir } => uninstall(config, pin_dir),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ztunnel: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn uninstall(config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let pin_dir = match (config, pin_dir) {
+        (_, Some(p)) => p,
+        (Some(c), None) => Config::load(&c)?.capture.bpf_pin_dir,
+        (None, None) => anyhow::bail!("--config or --pin-dir is required"),
+    };
+    if Capture::uninstall(&pin_dir)? {
+        println!("removed capture pinned at {}", pin_dir.display());
+    } else {
+        println!("nothing installed at {}", pin_dir.display());
+    }
+    Ok(())
+}
+
+fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<ztunnel::admin::LogLevelSetter> {
+    let filter =
+        EnvFilter::try_new(filter).map_err(|e| anyhow::anyhow!("--log-level {filter}: {e}"))?;
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .init(),
+    }
+    Ok(Box::new(move |level: &str| {
+        let f = EnvFilter::try_new(level).map_err(|e| format!("invalid filter `{level}`: {e}"))?;
+        handle.reload(f).map_err(|e| e.to_string())
+    }))
+}

@@ -1,0 +1,235 @@
+//! Network namespaces: making sockets inside a workload's (or the node's)
+//! namespace from a tunnel that runs outside it.
+//!
+//! A socket belongs to the namespace of the thread that created it, for life.
+//! So the tunnel keeps one small thread per namespace that has entered it and
+//! does nothing but create sockets; tokio then drives those sockets from any
+//! worker. Listeners in a pod's namespace are Istio's in-pod model.
+
+use std::{
+    fs::File,
+    io,
+    net::SocketAddr,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    sync::{Arc, mpsc},
+    thread,
+};
+
+use nix::sched::{CloneFlags, setns};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::oneshot;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("cannot open network namespace {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("cannot enter network namespace {path}: {source}")]
+    Enter { path: PathBuf, source: nix::Error },
+    #[error("cannot start the socket thread for {path}: {source}")]
+    Thread { path: PathBuf, source: io::Error },
+    #[error("the socket thread for {0} is gone")]
+    ThreadGone(PathBuf),
+    #[error("in network namespace {path}: {source}")]
+    Socket { path: PathBuf, source: io::Error },
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A network namespace the tunnel makes sockets in.
+#[derive(Clone)]
+pub struct Netns {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// None: the namespace the tunnel runs in.
+    path: Option<PathBuf>,
+    /// Jobs for the thread that lives in the namespace.
+    jobs: Option<std::sync::Mutex<mpsc::Sender<Job>>>,
+}
+
+impl std::fmt::Debug for Netns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Netns({})", self.display())
+    }
+}
+
+impl Netns {
+    /// The namespace the tunnel itself runs in.
+    pub fn current() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                path: None,
+                jobs: None,
+            }),
+        }
+    }
+
+    /// Opens the namespace at `path` (`/var/run/netns/NAME`, `/proc/PID/ns/net`)
+    /// and starts its socket thread.
+    pub fn open(path: &Path) -> Result<Self, NetnsError> {
+        let file = File::open(path).map_err(|source| NetnsError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let owned = path.to_owned();
+        thread::Builder::new()
+            .name("netns".into())
+            .spawn(move || {
+                let entered = setns(file.as_fd(), CloneFlags::CLONE_NEWNET);
+                let ok = entered.is_ok();
+                let _ = ready_tx.send(entered);
+                if ok {
+                    // Ends when every sender (every Netns clone) is dropped.
+                    for job in rx {
+                        job();
+                    }
+                }
+            })
+            .map_err(|source| NetnsError::Thread {
+                path: owned.clone(),
+                source,
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(source)) => {
+                return Err(NetnsError::Enter {
+                    path: owned,
+                    source,
+                });
+            }
+            Err(_) => return Err(NetnsError::ThreadGone(owned)),
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path: Some(owned),
+                jobs: Some(std::sync::Mutex::new(tx)),
+            }),
+        })
+    }
+
+    /// Opens `path`, or the current namespace when there is none.
+    pub fn open_or_current(path: Option<&Path>) -> Result<Self, NetnsError> {
+        path.map_or_else(|| Ok(Self::current()), Self::open)
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.inner.path.as_deref()
+    }
+
+    pub fn display(&self) -> String {
+        self.inner
+            .path
+            .as_ref()
+            .map_or_else(|| "(tunnel's own)".to_owned(), |p| p.display().to_string())
+    }
+
+    /// Runs `f` inside the namespace and waits for it (blocking).
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> Result<T, NetnsError> {
+        let Some(jobs) = &self.inner.jobs else {
+            return f().map_err(|source| self.socket_err(source));
+        };
+        let (tx, rx) = mpsc::channel();
+        self.send(
+            jobs,
+            Box::new(move || {
+                let _ = tx.send(f());
+            }),
+        )?;
+        rx.recv()
+            .map_err(|_| self.gone())?
+            .map_err(|source| self.socket_err(source))
+    }
+
+    /// Runs `f` inside the namespace without blocking the async caller.
+    pub async fn run_async<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> Result<T, NetnsError> {
+        let Some(jobs) = &self.inner.jobs else {
+            return f().map_err(|source| self.socket_err(source));
+        };
+        let (tx, rx) = oneshot::channel();
+        self.send(
+            jobs,
+            Box::new(move || {
+                let _ = tx.send(f());
+            }),
+        )?;
+        rx.await
+            .map_err(|_| self.gone())?
+            .map_err(|source| self.socket_err(source))
+    }
+
+    fn send(&self, jobs: &std::sync::Mutex<mpsc::Sender<Job>>, job: Job) -> Result<(), NetnsError> {
+        let sender = jobs.lock().map_err(|_| self.gone())?;
+        sender.send(job).map_err(|_| self.gone())
+    }
+
+    fn gone(&self) -> NetnsError {
+        NetnsError::ThreadGone(self.inner.path.clone().unwrap_or_default())
+    }
+
+    fn socket_err(&self, source: io::Error) -> NetnsError {
+        NetnsError::Socket {
+            path: self.inner.path.clone().unwrap_or_default(),
+            source,
+        }
+    }
+
+    /// A non-blocking TCP listener bound to `addr` in the namespace.
+    pub fn tcp_listener(&self, addr: SocketAddr) -> Result<std::net::TcpListener, NetnsError> {
+        self.run(move || {
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_reuse_address(true)?;
+            if addr.is_ipv6() {
+                socket.set_only_v6(true)?;
+            }
+            socket.set_nonblocking(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(1024)?;
+            Ok(socket.into())
+        })
+    }
+
+    /// A fresh, unconnected, non-blocking TCP socket of `addr`'s family, made
+    /// in the namespace, ready for tokio to connect.
+    pub async fn tcp_socket(&self, addr: SocketAddr) -> Result<tokio::net::TcpSocket, NetnsError> {
+        let socket = self
+            .run_async(move || {
+                let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+                s.set_nonblocking(true)?;
+                s.set_tcp_nodelay(true)?;
+                Ok(s)
+            })
+            .await?;
+        Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn current_namespace_needs_no_thread() {
+        let ns = Netns::current();
+        let l = ns.tcp_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert!(l.local_addr().unwrap().port() > 0);
+    }
+
+    #[test]
+    fn a_missing_namespace_is_a_clear_error() {
+        let err = Netns::open(Path::new("/var/run/netns/ztunnel-no-such-ns")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("cannot open network namespace /var/run/netns/ztunnel-no-such-ns")
+        );
+    }
+}

@@ -1,0 +1,114 @@
+//! The data path: listeners, the handling of each connection, the byte relay.
+//!
+//! * `outbound`: connections capture sent to :15001, attributed to a workload
+//!   by the capture record, routed to their destination.
+//! * `inbound`: plaintext connections steered to :15006.
+//! * `relay`: the bidirectional copy every path ends in.
+
+pub mod inbound;
+pub mod outbound;
+pub mod relay;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::net::TcpStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    access_log::AccessLog, capture::CaptureRecords, metrics::Metrics, netns::Netns,
+    state::StateWatch,
+};
+
+/// What every connection handler needs.
+pub struct ProxyContext {
+    pub state: StateWatch,
+    pub records: Arc<CaptureRecords>,
+    pub access_log: Arc<AccessLog>,
+    pub metrics: Arc<Metrics>,
+    pub connect_timeout: Duration,
+    /// Tracks connection tasks so shutdown can wait for them to drain.
+    pub connections: TaskTracker,
+    /// Cancelled when the tunnel stops accepting.
+    pub shutdown: CancellationToken,
+}
+
+/// Why a connection could not be carried; the access log's `reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No capture record for an accepted outbound connection.
+    NoCaptureRecord,
+    /// The record names a workload that is not enrolled (any more).
+    UnknownWorkload,
+    /// The workload's connection arrived at another workload's listener.
+    WrongListener,
+    DestinationUnreachable,
+    ConnectTimeout,
+    /// Relaying ended in an error or a reset.
+    Reset,
+    Io,
+}
+
+impl Failure {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Failure::NoCaptureRecord => "no_capture_record",
+            Failure::UnknownWorkload => "unknown_workload",
+            Failure::WrongListener => "wrong_listener",
+            Failure::DestinationUnreachable => "destination_unreachable",
+            Failure::ConnectTimeout => "connect_timeout",
+            Failure::Reset => "reset",
+            Failure::Io => "io_error",
+        }
+    }
+}
+
+/// Dials `dst` from inside `netns` (the source workload's, so the peer sees
+/// the workload's own address); the socket belongs to the tunnel's cgroup and
+/// is therefore never captured.
+pub async fn dial(
+    netns: &Netns,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream, (Failure, String)> {
+    let socket = netns
+        .tcp_socket(dst)
+        .await
+        .map_err(|e| (Failure::Io, e.to_string()))?;
+    match tokio::time::timeout(timeout, socket.connect(dst)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err((Failure::DestinationUnreachable, e.to_string())),
+        Err(_) => Err((
+            Failure::ConnectTimeout,
+            format!("no answer from {dst} within {timeout:?}"),
+        )),
+    }
+}
+
+/// Accepts forever (until shutdown), handing each connection to `handle` on a
+/// tracked task. Accept errors (a full fd table) pause briefly instead of
+/// spinning.
+pub async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    ctx: Arc<ProxyContext>,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = ctx.shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                ctx.connections.spawn(handle(stream, peer));
+            }
+            Err(e) => {
+                tracing::warn!("accept on {:?}: {e}", listener.local_addr());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

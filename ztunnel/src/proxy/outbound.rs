@@ -1,0 +1,157 @@
+//! Outbound: connections capture redirected to :15001.
+//!
+//! Each accepted connection is attributed by its capture record (the cgroup
+//! that called connect(), never the source address), then routed. Anything
+//! that cannot be attributed is refused with a reset: a connection the tunnel
+//! cannot name is a connection it must not carry.
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use tokio::net::TcpStream;
+
+use super::{Failure, ProxyContext, dial, relay};
+use crate::{
+    access_log::Entry,
+    sockopt,
+    state::State,
+    workload::{LocalWorkload, Workload},
+};
+
+/// Which workloads a :15001 listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerScope {
+    /// The listener inside one pod's namespace.
+    Pod(u32),
+    /// The node's listener, for plain-host workloads.
+    Node,
+}
+
+impl ListenerScope {
+    fn admits(self, source: &LocalWorkload) -> bool {
+        match self {
+            ListenerScope::Pod(id) => source.id == id,
+            ListenerScope::Node => !source.is_pod(),
+        }
+    }
+}
+
+/// How an outbound connection travels.
+#[derive(Debug)]
+pub enum Route {
+    /// Straight to the original destination, in plaintext, from the source
+    /// workload's namespace.
+    Passthrough,
+}
+
+/// Chooses the route for a connection from `source` to `dst`.
+pub fn route(_state: &State, _source: &LocalWorkload, _dst: Option<&Arc<Workload>>) -> Route {
+    Route::Passthrough
+}
+
+pub async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    scope: ListenerScope,
+    ctx: Arc<ProxyContext>,
+) {
+    let started = Instant::now();
+    let mut entry = Entry::now("outbound", "passthrough");
+    let result = carry(stream, peer, scope, &ctx, &mut entry).await;
+    if let Err((failure, error)) = result {
+        entry.decision = if matches!(failure, Failure::Reset | Failure::Io) {
+            entry.decision
+        } else {
+            "deny"
+        };
+        entry.reason = failure.reason().to_owned();
+        entry.error = Some(error);
+    }
+    entry.duration_ms = started.elapsed().as_millis() as u64;
+    ctx.metrics
+        .count_connection(entry.direction, entry.mode, &entry.reason);
+    ctx.access_log.log(entry);
+}
+
+async fn carry(
+    stream: TcpStream,
+    peer: SocketAddr,
+    scope: ListenerScope,
+    ctx: &ProxyContext,
+    entry: &mut Entry,
+) -> Result<(), (Failure, String)> {
+    let refuse = |stream: &TcpStream, failure: Failure, error: String| {
+        sockopt::reset_on_close(stream);
+        Err((failure, error))
+    };
+    entry.destination_address = stream
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let cookie = match sockopt::netns_cookie(&stream) {
+        Ok(c) => c,
+        Err(e) => return refuse(&stream, Failure::Io, format!("SO_NETNS_COOKIE: {e}")),
+    };
+    let Some(captured) = ctx.records.lookup(cookie, peer) else {
+        return refuse(&stream, Failure::NoCaptureRecord, format!("client {peer}"));
+    };
+    entry.source_cgroup_id = Some(captured.cgroup_id);
+    entry.source_pid = Some(captured.pid);
+    entry.destination_address = captured.original_dst.to_string();
+    let state = ctx.state.borrow().clone();
+    let Some(source) = state.local.get(&captured.workload_id).cloned() else {
+        return refuse(
+            &stream,
+            Failure::UnknownWorkload,
+            format!("workload id {}", captured.workload_id),
+        );
+    };
+    entry.source_workload = Some(source.workload.key());
+    entry.source_identity = Some(source.workload.identity.to_string());
+    if !scope.admits(&source) {
+        return refuse(&stream, Failure::WrongListener, format!("{scope:?}"));
+    }
+    let destination = state.registry.find(captured.original_dst).cloned();
+    if let Some(d) = &destination {
+        entry.destination_workload = Some(d.key());
+        entry.destination_identity = Some(d.identity.to_string());
+    }
+    match route(&state, &source, destination.as_ref()) {
+        Route::Passthrough => {
+            let upstream =
+                match dial(&source.netns, captured.original_dst, ctx.connect_timeout).await {
+                    Ok(s) => s,
+                    Err((failure, error)) => return refuse(&stream, failure, error),
+                };
+            entry.source_address = upstream.local_addr().ok().map(|a| a.to_string());
+            relay_tcp(stream, upstream, entry).await
+        }
+    }
+}
+
+/// Relays two TCP streams, passing a reset on as a reset.
+pub(super) async fn relay_tcp(
+    mut downstream: TcpStream,
+    mut upstream: TcpStream,
+    entry: &mut Entry,
+) -> Result<(), (Failure, String)> {
+    let transferred = relay::Transferred::default();
+    let result = relay::relay(downstream.split(), upstream.split(), &transferred).await;
+    entry.bytes_sent = transferred.sent();
+    entry.bytes_received = transferred.received();
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            // The side that did not fail learns of it the way TCP says.
+            match e.side {
+                relay::Side::Downstream => sockopt::reset_on_close(&upstream),
+                relay::Side::Upstream => sockopt::reset_on_close(&downstream),
+            }
+            let failure = if e.is_reset() {
+                Failure::Reset
+            } else {
+                Failure::Io
+            };
+            Err((failure, e.to_string()))
+        }
+    }
+}
