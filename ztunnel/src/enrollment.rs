@@ -98,6 +98,8 @@ pub struct Enrollment {
     enrolled: BTreeMap<String, Enrolled>,
     failed: BTreeMap<String, WorkloadStatus>,
     generation: u64,
+    /// The configuration last published, to publish again only on change.
+    published: Option<Arc<Config>>,
 }
 
 impl Enrollment {
@@ -126,6 +128,7 @@ impl Enrollment {
             enrolled: BTreeMap::new(),
             failed: BTreeMap::new(),
             generation: 0,
+            published: None,
         }
     }
 
@@ -153,12 +156,15 @@ impl Enrollment {
             })
             .map(|(key, _)| key.clone())
             .collect();
+        let mut changed = !leaving.is_empty();
         for key in leaving {
             if let Some(e) = self.enrolled.remove(&key) {
                 self.unenroll(&e);
             }
         }
+        let failed_before = self.failed.len();
         self.failed.retain(|key, _| desired.contains_key(key));
+        changed |= self.failed.len() != failed_before;
 
         for (key, wc) in &desired {
             let unchanged = self
@@ -169,15 +175,21 @@ impl Enrollment {
                 continue;
             }
             let previous = self.enrolled.remove(key);
+            let before = previous.as_ref().map(|p| (p.capture.ready, p.error.clone()));
             match self.enroll(config, wc, previous) {
                 Ok(e) => {
-                    self.failed.remove(key);
+                    changed |= self.failed.remove(key).is_some() || before != Some((e.capture.ready, e.error.clone()));
                     self.enrolled.insert(key.clone(), e);
                 }
                 Err(status) => {
+                    changed |= self.failed.get(key).is_none_or(|s| s.error != status.error);
                     self.failed.insert(key.clone(), *status);
                 }
             }
+        }
+        let new_config = self.published.as_ref().is_none_or(|p| !Arc::ptr_eq(p, config));
+        if !changed && !new_config {
+            return self.statuses();
         }
 
         let mut desired_maps = DesiredMaps::default();
@@ -207,6 +219,7 @@ impl Enrollment {
 
     fn publish(&mut self, config: &Arc<Config>) {
         self.generation += 1;
+        self.published = Some(config.clone());
         let local: HashMap<u32, Arc<LocalWorkload>> = self
             .enrolled
             .values()

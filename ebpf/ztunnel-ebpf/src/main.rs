@@ -319,24 +319,32 @@ pub fn ztunnel_sk_lookup(ctx: SkLookupContext) -> u32 {
     if l.protocol != IPPROTO_TCP || l.local_port == u32::from(INBOUND_HBONE_PORT) {
         return SK_PASS;
     }
-    // Connections the namespace makes to itself (including the tunnel handing a
-    // connection to the workload) arrive over loopback and are never steered.
+    // Connections to loopback addresses never come from outside.
     if l.ingress_ifindex == LOOPBACK_IFINDEX {
         return SK_PASS;
     }
-    let key = if l.family == u32::from(AF_INET) {
-        AddrKey {
-            addr: [l.local_ip4, 0, 0, 0],
-            family: u32::from(AF_INET),
-        }
+    let (key, source) = if l.family == u32::from(AF_INET) {
+        (
+            AddrKey { addr: [l.local_ip4, 0, 0, 0], family: u32::from(AF_INET) },
+            AddrKey { addr: [l.remote_ip4, 0, 0, 0], family: u32::from(AF_INET) },
+        )
     } else if l.family == u32::from(AF_INET6) {
-        AddrKey {
-            addr: sk_lookup_local_ip6(ctx.lookup),
-            family: u32::from(AF_INET6),
-        }
+        (
+            AddrKey { addr: sk_lookup_ip6(ctx.lookup, Field::Local), family: u32::from(AF_INET6) },
+            AddrKey { addr: sk_lookup_ip6(ctx.lookup, Field::Remote), family: u32::from(AF_INET6) },
+        )
     } else {
         return SK_PASS;
     };
+    // A connection from one of the workload's own addresses was made inside
+    // the namespace (the workload calling itself, or the tunnel handing it a
+    // connection). It travels over loopback, but the kernel reports the
+    // address's device as its ingress, so the source is what tells. (IPv4
+    // packets from outside with a local source are dropped as martians first.)
+    // SAFETY: only presence is read.
+    if unsafe { INBOUND_ADDRS.get(&source) }.is_some() {
+        return SK_PASS;
+    }
     // SAFETY: the value is copied out.
     let Some(workload_id) = (unsafe { INBOUND_ADDRS.get(&key) }).copied() else {
         // This program runs only in enrolled namespaces: an address the tunnel
@@ -365,19 +373,32 @@ pub fn ztunnel_sk_lookup(ctx: SkLookupContext) -> u32 {
     }
 }
 
-/// `bpf_sk_lookup.local_ip6`, one word at a time: copying the array lets LLVM
-/// form a pointer into the context first, which the verifier rejects
-/// ("dereference of modified ctx ptr").
+enum Field {
+    Local,
+    Remote,
+}
+
+/// `bpf_sk_lookup.{local,remote}_ip6`, one word at a time: copying the array
+/// lets LLVM form a pointer into the context first, which the verifier
+/// rejects ("dereference of modified ctx ptr").
 #[inline(always)]
-fn sk_lookup_local_ip6(l: *const aya_ebpf::bindings::bpf_sk_lookup) -> [u32; 4] {
+fn sk_lookup_ip6(l: *const aya_ebpf::bindings::bpf_sk_lookup, field: Field) -> [u32; 4] {
     // SAFETY: `l` is the program's context; each read is a fixed-offset load.
     unsafe {
-        [
-            core::ptr::read_volatile(&raw const (*l).local_ip6[0]),
-            core::ptr::read_volatile(&raw const (*l).local_ip6[1]),
-            core::ptr::read_volatile(&raw const (*l).local_ip6[2]),
-            core::ptr::read_volatile(&raw const (*l).local_ip6[3]),
-        ]
+        match field {
+            Field::Local => [
+                core::ptr::read_volatile(&raw const (*l).local_ip6[0]),
+                core::ptr::read_volatile(&raw const (*l).local_ip6[1]),
+                core::ptr::read_volatile(&raw const (*l).local_ip6[2]),
+                core::ptr::read_volatile(&raw const (*l).local_ip6[3]),
+            ],
+            Field::Remote => [
+                core::ptr::read_volatile(&raw const (*l).remote_ip6[0]),
+                core::ptr::read_volatile(&raw const (*l).remote_ip6[1]),
+                core::ptr::read_volatile(&raw const (*l).remote_ip6[2]),
+                core::ptr::read_volatile(&raw const (*l).remote_ip6[3]),
+            ],
+        }
     }
 }
 

@@ -160,18 +160,46 @@ pub enum AccessLogTarget {
     File(PathBuf),
 }
 
-impl<'de> Deserialize<'de> for AccessLogTarget {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        match s.as_str() {
+impl std::str::FromStr for AccessLogTarget {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
             "stdout" => Ok(Self::Stdout),
             "off" => Ok(Self::Off),
             p if p.starts_with('/') => Ok(Self::File(PathBuf::from(p))),
-            other => Err(serde::de::Error::custom(format!(
-                "`{other}`: expected `stdout`, `off` or an absolute file path"
-            ))),
+            other => Err(format!("`{other}`: expected `stdout`, `off` or an absolute file path")),
         }
     }
+}
+
+impl<'de> Deserialize<'de> for AccessLogTarget {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_str(d)
+    }
+}
+
+/// Deserializes a string through `FromStr`, failing inside the visitor so
+/// that the error carries the scalar's own line.
+pub fn from_str<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: fmt::Display,
+{
+    struct Visit<T>(std::marker::PhantomData<T>);
+    impl<T: std::str::FromStr> serde::de::Visitor<'_> for Visit<T>
+    where
+        T::Err: fmt::Display,
+    {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+            v.parse().map_err(E::custom)
+        }
+    }
+    d.deserialize_str(Visit(std::marker::PhantomData))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -411,16 +439,23 @@ impl fmt::Display for WorkloadConfig {
 pub mod duration {
     use std::time::Duration;
 
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::{Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&humantime::format_duration(*d))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a duration: {e}")))
+        struct HumanDuration(Duration);
+        impl std::str::FromStr for HumanDuration {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                humantime::parse_duration(s)
+                    .map(HumanDuration)
+                    .map_err(|e| format!("`{s}` is not a duration: {e}"))
+            }
+        }
+        super::from_str::<D, HumanDuration>(d).map(|h| h.0)
     }
 }
 

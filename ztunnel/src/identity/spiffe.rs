@@ -182,8 +182,7 @@ impl Serialize for SpiffeId {
 
 impl<'de> Deserialize<'de> for SpiffeId {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        crate::config::from_str(d)
     }
 }
 
@@ -195,8 +194,7 @@ impl Serialize for TrustDomain {
 
 impl<'de> Deserialize<'de> for TrustDomain {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        crate::config::from_str(d)
     }
 }
 

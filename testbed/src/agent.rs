@@ -1,0 +1,189 @@
+//! Driving `tb-agent` inside simulated workloads.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::SocketAddr,
+    process::{Child, ChildStdin, ChildStdout, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+use crate::{Place, Testbed};
+
+/// What `tb-agent connect` reports.
+#[derive(Debug, Clone)]
+pub struct Connected {
+    pub ok: usize,
+    pub failed: usize,
+    pub errors: Value,
+    /// What the server saw of each successful connection (`peer`, `local`),
+    /// plus the client's own local address (`client_local`).
+    pub seen: Vec<Value>,
+}
+
+/// Runs `count` echo exchanges from `place` to `to`, `concurrency` at a time.
+pub fn connect(tb: &Testbed, place: &Place, to: SocketAddr, count: usize, concurrency: usize) -> anyhow::Result<Connected> {
+    connect_bytes(tb, place, to, count, concurrency, 64)
+}
+
+pub fn connect_bytes(
+    tb: &Testbed,
+    place: &Place,
+    to: SocketAddr,
+    count: usize,
+    concurrency: usize,
+    bytes: usize,
+) -> anyhow::Result<Connected> {
+    let out = tb
+        .agent(place)?
+        .args(["connect", "--to", &to.to_string()])
+        .args(["--count", &count.to_string(), "--concurrency", &concurrency.to_string()])
+        .args(["--bytes", &bytes.to_string()])
+        .output()
+        .context("run tb-agent connect")?;
+    let v = last_json(&out.stdout).with_context(|| {
+        format!("tb-agent connect printed nothing; stderr: {}", String::from_utf8_lossy(&out.stderr))
+    })?;
+    Ok(Connected {
+        ok: v["ok"].as_u64().unwrap_or(0) as usize,
+        failed: v["failed"].as_u64().unwrap_or(0) as usize,
+        errors: v["errors"].clone(),
+        seen: v["seen"].as_array().cloned().unwrap_or_default(),
+    })
+}
+
+/// One connection attempt from `place`: `ok`, `refused`, `denied`, `reset`, `timeout`...
+pub fn probe(tb: &Testbed, place: &Place, to: SocketAddr) -> anyhow::Result<Value> {
+    let out = tb.agent(place)?.args(["probe", "--to", &to.to_string()]).output().context("run tb-agent probe")?;
+    last_json(&out.stdout).with_context(|| {
+        format!("tb-agent probe printed nothing; stderr: {}", String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+fn last_json(stdout: &[u8]) -> Option<Value> {
+    String::from_utf8_lossy(stdout).lines().rev().find_map(|l| serde_json::from_str(l).ok())
+}
+
+/// Reads a child's JSON lines on a thread so waits can time out.
+struct Lines {
+    rx: mpsc::Receiver<Value>,
+}
+
+impl Lines {
+    fn new(stdout: ChildStdout) -> Self {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&line) {
+                    if tx.send(v).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Self { rx }
+    }
+
+    fn next(&self, limit: Duration) -> anyhow::Result<Value> {
+        self.rx.recv_timeout(limit).context("tb-agent said nothing in time")
+    }
+}
+
+/// A `tb-agent serve` running in a place; killed when dropped.
+pub struct Server {
+    child: Child,
+    lines: Lines,
+}
+
+impl Server {
+    pub fn start(tb: &Testbed, place: &Place, listen: &[SocketAddr]) -> anyhow::Result<Self> {
+        let mut cmd = tb.agent(place)?;
+        cmd.arg("serve");
+        for a in listen {
+            cmd.args(["--listen", &a.to_string()]);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("spawn tb-agent serve")?;
+        let lines = Lines::new(child.stdout.take().context("no stdout")?);
+        let first = lines.next(Duration::from_secs(5));
+        match first {
+            Ok(v) if v["event"] == "listening" => Ok(Self { child, lines }),
+            other => {
+                let _ = child.kill();
+                let out = child.wait_with_output()?;
+                bail!("tb-agent serve did not start ({other:?}): {}", String::from_utf8_lossy(&out.stderr))
+            }
+        }
+    }
+
+    /// Every connection accepted so far (`peer`, `local`).
+    pub fn accepted(&self) -> Vec<Value> {
+        self.lines.rx.try_iter().filter(|v| v["event"] == "accepted").collect()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `tb-agent hold` connection; each `ping` goes through it.
+pub struct Held {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Lines,
+    pub hello: Value,
+    pub local: String,
+}
+
+impl Held {
+    pub fn open(tb: &Testbed, place: &Place, to: SocketAddr) -> anyhow::Result<Self> {
+        let mut child = tb
+            .agent(place)?
+            .args(["hold", "--to", &to.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawn tb-agent hold")?;
+        let stdin = child.stdin.take();
+        let lines = Lines::new(child.stdout.take().context("no stdout")?);
+        let first = lines.next(Duration::from_secs(10));
+        match first {
+            Ok(v) if v["event"] == "connected" => Ok(Self {
+                hello: v["hello"].clone(),
+                local: v["local"].as_str().unwrap_or_default().to_owned(),
+                child,
+                stdin,
+                lines,
+            }),
+            other => {
+                let _ = child.kill();
+                let out = child.wait_with_output()?;
+                bail!("tb-agent hold did not connect ({other:?}): {}", String::from_utf8_lossy(&out.stderr))
+            }
+        }
+    }
+
+    /// Sends a line and waits for its echo: proves the connection still works.
+    pub fn ping(&mut self, line: &str) -> anyhow::Result<()> {
+        let stdin = self.stdin.as_mut().context("connection already closed")?;
+        writeln!(stdin, "{line}")?;
+        stdin.flush()?;
+        let v = self.lines.next(Duration::from_secs(10))?;
+        anyhow::ensure!(v["event"] == "echo" && v["line"] == line, "held connection answered {v}");
+        Ok(())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,290 @@
+//! tb-agent: the testbed's client and server, run inside simulated workloads.
+//!
+//! Every command prints JSON lines on stdout so tests can assert on them.
+//!
+//! * `serve --listen ADDR...`: accepts; tells each client what it saw
+//!   (`{"peer":..,"local":..}` line), then echoes until the client half-closes.
+//! * `connect --to ADDR --count N --concurrency C --bytes B`: N connections,
+//!   C at a time, all held open until every one of a batch is established;
+//!   each checks the echo of B bytes. Prints one summary.
+//! * `probe --to ADDR`: one attempt; prints how it ended (ok, refused, denied,
+//!   reset, timeout).
+//! * `hold --to ADDR`: one connection kept open; each stdin line is sent and
+//!   its echo printed, until stdin closes.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{TcpListener, TcpStream},
+};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    Serve {
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
+    },
+    Connect {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 64)]
+        bytes: usize,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
+    Probe {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 3_000)]
+        timeout_ms: u64,
+    },
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    raise_nofile_limit();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        match cli.command {
+            Cmd::Serve { listen } => serve(listen).await,
+            Cmd::Connect { to, count, concurrency, bytes, timeout_ms } => {
+                connect(to, count, concurrency, bytes, Duration::from_millis(timeout_ms)).await
+            }
+            Cmd::Probe { to, timeout_ms } => probe(to, Duration::from_millis(timeout_ms)).await,
+            Cmd::Hold { to } => hold(to).await,
+        }
+    })
+}
+
+fn raise_nofile_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+fn emit(v: Value) {
+    println!("{v}");
+}
+
+async fn serve(addrs: Vec<SocketAddr>) -> anyhow::Result<()> {
+    let mut listeners = Vec::new();
+    for a in &addrs {
+        let socket = if a.is_ipv6() { tokio::net::TcpSocket::new_v6()? } else { tokio::net::TcpSocket::new_v4()? };
+        socket.set_reuseaddr(true)?;
+        socket.bind(*a).with_context(|| format!("bind {a}"))?;
+        listeners.push(socket.listen(4096)?);
+    }
+    emit(json!({"event": "listening", "addrs": addrs}));
+    let mut tasks = Vec::new();
+    for l in listeners {
+        tasks.push(tokio::spawn(accept_loop(l)));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+async fn accept_loop(l: TcpListener) -> anyhow::Result<()> {
+    loop {
+        let (s, peer) = l.accept().await?;
+        tokio::spawn(async move {
+            let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            emit(json!({"event": "accepted", "peer": peer, "local": local}));
+            let _ = echo(s, peer, &local).await;
+        });
+    }
+}
+
+async fn echo(mut s: TcpStream, peer: SocketAddr, local: &str) -> std::io::Result<()> {
+    let hello = format!("{}\n", json!({"peer": peer, "local": local}));
+    s.write_all(hello.as_bytes()).await?;
+    let (mut r, mut w) = s.split();
+    tokio::io::copy(&mut r, &mut w).await?;
+    w.shutdown().await
+}
+
+/// How one connection attempt ended.
+fn classify(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "refused",
+        std::io::ErrorKind::PermissionDenied => "denied",
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => "reset",
+        std::io::ErrorKind::UnexpectedEof => "eof",
+        std::io::ErrorKind::TimedOut => "timeout",
+        _ => "error",
+    }
+}
+
+async fn connect(to: SocketAddr, count: usize, concurrency: usize, bytes: usize, timeout: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut results = Vec::new();
+    let mut next = 0;
+    while next < count {
+        let batch = concurrency.min(count - next);
+        // Every connection of a batch is open at the same time before any
+        // of them exchanges data.
+        let barrier = Arc::new(tokio::sync::Barrier::new(batch));
+        let tasks: Vec<_> = (next..next + batch)
+            .map(|i| {
+                let barrier = barrier.clone();
+                tokio::spawn(async move { one_exchange(to, i, bytes, timeout, barrier).await })
+            })
+            .collect();
+        for t in tasks {
+            results.push(t.await.unwrap_or_else(|e| Err(("panic", e.to_string()))));
+        }
+        next += batch;
+    }
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    let mut seen = Vec::new();
+    for r in &results {
+        match r {
+            Ok(info) => seen.push(info.clone()),
+            Err((kind, msg)) => *errors.entry(format!("{kind}: {msg}")).or_default() += 1,
+        }
+    }
+    emit(json!({
+        "ok": seen.len(),
+        "failed": results.len() - seen.len(),
+        "errors": errors,
+        "seen": seen,
+        "elapsed_ms": started.elapsed().as_millis() as u64,
+    }));
+    Ok(())
+}
+
+type Failed = (&'static str, String);
+
+async fn one_exchange(
+    to: SocketAddr,
+    index: usize,
+    bytes: usize,
+    timeout: Duration,
+    barrier: Arc<tokio::sync::Barrier>,
+) -> Result<Value, Failed> {
+    let io = |e: std::io::Error| (classify(&e), e.to_string());
+    let connected = tokio::time::timeout(timeout, TcpStream::connect(to)).await;
+    let s = match connected {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(io(e)),
+        Err(_) => Err(("timeout", format!("connect {to}"))),
+    };
+    // Wait at the barrier even after a failure so the batch cannot hang.
+    let s = match s {
+        Ok(s) => s,
+        Err(e) => {
+            barrier.wait().await;
+            return Err(e);
+        }
+    };
+    let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let mut reader = BufReader::new(s);
+    let mut hello = String::new();
+    let read = tokio::time::timeout(timeout, reader.read_line(&mut hello)).await;
+    barrier.wait().await;
+    match read {
+        Ok(Ok(0)) => return Err(("eof", "closed before the server's hello".into())),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(io(e)),
+        Err(_) => return Err(("timeout", "waiting for the server's hello".into())),
+    }
+    let mut info: Value = serde_json::from_str(&hello).map_err(|e| ("protocol", e.to_string()))?;
+    info["client_local"] = json!(local);
+    let payload: Vec<u8> = (0..bytes).map(|b| ((b + index * 7) % 251) as u8).collect();
+    let mut s = reader.into_inner();
+    let exchange = async {
+        let (mut r, mut w) = s.split();
+        let write = async {
+            w.write_all(&payload).await?;
+            w.shutdown().await
+        };
+        let mut echoed = Vec::with_capacity(bytes);
+        let read = r.read_to_end(&mut echoed);
+        let (wr, rd) = tokio::join!(write, read);
+        wr?;
+        rd?;
+        Ok::<_, std::io::Error>(echoed)
+    };
+    let echoed = match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(e)) => e,
+        Ok(Err(e)) => return Err(io(e)),
+        Err(_) => return Err(("timeout", "echo".into())),
+    };
+    if echoed != payload {
+        return Err(("corrupt", format!("echo of {} bytes came back as {} different bytes", bytes, echoed.len())));
+    }
+    Ok(info)
+}
+
+async fn probe(to: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let out = match tokio::time::timeout(timeout, TcpStream::connect(to)).await {
+        Err(_) => json!({"result": "timeout"}),
+        Ok(Err(e)) => json!({"result": classify(&e), "error": e.to_string()}),
+        Ok(Ok(s)) => {
+            let mut reader = BufReader::new(s);
+            let mut hello = String::new();
+            match tokio::time::timeout(timeout, reader.read_line(&mut hello)).await {
+                Err(_) => json!({"result": "timeout", "error": "no hello"}),
+                Ok(Err(e)) => json!({"result": classify(&e), "error": e.to_string()}),
+                Ok(Ok(0)) => json!({"result": "eof"}),
+                Ok(Ok(_)) => json!({"result": "ok", "hello": serde_json::from_str::<Value>(&hello).unwrap_or(Value::Null)}),
+            }
+        }
+    };
+    emit(out);
+    Ok(())
+}
+
+async fn hold(to: SocketAddr) -> anyhow::Result<()> {
+    let s = TcpStream::connect(to).await.with_context(|| format!("connect {to}"))?;
+    let local = s.local_addr()?;
+    let (r, mut w) = s.into_split();
+    let mut server = BufReader::new(r);
+    let mut hello = String::new();
+    server.read_line(&mut hello).await?;
+    emit(json!({"event": "connected", "local": local, "hello": serde_json::from_str::<Value>(&hello).unwrap_or(Value::Null)}));
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = stdin.next_line().await? {
+        w.write_all(format!("{line}\n").as_bytes()).await?;
+        let mut echoed = String::new();
+        match server.read_line(&mut echoed).await {
+            Ok(0) => {
+                emit(json!({"event": "closed"}));
+                return Ok(());
+            }
+            Ok(_) => emit(json!({"event": "echo", "line": echoed.trim_end()})),
+            Err(e) => {
+                emit(json!({"event": "error", "kind": classify(&e), "error": e.to_string()}));
+                return Ok(());
+            }
+        }
+    }
+    w.shutdown().await?;
+    emit(json!({"event": "done"}));
+    Ok(())
+}

@@ -1,0 +1,282 @@
+//! Running `ztunnel run` for a simulated node, and watching what it does.
+
+use std::{
+    io::BufRead as _,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
+
+use crate::{Node, Testbed, Workload, http};
+
+pub const ADMIN: &str = "127.0.0.1:15000";
+pub const METRICS: &str = "127.0.0.1:15020";
+pub const READINESS: &str = "127.0.0.1:15021";
+
+/// The configuration `ztunnel run` gets for `node`.
+pub fn config(tb: &Testbed, node: &Node, enrolled: &[&Workload]) -> Value {
+    let mut workloads = Vec::new();
+    for w in &tb.workloads {
+        let mut entry = json!({
+            "name": w.name,
+            "namespace": w.namespace,
+            "service_account": w.service_account,
+            "node": w.node,
+        });
+        if w.pod_netns.is_some() {
+            entry["addresses"] = json!([w.ip4.to_string(), w.ip6.to_string()]);
+        }
+        if w.node == node.name {
+            if !enrolled.iter().any(|e| e.name == w.name && e.node == w.node) {
+                continue;
+            }
+            entry["cgroup"] = json!(w.cgroup);
+            if let Some(ns) = &w.pod_netns {
+                entry["netns"] = json!(crate::net::netns_path(ns));
+            }
+        } else if w.pod_netns.is_none() {
+            // Another node's plain-host workload: reached at its node's addresses.
+            entry["addresses"] = json!([w.ip4.to_string(), w.ip6.to_string()]);
+            entry["ports"] = json!([]);
+        }
+        workloads.push(entry);
+    }
+    json!({
+        "node": {
+            "name": node.name,
+            "netns": crate::net::netns_path(&node.netns),
+            "addresses": [node.ip4.to_string(), node.ip6.to_string()],
+        },
+        "capture": {
+            "cgroup_root": node.cgroup,
+            "tunnel_cgroup": node.tunnel_cgroup,
+            "bpf_pin_dir": tb.pin_base.join(&node.name),
+        },
+        "proxy": { "reload_interval": "200ms", "drain_timeout": "3s", "connect_timeout": "3s" },
+        "access_log": tb.dir().join(format!("{}-access.log", node.name)),
+        "workloads": workloads,
+    })
+}
+
+/// A running node tunnel. Dropping it kills the process (the testbed's
+/// teardown removes what it installed).
+pub struct Tunnel {
+    pub node: Node,
+    child: Option<Child>,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+    pub access_log_path: PathBuf,
+}
+
+impl Tunnel {
+    pub fn start(tb: &Testbed, node: &Node, config: Value) -> anyhow::Result<Self> {
+        let config_path = tb.dir().join(format!("{}-tunnel.yaml", node.name));
+        write_config(&config_path, &config)?;
+        let access_log_path = config["access_log"]
+            .as_str()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| tb.dir().join("no-access-log"));
+        let mut t = Self {
+            node: node.clone(),
+            child: None,
+            config_path,
+            log_path: tb.dir().join(format!("{}-tunnel.log", node.name)),
+            access_log_path,
+        };
+        t.spawn()?;
+        Ok(t)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
+        let child = Command::new(crate::bins::ztunnel()?)
+            .args(["--log-level", "info,ztunnel=debug", "run", "--config"])
+            .arg(&self.config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn ztunnel")?;
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(30))
+    }
+
+    /// Waits until `/healthz/ready` answers 200; fails early if the process exits.
+    pub fn wait_ready(&mut self, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.try_exit()? {
+                bail!("ztunnel exited with {status} before it was ready:\n{}", self.log_tail(40));
+            }
+            if let Ok((200, _)) = http::get(&self.node.netns, READINESS.parse()?, "/healthz/ready") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("ztunnel not ready after {limit:?}:\n{}", self.log_tail(40));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn try_exit(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        match &mut self.child {
+            Some(c) => Ok(c.try_wait()?),
+            None => bail!("ztunnel is not running"),
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The last `n` lines of the tunnel's own log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits for a graceful exit.
+    pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else { bail!("ztunnel is not running") };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("ztunnel did not stop within 20s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: the tunnel dies without any cleanup.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the tunnel again with its current configuration file.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            self.stop()?;
+        }
+        self.spawn()
+    }
+
+    /// Starts a stopped tunnel again.
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "ztunnel is still running");
+        self.spawn()
+    }
+
+    /// Rewrites the configuration, signals the tunnel, and waits until it
+    /// applied a newer generation.
+    pub fn reload(&mut self, config: &Value) -> anyhow::Result<()> {
+        let before = self.generation()?;
+        write_config(&self.config_path, config)?;
+        if let Some(c) = &self.child {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGHUP)?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.generation()? <= before {
+            if Instant::now() > deadline {
+                bail!("configuration not applied within 10s:\n{}", self.log_tail(30));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    pub fn generation(&self) -> anyhow::Result<u64> {
+        Ok(self.config_dump()?["generation"].as_u64().unwrap_or(0))
+    }
+
+    pub fn config_dump(&self) -> anyhow::Result<Value> {
+        let (status, body) = http::get(&self.node.netns, ADMIN.parse()?, "/config_dump")?;
+        anyhow::ensure!(status == 200, "config_dump: HTTP {status}: {body}");
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// The status of one workload in `/config_dump`.
+    pub fn workload_status(&self, w: &Workload) -> anyhow::Result<Value> {
+        let dump = self.config_dump()?;
+        dump["workloads"]
+            .as_array()
+            .and_then(|ws| ws.iter().find(|s| s["workload"] == w.key()).cloned())
+            .with_context(|| format!("{} not in config_dump: {dump}", w.key()))
+    }
+
+    pub fn capture_counter(&self, name: &str) -> anyhow::Result<u64> {
+        Ok(self.config_dump()?["capture_counters"][name].as_u64().unwrap_or(0))
+    }
+
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        let (status, body) = http::get(&self.node.netns, METRICS.parse()?, "/metrics")?;
+        anyhow::ensure!(status == 200, "metrics: HTTP {status}");
+        Ok(body)
+    }
+
+    pub fn admin_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        http::get(&self.node.netns, ADMIN.parse()?, path)
+    }
+
+
+    /// Every access log line so far.
+    pub fn access_log(&self) -> Vec<Value> {
+        let Ok(f) = std::fs::File::open(&self.access_log_path) else { return Vec::new() };
+        std::io::BufReader::new(f)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
+    }
+
+    /// Waits for `n` access log lines matching `pred`.
+    pub fn wait_access_log(&self, n: usize, limit: Duration, pred: impl Fn(&Value) -> bool) -> anyhow::Result<Vec<Value>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let found: Vec<Value> = self.access_log().into_iter().filter(|e| pred(e)).collect();
+            if found.len() >= n {
+                return Ok(found);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} of {n} expected access log lines after {limit:?}; log:\n{}\ntunnel:\n{}",
+                    found.len(),
+                    self.access_log().iter().map(Value::to_string).collect::<Vec<_>>().join("\n"),
+                    self.log_tail(30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+/// Writes YAML atomically (the tunnel may be reading the file).
+fn write_config(path: &std::path::Path, config: &Value) -> anyhow::Result<()> {
+    let tmp = path.with_extension("yaml.tmp");
+    std::fs::write(&tmp, serde_yaml_ng::to_string(config)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
