@@ -551,11 +551,7 @@ workloads:
                 "node.yaml:7:",
                 "outside capture.cgroup_root",
             ),
-            (
-                "node: [",
-                "node.yaml:1:",
-                "did not find expected node content",
-            ),
+            ("node:\n\tname: a\n", "node.yaml:2:", "cannot start any token"),
             ("{}", "node.yaml", "missing field `node`"),
         ];
         for (text, at, want) in cases {
