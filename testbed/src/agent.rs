@@ -25,7 +25,13 @@ pub struct Connected {
 }
 
 /// Runs `count` echo exchanges from `place` to `to`, `concurrency` at a time.
-pub fn connect(tb: &Testbed, place: &Place, to: SocketAddr, count: usize, concurrency: usize) -> anyhow::Result<Connected> {
+pub fn connect(
+    tb: &Testbed,
+    place: &Place,
+    to: SocketAddr,
+    count: usize,
+    concurrency: usize,
+) -> anyhow::Result<Connected> {
     connect_bytes(tb, place, to, count, concurrency, 64)
 }
 
@@ -40,12 +46,20 @@ pub fn connect_bytes(
     let out = tb
         .agent(place)?
         .args(["connect", "--to", &to.to_string()])
-        .args(["--count", &count.to_string(), "--concurrency", &concurrency.to_string()])
+        .args([
+            "--count",
+            &count.to_string(),
+            "--concurrency",
+            &concurrency.to_string(),
+        ])
         .args(["--bytes", &bytes.to_string()])
         .output()
         .context("run tb-agent connect")?;
     let v = last_json(&out.stdout).with_context(|| {
-        format!("tb-agent connect printed nothing; stderr: {}", String::from_utf8_lossy(&out.stderr))
+        format!(
+            "tb-agent connect printed nothing; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
     })?;
     Ok(Connected {
         ok: v["ok"].as_u64().unwrap_or(0) as usize,
@@ -57,14 +71,24 @@ pub fn connect_bytes(
 
 /// One connection attempt from `place`: `ok`, `refused`, `denied`, `reset`, `timeout`...
 pub fn probe(tb: &Testbed, place: &Place, to: SocketAddr) -> anyhow::Result<Value> {
-    let out = tb.agent(place)?.args(["probe", "--to", &to.to_string()]).output().context("run tb-agent probe")?;
+    let out = tb
+        .agent(place)?
+        .args(["probe", "--to", &to.to_string()])
+        .output()
+        .context("run tb-agent probe")?;
     last_json(&out.stdout).with_context(|| {
-        format!("tb-agent probe printed nothing; stderr: {}", String::from_utf8_lossy(&out.stderr))
+        format!(
+            "tb-agent probe printed nothing; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
     })
 }
 
 fn last_json(stdout: &[u8]) -> Option<Value> {
-    String::from_utf8_lossy(stdout).lines().rev().find_map(|l| serde_json::from_str(l).ok())
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
 }
 
 /// Reads a child's JSON lines on a thread so waits can time out.
@@ -77,10 +101,10 @@ impl Lines {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str(&line) {
-                    if tx.send(v).is_err() {
-                        return;
-                    }
+                if let Ok(v) = serde_json::from_str(&line)
+                    && tx.send(v).is_err()
+                {
+                    return;
                 }
             }
         });
@@ -88,7 +112,9 @@ impl Lines {
     }
 
     fn next(&self, limit: Duration) -> anyhow::Result<Value> {
-        self.rx.recv_timeout(limit).context("tb-agent said nothing in time")
+        self.rx
+            .recv_timeout(limit)
+            .context("tb-agent said nothing in time")
     }
 }
 
@@ -105,7 +131,15 @@ impl Server {
         for a in listen {
             cmd.args(["--listen", &a.to_string()]);
         }
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("spawn tb-agent serve")?;
+        Self::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: std::process::Command) -> anyhow::Result<Self> {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawn tb-agent serve")?;
         let lines = Lines::new(child.stdout.take().context("no stdout")?);
         let first = lines.next(Duration::from_secs(5));
         match first {
@@ -113,14 +147,36 @@ impl Server {
             other => {
                 let _ = child.kill();
                 let out = child.wait_with_output()?;
-                bail!("tb-agent serve did not start ({other:?}): {}", String::from_utf8_lossy(&out.stderr))
+                bail!(
+                    "tb-agent serve did not start ({other:?}): {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
             }
         }
     }
 
+    /// A `tb-agent http` server named `name` (the demo's applications).
+    pub fn http(
+        tb: &Testbed,
+        place: &Place,
+        listen: &[SocketAddr],
+        name: &str,
+    ) -> anyhow::Result<Self> {
+        let mut cmd = tb.agent(place)?;
+        cmd.args(["http", "--name", name]);
+        for a in listen {
+            cmd.args(["--listen", &a.to_string()]);
+        }
+        Self::spawn(cmd)
+    }
+
     /// Every connection accepted so far (`peer`, `local`).
     pub fn accepted(&self) -> Vec<Value> {
-        self.lines.rx.try_iter().filter(|v| v["event"] == "accepted").collect()
+        self.lines
+            .rx
+            .try_iter()
+            .filter(|v| v["event"] == "accepted")
+            .collect()
     }
 }
 
@@ -164,7 +220,10 @@ impl Held {
             other => {
                 let _ = child.kill();
                 let out = child.wait_with_output()?;
-                bail!("tb-agent hold did not connect ({other:?}): {}", String::from_utf8_lossy(&out.stderr))
+                bail!(
+                    "tb-agent hold did not connect ({other:?}): {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
             }
         }
     }
@@ -175,7 +234,10 @@ impl Held {
         writeln!(stdin, "{line}")?;
         stdin.flush()?;
         let v = self.lines.next(Duration::from_secs(10))?;
-        anyhow::ensure!(v["event"] == "echo" && v["line"] == line, "held connection answered {v}");
+        anyhow::ensure!(
+            v["event"] == "echo" && v["line"] == line,
+            "held connection answered {v}"
+        );
         Ok(())
     }
 }

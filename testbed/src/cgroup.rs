@@ -39,7 +39,9 @@ pub fn kill_all(base: &Path) {
 
 /// Removes `base` and every cgroup below it, deepest first.
 pub fn remove_tree(base: &Path) {
-    let Ok(entries) = std::fs::read_dir(base) else { return };
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
     for e in entries.flatten() {
         if e.file_type().is_ok_and(|t| t.is_dir()) {
             remove_tree(&e.path());

@@ -12,11 +12,20 @@ use anyhow::Context as _;
 use crate::net::in_netns;
 
 /// `METHOD path` on `addr` inside `netns`: (status, body).
-pub fn request(netns: &str, addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+pub fn request(
+    netns: &str,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> anyhow::Result<(u16, String)> {
     in_netns(netns, || {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).with_context(|| format!("connect {addr}"))?;
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .with_context(|| format!("connect {addr}"))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        )?;
         let mut raw = Vec::new();
         s.read_to_end(&mut raw)?;
         let text = String::from_utf8_lossy(&raw);
@@ -28,7 +37,10 @@ pub fn request(netns: &str, addr: SocketAddr, method: &str, path: &str) -> anyho
             .with_context(|| format!("bad status line in {head:?}"))?;
         // The tunnel's endpoints send bodies with a length or close; chunked
         // bodies are de-chunked crudely (good enough for JSON and text).
-        let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
             dechunk(body)
         } else {
             body.to_owned()
@@ -44,7 +56,9 @@ pub fn get(netns: &str, addr: SocketAddr, path: &str) -> anyhow::Result<(u16, St
 fn dechunk(mut s: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if n == 0 || rest.len() < n {
             break;
         }

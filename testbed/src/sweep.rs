@@ -25,14 +25,14 @@ pub fn stale_runs() {
             }
         }
     }
-    if let Ok(mount) = cgroup::mount() {
-        if let Ok(entries) = std::fs::read_dir(&mount) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if is_stale(&name) {
-                    cgroup::kill_all(&e.path());
-                    cgroup::remove_tree(&e.path());
-                }
+    if let Ok(mount) = cgroup::mount()
+        && let Ok(entries) = std::fs::read_dir(&mount)
+    {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if is_stale(&name) {
+                cgroup::kill_all(&e.path());
+                cgroup::remove_tree(&e.path());
             }
         }
     }

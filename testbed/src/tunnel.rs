@@ -30,7 +30,10 @@ pub fn config(tb: &Testbed, node: &Node, enrolled: &[&Workload]) -> Value {
             entry["addresses"] = json!([w.ip4.to_string(), w.ip6.to_string()]);
         }
         if w.node == node.name {
-            if !enrolled.iter().any(|e| e.name == w.name && e.node == w.node) {
+            if !enrolled
+                .iter()
+                .any(|e| e.name == w.name && e.node == w.node)
+            {
                 continue;
             }
             entry["cgroup"] = json!(w.cgroup);
@@ -91,7 +94,10 @@ impl Tunnel {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
         let child = Command::new(crate::bins::ztunnel()?)
             .args(["--log-level", "info,ztunnel=debug", "run", "--config"])
             .arg(&self.config_path)
@@ -109,9 +115,13 @@ impl Tunnel {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.try_exit()? {
-                bail!("ztunnel exited with {status} before it was ready:\n{}", self.log_tail(40));
+                bail!(
+                    "ztunnel exited with {status} before it was ready:\n{}",
+                    self.log_tail(40)
+                );
             }
-            if let Ok((200, _)) = http::get(&self.node.netns, READINESS.parse()?, "/healthz/ready") {
+            if let Ok((200, _)) = http::get(&self.node.netns, READINESS.parse()?, "/healthz/ready")
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -145,8 +155,13 @@ impl Tunnel {
 
     /// SIGTERM, then waits for a graceful exit.
     pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
-        let Some(mut child) = self.child.take() else { bail!("ztunnel is not running") };
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+        let Some(mut child) = self.child.take() else {
+            bail!("ztunnel is not running")
+        };
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = child.try_wait()? {
@@ -190,12 +205,18 @@ impl Tunnel {
         let before = self.generation()?;
         write_config(&self.config_path, config)?;
         if let Some(c) = &self.child {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGHUP)?;
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGHUP,
+            )?;
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.generation()? <= before {
             if Instant::now() > deadline {
-                bail!("configuration not applied within 10s:\n{}", self.log_tail(30));
+                bail!(
+                    "configuration not applied within 10s:\n{}",
+                    self.log_tail(30)
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -222,7 +243,9 @@ impl Tunnel {
     }
 
     pub fn capture_counter(&self, name: &str) -> anyhow::Result<u64> {
-        Ok(self.config_dump()?["capture_counters"][name].as_u64().unwrap_or(0))
+        Ok(self.config_dump()?["capture_counters"][name]
+            .as_u64()
+            .unwrap_or(0))
     }
 
     pub fn metrics(&self) -> anyhow::Result<String> {
@@ -235,10 +258,11 @@ impl Tunnel {
         http::get(&self.node.netns, ADMIN.parse()?, path)
     }
 
-
     /// Every access log line so far.
     pub fn access_log(&self) -> Vec<Value> {
-        let Ok(f) = std::fs::File::open(&self.access_log_path) else { return Vec::new() };
+        let Ok(f) = std::fs::File::open(&self.access_log_path) else {
+            return Vec::new();
+        };
         std::io::BufReader::new(f)
             .lines()
             .map_while(Result::ok)
@@ -247,7 +271,12 @@ impl Tunnel {
     }
 
     /// Waits for `n` access log lines matching `pred`.
-    pub fn wait_access_log(&self, n: usize, limit: Duration, pred: impl Fn(&Value) -> bool) -> anyhow::Result<Vec<Value>> {
+    pub fn wait_access_log(
+        &self,
+        n: usize,
+        limit: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Vec<Value>> {
         let deadline = Instant::now() + limit;
         loop {
             let found: Vec<Value> = self.access_log().into_iter().filter(|e| pred(e)).collect();
@@ -258,7 +287,11 @@ impl Tunnel {
                 bail!(
                     "{} of {n} expected access log lines after {limit:?}; log:\n{}\ntunnel:\n{}",
                     found.len(),
-                    self.access_log().iter().map(Value::to_string).collect::<Vec<_>>().join("\n"),
+                    self.access_log()
+                        .iter()
+                        .map(Value::to_string)
+                        .collect::<Vec<_>>()
+                        .join("\n"),
                     self.log_tail(30)
                 );
             }

@@ -219,7 +219,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
             }
             Reload::Changed(new) => {
                 warn_unreloadable(&current, &new);
-                let new = Arc::new(new);
+                let new = Arc::new(*new);
                 let statuses = tokio::task::block_in_place(|| enrollment.apply(&new));
                 publish_status(&admin, &metrics, &enrollment, statuses, true);
                 metrics
@@ -313,7 +313,7 @@ fn warn_unreloadable(old: &Config, new: &Config) {
 enum Reload {
     Unchanged,
     Invalid(String),
-    Changed(Config),
+    Changed(Box<Config>),
 }
 
 /// Notices configuration file changes (by content, so that editors' atomic
@@ -345,7 +345,7 @@ impl Reloader {
             Err(_) => return Reload::Invalid(format!("{} is not UTF-8", self.path.display())),
         };
         match Config::parse(&text, &self.path) {
-            Ok(c) => Reload::Changed(c),
+            Ok(c) => Reload::Changed(Box::new(c)),
             Err(e) => Reload::Invalid(e.to_string()),
         }
     }

@@ -175,10 +175,13 @@ impl Enrollment {
                 continue;
             }
             let previous = self.enrolled.remove(key);
-            let before = previous.as_ref().map(|p| (p.capture.ready, p.error.clone()));
+            let before = previous
+                .as_ref()
+                .map(|p| (p.capture.ready, p.error.clone()));
             match self.enroll(config, wc, previous) {
                 Ok(e) => {
-                    changed |= self.failed.remove(key).is_some() || before != Some((e.capture.ready, e.error.clone()));
+                    changed |= self.failed.remove(key).is_some()
+                        || before != Some((e.capture.ready, e.error.clone()));
                     self.enrolled.insert(key.clone(), e);
                 }
                 Err(status) => {
@@ -187,7 +190,10 @@ impl Enrollment {
                 }
             }
         }
-        let new_config = self.published.as_ref().is_none_or(|p| !Arc::ptr_eq(p, config));
+        let new_config = self
+            .published
+            .as_ref()
+            .is_none_or(|p| !Arc::ptr_eq(p, config));
         if !changed && !new_config {
             return self.statuses();
         }
@@ -273,13 +279,12 @@ impl Enrollment {
     }
 
     fn unenroll(&mut self, e: &Enrolled) {
-        if e.local.is_pod() {
-            if let Err(err) = self
+        if e.local.is_pod()
+            && let Err(err) = self
                 .capture
                 .detach_netns(&e.local.workload.namespace, &e.local.workload.name)
-            {
-                tracing::error!(workload = %e.local.workload.key(), "detaching inbound steering: {err}");
-            }
+        {
+            tracing::error!(workload = %e.local.workload.key(), "detaching inbound steering: {err}");
         }
         tracing::info!(workload = %e.local.workload.key(), "workload removed from capture");
     }
@@ -395,10 +400,11 @@ impl Enrollment {
             }),
             _ => PodListeners::default(),
         };
-        if is_pod && error.is_none() {
-            if let Err(e) = self.register_inbound(&local, &listeners) {
-                error = Some(e);
-            }
+        if is_pod
+            && error.is_none()
+            && let Err(e) = self.register_inbound(&local, &listeners)
+        {
+            error = Some(e);
         }
         capture.ready = error.is_none();
         match &error {

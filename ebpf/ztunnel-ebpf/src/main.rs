@@ -325,13 +325,25 @@ pub fn ztunnel_sk_lookup(ctx: SkLookupContext) -> u32 {
     }
     let (key, source) = if l.family == u32::from(AF_INET) {
         (
-            AddrKey { addr: [l.local_ip4, 0, 0, 0], family: u32::from(AF_INET) },
-            AddrKey { addr: [l.remote_ip4, 0, 0, 0], family: u32::from(AF_INET) },
+            AddrKey {
+                addr: [l.local_ip4, 0, 0, 0],
+                family: u32::from(AF_INET),
+            },
+            AddrKey {
+                addr: [l.remote_ip4, 0, 0, 0],
+                family: u32::from(AF_INET),
+            },
         )
     } else if l.family == u32::from(AF_INET6) {
         (
-            AddrKey { addr: sk_lookup_ip6(ctx.lookup, Field::Local), family: u32::from(AF_INET6) },
-            AddrKey { addr: sk_lookup_ip6(ctx.lookup, Field::Remote), family: u32::from(AF_INET6) },
+            AddrKey {
+                addr: sk_lookup_ip6(ctx.lookup, Field::Local),
+                family: u32::from(AF_INET6),
+            },
+            AddrKey {
+                addr: sk_lookup_ip6(ctx.lookup, Field::Remote),
+                family: u32::from(AF_INET6),
+            },
         )
     } else {
         return SK_PASS;

@@ -11,6 +11,8 @@
 //!   reset, timeout).
 //! * `hold --to ADDR`: one connection kept open; each stdin line is sent and
 //!   its echo printed, until stdin closes.
+//! * `http --listen ADDR... --name NAME`: a small HTTP/1.1 server answering
+//!   every request with who it is and who called (for curl in the demo).
 
 use std::{
     collections::BTreeMap,
@@ -61,20 +63,42 @@ enum Cmd {
         #[arg(long)]
         to: SocketAddr,
     },
+    Http {
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
+        #[arg(long)]
+        name: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     raise_nofile_limit();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         match cli.command {
             Cmd::Serve { listen } => serve(listen).await,
-            Cmd::Connect { to, count, concurrency, bytes, timeout_ms } => {
-                connect(to, count, concurrency, bytes, Duration::from_millis(timeout_ms)).await
+            Cmd::Connect {
+                to,
+                count,
+                concurrency,
+                bytes,
+                timeout_ms,
+            } => {
+                connect(
+                    to,
+                    count,
+                    concurrency,
+                    bytes,
+                    Duration::from_millis(timeout_ms),
+                )
+                .await
             }
             Cmd::Probe { to, timeout_ms } => probe(to, Duration::from_millis(timeout_ms)).await,
             Cmd::Hold { to } => hold(to).await,
+            Cmd::Http { listen, name } => http(listen, name).await,
         }
     })
 }
@@ -93,7 +117,11 @@ fn emit(v: Value) {
 async fn serve(addrs: Vec<SocketAddr>) -> anyhow::Result<()> {
     let mut listeners = Vec::new();
     for a in &addrs {
-        let socket = if a.is_ipv6() { tokio::net::TcpSocket::new_v6()? } else { tokio::net::TcpSocket::new_v4()? };
+        let socket = if a.is_ipv6() {
+            tokio::net::TcpSocket::new_v6()?
+        } else {
+            tokio::net::TcpSocket::new_v4()?
+        };
         socket.set_reuseaddr(true)?;
         socket.bind(*a).with_context(|| format!("bind {a}"))?;
         listeners.push(socket.listen(4096)?);
@@ -140,7 +168,13 @@ fn classify(e: &std::io::Error) -> &'static str {
     }
 }
 
-async fn connect(to: SocketAddr, count: usize, concurrency: usize, bytes: usize, timeout: Duration) -> anyhow::Result<()> {
+async fn connect(
+    to: SocketAddr,
+    count: usize,
+    concurrency: usize,
+    bytes: usize,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut results = Vec::new();
     let mut next = 0;
@@ -236,7 +270,14 @@ async fn one_exchange(
         Err(_) => return Err(("timeout", "echo".into())),
     };
     if echoed != payload {
-        return Err(("corrupt", format!("echo of {} bytes came back as {} different bytes", bytes, echoed.len())));
+        return Err((
+            "corrupt",
+            format!(
+                "echo of {} bytes came back as {} different bytes",
+                bytes,
+                echoed.len()
+            ),
+        ));
     }
     Ok(info)
 }
@@ -252,7 +293,9 @@ async fn probe(to: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
                 Err(_) => json!({"result": "timeout", "error": "no hello"}),
                 Ok(Err(e)) => json!({"result": classify(&e), "error": e.to_string()}),
                 Ok(Ok(0)) => json!({"result": "eof"}),
-                Ok(Ok(_)) => json!({"result": "ok", "hello": serde_json::from_str::<Value>(&hello).unwrap_or(Value::Null)}),
+                Ok(Ok(_)) => {
+                    json!({"result": "ok", "hello": serde_json::from_str::<Value>(&hello).unwrap_or(Value::Null)})
+                }
             }
         }
     };
@@ -261,13 +304,17 @@ async fn probe(to: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
 }
 
 async fn hold(to: SocketAddr) -> anyhow::Result<()> {
-    let s = TcpStream::connect(to).await.with_context(|| format!("connect {to}"))?;
+    let s = TcpStream::connect(to)
+        .await
+        .with_context(|| format!("connect {to}"))?;
     let local = s.local_addr()?;
     let (r, mut w) = s.into_split();
     let mut server = BufReader::new(r);
     let mut hello = String::new();
     server.read_line(&mut hello).await?;
-    emit(json!({"event": "connected", "local": local, "hello": serde_json::from_str::<Value>(&hello).unwrap_or(Value::Null)}));
+    emit(
+        json!({"event": "connected", "local": local, "hello": serde_json::from_str::<Value>(&hello).unwrap_or(Value::Null)}),
+    );
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = stdin.next_line().await? {
         w.write_all(format!("{line}\n").as_bytes()).await?;
@@ -287,4 +334,51 @@ async fn hold(to: SocketAddr) -> anyhow::Result<()> {
     w.shutdown().await?;
     emit(json!({"event": "done"}));
     Ok(())
+}
+
+async fn http(addrs: Vec<SocketAddr>, name: String) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for a in &addrs {
+        let l = TcpListener::bind(a)
+            .await
+            .with_context(|| format!("bind {a}"))?;
+        tasks.push(tokio::spawn(http_accept_loop(l, name.clone())));
+    }
+    emit(json!({"event": "listening", "addrs": addrs}));
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+async fn http_accept_loop(l: TcpListener, name: String) -> anyhow::Result<()> {
+    loop {
+        let (s, peer) = l.accept().await?;
+        let name = name.clone();
+        tokio::spawn(async move {
+            let _ = http_exchange(s, peer, &name).await;
+        });
+    }
+}
+
+/// Answers one request per connection.
+async fn http_exchange(s: TcpStream, peer: SocketAddr, name: &str) -> std::io::Result<()> {
+    let mut reader = BufReader::new(s);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line).await?;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).await? == 0 || header == "\r\n" || header == "\n" {
+            break;
+        }
+    }
+    emit(json!({"event": "request", "peer": peer, "request": request_line.trim_end()}));
+    let body = format!("hello from {name}; you are {}\n", peer.ip());
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = reader.into_inner();
+    s.write_all(response.as_bytes()).await?;
+    s.shutdown().await
 }

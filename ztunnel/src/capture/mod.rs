@@ -408,15 +408,15 @@ fn map_name_static(name: &str) -> &'static str {
 }
 
 fn warn_if_resized(pins: &Pins, max_connections: u32) {
-    if let Ok(info) = MapInfo::from_pin(pins.map(map_name::CAPTURED_BY_TUPLE)) {
-        if info.max_entries() != max_connections {
-            tracing::warn!(
-                pinned = info.max_entries(),
-                configured = max_connections,
-                "capture.max_connections differs from the pinned maps' size, which stays in force; \
-                 `ztunnel uninstall` then a restart applies it"
-            );
-        }
+    if let Ok(info) = MapInfo::from_pin(pins.map(map_name::CAPTURED_BY_TUPLE))
+        && info.max_entries() != max_connections
+    {
+        tracing::warn!(
+            pinned = info.max_entries(),
+            configured = max_connections,
+            "capture.max_connections differs from the pinned maps' size, which stays in force; \
+             `ztunnel uninstall` then a restart applies it"
+        );
     }
 }
 

@@ -167,7 +167,9 @@ impl std::str::FromStr for AccessLogTarget {
             "stdout" => Ok(Self::Stdout),
             "off" => Ok(Self::Off),
             p if p.starts_with('/') => Ok(Self::File(PathBuf::from(p))),
-            other => Err(format!("`{other}`: expected `stdout`, `off` or an absolute file path")),
+            other => Err(format!(
+                "`{other}`: expected `stdout`, `off` or an absolute file path"
+            )),
         }
     }
 }
@@ -352,17 +354,17 @@ impl Config {
                     format!("cgroup {} is also workloads[{first}]'s", cgroup.display()),
                 ));
             }
-            if let (Some(root), true) = (&self.capture.cgroup_root, cgroup.is_absolute()) {
-                if !cgroup.starts_with(root) {
-                    return Err(Invalid::at(
-                        at("cgroup"),
-                        format!(
-                            "{} is outside capture.cgroup_root {}: its connections could not be captured",
-                            cgroup.display(),
-                            root.display()
-                        ),
-                    ));
-                }
+            if let (Some(root), true) = (&self.capture.cgroup_root, cgroup.is_absolute())
+                && !cgroup.starts_with(root)
+            {
+                return Err(Invalid::at(
+                    at("cgroup"),
+                    format!(
+                        "{} is outside capture.cgroup_root {}: its connections could not be captured",
+                        cgroup.display(),
+                        root.display()
+                    ),
+                ));
             }
         }
         self.validate_addresses()
@@ -551,7 +553,11 @@ workloads:
                 "node.yaml:7:",
                 "outside capture.cgroup_root",
             ),
-            ("node:\n\tname: a\n", "node.yaml:2:", "cannot start any token"),
+            (
+                "node:\n\tname: a\n",
+                "node.yaml:2:",
+                "cannot start any token",
+            ),
             ("{}", "node.yaml", "missing field `node`"),
         ];
         for (text, at, want) in cases {

@@ -205,7 +205,7 @@ mod tests {
         let (client, mut down) = pair().await;
         let (mut up, _server) = pair().await;
         // Abortive close: RST instead of FIN.
-        client.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+        crate::sockopt::reset_on_close(&client);
         drop(client);
         let t = Transferred::default();
         let (dr, dw) = down.split();

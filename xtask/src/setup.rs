@@ -1,0 +1,187 @@
+//! `cargo xtask setup`: everything a fresh Debian machine with rustup and root
+//! lacks to build and test ztunnel. Each step checks before it acts, so a
+//! machine that is already set up passes in well under a second.
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::status;
+
+/// Debian packages the build, tests, demo and benchmark use.
+const PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip: the testbed's namespaces, veths and routes"),
+    (
+        "bpftool",
+        "tests inspect what is attached to cgroups and namespaces",
+    ),
+    ("curl", "the demo's clients"),
+    ("iperf3", "the benchmark's bulk throughput"),
+    ("tshark", "tests read the traffic between nodes"),
+    ("procps", "sysctl inside the testbed's namespaces"),
+];
+
+/// bpf-linker release matched to aya 0.14 and the nightly's LLVM.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn run() -> anyhow::Result<()> {
+    debian_packages()?;
+    rust_src()?;
+    bpf_linker()?;
+    Ok(())
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from)
+}
+
+/// PATH with ~/.cargo/bin first: bpf-linker lives there and aya-build looks
+/// for it on PATH.
+pub fn path_with_cargo_bin() -> OsString {
+    let bin = home().join(".cargo").join("bin");
+    let mut paths = vec![bin];
+    if let Some(p) = std::env::var_os("PATH") {
+        paths.extend(std::env::split_paths(&p));
+    }
+    std::env::join_paths(paths).unwrap_or_default()
+}
+
+fn debian_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .map(|(p, _)| *p)
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !crate::is_root() {
+        bail!(
+            "Debian packages missing ({}); run `cargo xtask setup` as root",
+            missing.join(" ")
+        );
+    }
+    eprintln!("setup: installing {}", missing.join(" "));
+    status(
+        Command::new("apt-get")
+            .args(["update", "-qq"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn nightly_sysroot() -> anyhow::Result<PathBuf> {
+    let out = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--print", "sysroot"])
+        .output()
+        .context("rustup: is it installed, with the nightly toolchain?")?;
+    if !out.status.success() {
+        bail!(
+            "the nightly toolchain is missing (the eBPF programs need it): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let sysroot = nightly_sysroot()?;
+    if sysroot
+        .join("lib/rustlib/src/rust/library/core/Cargo.toml")
+        .exists()
+    {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: adding rust-src to the nightly toolchain (-Z build-std=core for the BPF target)"
+    );
+    status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// The nightly's own libLLVM (`libLLVM.so.22.1-rust-1.97.0-nightly`) and its
+/// major version.
+fn nightly_llvm(sysroot: &Path) -> anyhow::Result<(PathBuf, String)> {
+    let lib = sysroot.join("lib");
+    for entry in std::fs::read_dir(&lib).with_context(|| format!("read {}", lib.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if let Some(version) = name.strip_prefix("libLLVM.so.") {
+            let major = version.split('.').next().unwrap_or_default().to_owned();
+            if !major.is_empty() && major.bytes().all(|b| b.is_ascii_digit()) {
+                return Ok((lib.join(&name), major));
+            }
+        }
+    }
+    bail!("no libLLVM.so.<version> in {}", lib.display())
+}
+
+/// bpf-linker must be linked against the same LLVM as the nightly that
+/// compiles the eBPF crate. Its build only needs `$LLVM_PREFIX/lib/libLLVM.so`,
+/// so a prefix of symlinks to the nightly's libLLVM is enough; the prefix
+/// stays, as bpf-linker's RUNPATH.
+fn bpf_linker() -> anyhow::Result<()> {
+    let sysroot = nightly_sysroot()?;
+    let (llvm, major) = nightly_llvm(&sysroot)?;
+    let prefix = home().join(".local/share/bpf-linker-llvm");
+    let linked = std::fs::read_link(prefix.join("lib/libLLVM.so")).ok();
+    let binary = home().join(".cargo/bin/bpf-linker");
+    if linked.as_deref() == Some(llvm.as_path()) && bpf_linker_works(&binary) {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against {} (about 2 minutes)",
+        llvm.display()
+    );
+    let lib = prefix.join("lib");
+    std::fs::create_dir_all(&lib)?;
+    let file_name = llvm.file_name().context("libLLVM has no file name")?;
+    for link in [lib.join("libLLVM.so"), lib.join(file_name)] {
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&llvm, &link)
+            .with_context(|| format!("symlink {}", link.display()))?;
+    }
+    status(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--force",
+            ])
+            .args([
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major}"),
+            ])
+            .env("LLVM_PREFIX", &prefix)
+            .env("PATH", path_with_cargo_bin()),
+    )?;
+    if !bpf_linker_works(&binary) {
+        bail!("bpf-linker was installed but does not run; see the output above");
+    }
+    Ok(())
+}
+
+fn bpf_linker_works(binary: &Path) -> bool {
+    Command::new(binary)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
+}
