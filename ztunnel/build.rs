@@ -6,10 +6,8 @@ use anyhow::{Context as _, anyhow};
 use aya_build::Toolchain;
 
 fn main() -> anyhow::Result<()> {
-    let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
-        .no_deps()
-        .exec()
-        .context("cargo metadata")?;
+    let cargo_metadata::Metadata { packages, .. } =
+        cargo_metadata::MetadataCommand::new().no_deps().exec().context("cargo metadata")?;
     let ebpf = packages
         .into_iter()
         .find(|p| p.name.as_str() == "ztunnel-ebpf")
@@ -18,10 +16,7 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("{} has no parent directory", ebpf.manifest_path))?;
-    let package = aya_build::Package {
-        name: ebpf.name.as_str(),
-        root_dir: root_dir.as_str(),
-        ..Default::default()
-    };
+    let package =
+        aya_build::Package { name: ebpf.name.as_str(), root_dir: root_dir.as_str(), ..Default::default() };
     aya_build::build_ebpf([package], Toolchain::default())
 }

@@ -46,20 +46,12 @@ pub fn connect_bytes(
     let out = tb
         .agent(place)?
         .args(["connect", "--to", &to.to_string()])
-        .args([
-            "--count",
-            &count.to_string(),
-            "--concurrency",
-            &concurrency.to_string(),
-        ])
+        .args(["--count", &count.to_string(), "--concurrency", &concurrency.to_string()])
         .args(["--bytes", &bytes.to_string()])
         .output()
         .context("run tb-agent connect")?;
     let v = last_json(&out.stdout).with_context(|| {
-        format!(
-            "tb-agent connect printed nothing; stderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
+        format!("tb-agent connect printed nothing; stderr: {}", String::from_utf8_lossy(&out.stderr))
     })?;
     Ok(Connected {
         ok: v["ok"].as_u64().unwrap_or(0) as usize,
@@ -71,24 +63,15 @@ pub fn connect_bytes(
 
 /// One connection attempt from `place`: `ok`, `refused`, `denied`, `reset`, `timeout`...
 pub fn probe(tb: &Testbed, place: &Place, to: SocketAddr) -> anyhow::Result<Value> {
-    let out = tb
-        .agent(place)?
-        .args(["probe", "--to", &to.to_string()])
-        .output()
-        .context("run tb-agent probe")?;
+    let out =
+        tb.agent(place)?.args(["probe", "--to", &to.to_string()]).output().context("run tb-agent probe")?;
     last_json(&out.stdout).with_context(|| {
-        format!(
-            "tb-agent probe printed nothing; stderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
+        format!("tb-agent probe printed nothing; stderr: {}", String::from_utf8_lossy(&out.stderr))
     })
 }
 
 fn last_json(stdout: &[u8]) -> Option<Value> {
-    String::from_utf8_lossy(stdout)
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
+    String::from_utf8_lossy(stdout).lines().rev().find_map(|l| serde_json::from_str(l).ok())
 }
 
 /// Reads a child's JSON lines on a thread so waits can time out.
@@ -112,9 +95,7 @@ impl Lines {
     }
 
     fn next(&self, limit: Duration) -> anyhow::Result<Value> {
-        self.rx
-            .recv_timeout(limit)
-            .context("tb-agent said nothing in time")
+        self.rx.recv_timeout(limit).context("tb-agent said nothing in time")
     }
 }
 
@@ -135,11 +116,8 @@ impl Server {
     }
 
     fn spawn(mut cmd: std::process::Command) -> anyhow::Result<Self> {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawn tb-agent serve")?;
+        let mut child =
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("spawn tb-agent serve")?;
         let lines = Lines::new(child.stdout.take().context("no stdout")?);
         let first = lines.next(Duration::from_secs(5));
         match first {
@@ -147,21 +125,13 @@ impl Server {
             other => {
                 let _ = child.kill();
                 let out = child.wait_with_output()?;
-                bail!(
-                    "tb-agent serve did not start ({other:?}): {}",
-                    String::from_utf8_lossy(&out.stderr)
-                )
+                bail!("tb-agent serve did not start ({other:?}): {}", String::from_utf8_lossy(&out.stderr))
             }
         }
     }
 
     /// A `tb-agent http` server named `name` (the demo's applications).
-    pub fn http(
-        tb: &Testbed,
-        place: &Place,
-        listen: &[SocketAddr],
-        name: &str,
-    ) -> anyhow::Result<Self> {
+    pub fn http(tb: &Testbed, place: &Place, listen: &[SocketAddr], name: &str) -> anyhow::Result<Self> {
         let mut cmd = tb.agent(place)?;
         cmd.args(["http", "--name", name]);
         for a in listen {
@@ -172,11 +142,7 @@ impl Server {
 
     /// Every connection accepted so far (`peer`, `local`).
     pub fn accepted(&self) -> Vec<Value> {
-        self.lines
-            .rx
-            .try_iter()
-            .filter(|v| v["event"] == "accepted")
-            .collect()
+        self.lines.rx.try_iter().filter(|v| v["event"] == "accepted").collect()
     }
 }
 
@@ -220,10 +186,7 @@ impl Held {
             other => {
                 let _ = child.kill();
                 let out = child.wait_with_output()?;
-                bail!(
-                    "tb-agent hold did not connect ({other:?}): {}",
-                    String::from_utf8_lossy(&out.stderr)
-                )
+                bail!("tb-agent hold did not connect ({other:?}): {}", String::from_utf8_lossy(&out.stderr))
             }
         }
     }
@@ -234,10 +197,7 @@ impl Held {
         writeln!(stdin, "{line}")?;
         stdin.flush()?;
         let v = self.lines.next(Duration::from_secs(10))?;
-        anyhow::ensure!(
-            v["event"] == "echo" && v["line"] == line,
-            "held connection answered {v}"
-        );
+        anyhow::ensure!(v["event"] == "echo" && v["line"] == line, "held connection answered {v}");
         Ok(())
     }
 }

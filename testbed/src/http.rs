@@ -12,12 +12,7 @@ use anyhow::Context as _;
 use crate::net::in_netns;
 
 /// `METHOD path` on `addr` inside `netns`: (status, body).
-pub fn request(
-    netns: &str,
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-) -> anyhow::Result<(u16, String)> {
+pub fn request(netns: &str, addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
     in_netns(netns, || {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
             .with_context(|| format!("connect {addr}"))?;
@@ -37,10 +32,7 @@ pub fn request(
             .with_context(|| format!("bad status line in {head:?}"))?;
         // The tunnel's endpoints send bodies with a length or close; chunked
         // bodies are de-chunked crudely (good enough for JSON and text).
-        let body = if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
+        let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
             dechunk(body)
         } else {
             body.to_owned()

@@ -76,10 +76,7 @@ pub struct Node {
 impl Node {
     /// A place on the node that is inside the capture root but not enrolled.
     pub fn unenrolled(&self) -> Place {
-        Place {
-            cgroup: self.cgroup.join("unenrolled"),
-            netns: self.netns.clone(),
-        }
+        Place { cgroup: self.cgroup.join("unenrolled"), netns: self.netns.clone() }
     }
 }
 
@@ -101,18 +98,12 @@ pub struct Workload {
 
 impl Workload {
     pub fn place(&self) -> Place {
-        Place {
-            cgroup: self.cgroup.clone(),
-            netns: self.netns.clone(),
-        }
+        Place { cgroup: self.cgroup.clone(), netns: self.netns.clone() }
     }
 
     /// The workload's SPIFFE ID under the default trust domain.
     pub fn identity(&self) -> String {
-        format!(
-            "spiffe://cluster.local/ns/{}/sa/{}",
-            self.namespace, self.service_account
-        )
+        format!("spiffe://cluster.local/ns/{}/sa/{}", self.namespace, self.service_account)
     }
 
     /// `namespace/name`, as ztunnel logs it.
@@ -132,10 +123,7 @@ impl Workload {
     pub fn child(&self, name: &str) -> anyhow::Result<Place> {
         let cgroup = self.cgroup.join(name);
         std::fs::create_dir_all(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
-        Ok(Place {
-            cgroup,
-            netns: self.netns.clone(),
-        })
+        Ok(Place { cgroup, netns: self.netns.clone() })
     }
 }
 
@@ -159,9 +147,7 @@ impl Testbed {
     pub fn new(tag: &str) -> anyhow::Result<Self> {
         if tag.is_empty()
             || tag.len() > 8
-            || !tag
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            || !tag.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         {
             bail!("testbed tag `{tag}` must be 1-8 lowercase letters or digits");
         }
@@ -169,17 +155,10 @@ impl Testbed {
             bail!("the testbed needs root (network namespaces, cgroups, eBPF)");
         }
         sweep::stale_runs();
-        let id = format!(
-            "{PREFIX}-{tag}-{}-{}",
-            std::process::id(),
-            RUNS.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = format!("{PREFIX}-{tag}-{}-{}", std::process::id(), RUNS.fetch_add(1, Ordering::Relaxed));
         let cgroup_base = cgroup::mount()?.join(&id);
-        std::fs::create_dir_all(&cgroup_base)
-            .with_context(|| format!("mkdir {}", cgroup_base.display()))?;
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("{id}-"))
-            .tempdir()?;
+        std::fs::create_dir_all(&cgroup_base).with_context(|| format!("mkdir {}", cgroup_base.display()))?;
+        let dir = tempfile::Builder::new().prefix(&format!("{id}-")).tempdir()?;
         let mut tb = Self {
             fabric: format!("{id}-fab"),
             pin_base: PathBuf::from("/sys/fs/bpf").join(&id),
@@ -208,22 +187,13 @@ impl Testbed {
         // No duplicate address detection: every address is unique by
         // construction, and tentative link-local addresses would delay the
         // first IPv6 connections by a second or more.
-        net::sysctl(
-            name,
-            &[
-                "net.ipv6.conf.all.accept_dad=0",
-                "net.ipv6.conf.default.accept_dad=0",
-            ],
-        )?;
+        net::sysctl(name, &["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"])?;
         net::ip(&["-n", name, "link", "set", "lo", "up"])
     }
 
     /// Adds a node on the fabric, routed to every other node's pods.
     pub fn add_node(&mut self, name: &str) -> anyhow::Result<Node> {
-        let index = u8::try_from(self.nodes.len() + 1)
-            .ok()
-            .filter(|i| *i < 250)
-            .context("too many nodes")?;
+        let index = u8::try_from(self.nodes.len() + 1).ok().filter(|i| *i < 250).context("too many nodes")?;
         let node = Node {
             name: name.to_owned(),
             index,
@@ -251,40 +221,11 @@ impl Testbed {
             "netns",
             &self.fabric,
         ])?;
-        net::ip(&[
-            "-n",
-            &self.fabric,
-            "link",
-            "set",
-            &fabric_end,
-            "master",
-            "br0",
-            "up",
-        ])?;
-        net::ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{}/24", node.ip4),
-            "dev",
-            "eth0",
-        ])?;
-        net::ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{}/64", node.ip6),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
+        net::ip(&["-n", &self.fabric, "link", "set", &fabric_end, "master", "br0", "up"])?;
+        net::ip(&["-n", &ns, "addr", "add", &format!("{}/24", node.ip4), "dev", "eth0"])?;
+        net::ip(&["-n", &ns, "addr", "add", &format!("{}/64", node.ip6), "dev", "eth0", "nodad"])?;
         net::ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        net::sysctl(
-            &ns,
-            &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
-        )?;
+        net::sysctl(&ns, &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])?;
         for other in &self.nodes {
             route_between(&node, other)?;
             route_between(other, &node)?;
@@ -295,15 +236,9 @@ impl Testbed {
 
     /// Adds a pod (own namespace and address, routed via its node).
     pub fn add_pod(&mut self, node: &Node, name: &str) -> anyhow::Result<Workload> {
-        let on_node = self
-            .workloads
-            .iter()
-            .filter(|w| w.node == node.name && w.pod_netns.is_some())
-            .count();
-        let host = u8::try_from(11 + on_node)
-            .ok()
-            .filter(|h| *h < 250)
-            .context("too many pods on the node")?;
+        let on_node = self.workloads.iter().filter(|w| w.node == node.name && w.pod_netns.is_some()).count();
+        let host =
+            u8::try_from(11 + on_node).ok().filter(|h| *h < 250).context("too many pods on the node")?;
         let k = node.index;
         let netns = format!("{}-{}-{name}", self.id, node.name);
         let w = Workload {
@@ -336,92 +271,18 @@ impl Testbed {
             "netns",
             &node.netns,
         ])?;
-        net::ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{}/32", w.ip4),
-            "dev",
-            "eth0",
-        ])?;
-        net::ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{}/128", w.ip6),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
+        net::ip(&["-n", &netns, "addr", "add", &format!("{}/32", w.ip4), "dev", "eth0"])?;
+        net::ip(&["-n", &netns, "addr", "add", &format!("{}/128", w.ip6), "dev", "eth0", "nodad"])?;
         net::ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-        net::ip(&[
-            "-n", &netns, "route", "add", &gw4, "dev", "eth0", "scope", "link",
-        ])?;
-        net::ip(&[
-            "-n",
-            &netns,
-            "route",
-            "add",
-            "198.18.0.0/15",
-            "via",
-            &gw4,
-            "dev",
-            "eth0",
-        ])?;
+        net::ip(&["-n", &netns, "route", "add", &gw4, "dev", "eth0", "scope", "link"])?;
+        net::ip(&["-n", &netns, "route", "add", "198.18.0.0/15", "via", &gw4, "dev", "eth0"])?;
         net::ip(&["-n", &netns, "-6", "route", "add", &gw6, "dev", "eth0"])?;
-        net::ip(&[
-            "-n",
-            &netns,
-            "-6",
-            "route",
-            "add",
-            &format!("{ULA}::/48"),
-            "via",
-            &gw6,
-            "dev",
-            "eth0",
-        ])?;
-        net::ip(&[
-            "-n",
-            &node.netns,
-            "addr",
-            "add",
-            &format!("{gw4}/32"),
-            "dev",
-            &node_end,
-        ])?;
-        net::ip(&[
-            "-n",
-            &node.netns,
-            "addr",
-            "add",
-            &format!("{gw6}/128"),
-            "dev",
-            &node_end,
-            "nodad",
-        ])?;
+        net::ip(&["-n", &netns, "-6", "route", "add", &format!("{ULA}::/48"), "via", &gw6, "dev", "eth0"])?;
+        net::ip(&["-n", &node.netns, "addr", "add", &format!("{gw4}/32"), "dev", &node_end])?;
+        net::ip(&["-n", &node.netns, "addr", "add", &format!("{gw6}/128"), "dev", &node_end, "nodad"])?;
         net::ip(&["-n", &node.netns, "link", "set", &node_end, "up"])?;
-        net::ip(&[
-            "-n",
-            &node.netns,
-            "route",
-            "add",
-            &format!("{}/32", w.ip4),
-            "dev",
-            &node_end,
-        ])?;
-        net::ip(&[
-            "-n",
-            &node.netns,
-            "-6",
-            "route",
-            "add",
-            &format!("{}/128", w.ip6),
-            "dev",
-            &node_end,
-        ])?;
+        net::ip(&["-n", &node.netns, "route", "add", &format!("{}/32", w.ip4), "dev", &node_end])?;
+        net::ip(&["-n", &node.netns, "-6", "route", "add", &format!("{}/128", w.ip6), "dev", &node_end])?;
         self.workloads.push(w.clone());
         Ok(w)
     }
@@ -452,11 +313,7 @@ impl Testbed {
     /// A command that runs in `place`: it joins the cgroup, then the network
     /// namespace, between fork and exec, so that every socket it opens is
     /// the workload's.
-    pub fn command(
-        &self,
-        place: &Place,
-        program: impl AsRef<std::ffi::OsStr>,
-    ) -> anyhow::Result<Command> {
+    pub fn command(&self, place: &Place, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
         let procs = File::options()
             .write(true)
             .open(place.cgroup.join("cgroup.procs"))
@@ -575,10 +432,7 @@ pub mod bins {
             return Ok(PathBuf::from(p));
         }
         let exe = std::env::current_exe().context("current_exe")?;
-        let mut dir = exe
-            .parent()
-            .context("binary has no directory")?
-            .to_path_buf();
+        let mut dir = exe.parent().context("binary has no directory")?.to_path_buf();
         if dir.ends_with("deps") {
             dir.pop();
         }

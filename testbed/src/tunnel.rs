@@ -30,10 +30,7 @@ pub fn config(tb: &Testbed, node: &Node, enrolled: &[&Workload]) -> Value {
             entry["addresses"] = json!([w.ip4.to_string(), w.ip6.to_string()]);
         }
         if w.node == node.name {
-            if !enrolled
-                .iter()
-                .any(|e| e.name == w.name && e.node == w.node)
-            {
+            if !enrolled.iter().any(|e| e.name == w.name && e.node == w.node) {
                 continue;
             }
             entry["cgroup"] = json!(w.cgroup);
@@ -94,10 +91,7 @@ impl Tunnel {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
         let child = Command::new(crate::bins::ztunnel()?)
             .args(["--log-level", "info,ztunnel=debug", "run", "--config"])
             .arg(&self.config_path)
@@ -115,13 +109,9 @@ impl Tunnel {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.try_exit()? {
-                bail!(
-                    "ztunnel exited with {status} before it was ready:\n{}",
-                    self.log_tail(40)
-                );
+                bail!("ztunnel exited with {status} before it was ready:\n{}", self.log_tail(40));
             }
-            if let Ok((200, _)) = http::get(&self.node.netns, READINESS.parse()?, "/healthz/ready")
-            {
+            if let Ok((200, _)) = http::get(&self.node.netns, READINESS.parse()?, "/healthz/ready") {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -155,9 +145,7 @@ impl Tunnel {
 
     /// SIGTERM, then waits for a graceful exit.
     pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
-        let Some(mut child) = self.child.take() else {
-            bail!("ztunnel is not running")
-        };
+        let Some(mut child) = self.child.take() else { bail!("ztunnel is not running") };
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
@@ -213,10 +201,7 @@ impl Tunnel {
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.generation()? <= before {
             if Instant::now() > deadline {
-                bail!(
-                    "configuration not applied within 10s:\n{}",
-                    self.log_tail(30)
-                );
+                bail!("configuration not applied within 10s:\n{}", self.log_tail(30));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -243,9 +228,7 @@ impl Tunnel {
     }
 
     pub fn capture_counter(&self, name: &str) -> anyhow::Result<u64> {
-        Ok(self.config_dump()?["capture_counters"][name]
-            .as_u64()
-            .unwrap_or(0))
+        Ok(self.config_dump()?["capture_counters"][name].as_u64().unwrap_or(0))
     }
 
     pub fn metrics(&self) -> anyhow::Result<String> {
@@ -287,11 +270,7 @@ impl Tunnel {
                 bail!(
                     "{} of {n} expected access log lines after {limit:?}; log:\n{}\ntunnel:\n{}",
                     found.len(),
-                    self.access_log()
-                        .iter()
-                        .map(Value::to_string)
-                        .collect::<Vec<_>>()
-                        .join("\n"),
+                    self.access_log().iter().map(Value::to_string).collect::<Vec<_>>().join("\n"),
                     self.log_tail(30)
                 );
             }

@@ -14,8 +14,7 @@ use ztunnel_tests::{cgroup_id, eventually, field, node_server};
 const WAIT: Duration = Duration::from_secs(10);
 
 #[test]
-fn connections_of_pods_host_workloads_and_containers_are_captured_and_attributed()
--> anyhow::Result<()> {
+fn connections_of_pods_host_workloads_and_containers_are_captured_and_attributed() -> anyhow::Result<()> {
     let mut tb = Testbed::new("attrib")?;
     let n1 = tb.add_node("n1")?;
     let n2 = tb.add_node("n2")?;
@@ -61,17 +60,10 @@ fn connections_of_pods_host_workloads_and_containers_are_captured_and_attributed
         assert!(e["source_pid"].as_u64().unwrap_or(0) > 0, "{e}");
     }
     // The server saw each connection come from the workload's own address.
-    let peers: Vec<String> = server
-        .accepted()
-        .iter()
-        .map(|a| field(a, "peer").to_owned())
-        .collect();
+    let peers: Vec<String> = server.accepted().iter().map(|a| field(a, "peer").to_owned()).collect();
     assert_eq!(peers.len(), 4, "{peers:?}");
     for ip in [web.ip4, api.ip4, n1.ip4] {
-        assert!(
-            peers.iter().any(|p| p.starts_with(&format!("{ip}:"))),
-            "{ip} not among {peers:?}"
-        );
+        assert!(peers.iter().any(|p| p.starts_with(&format!("{ip}:"))), "{ip} not among {peers:?}");
     }
     assert_eq!(tunnel.capture_counter("captured")?, 4);
     Ok(())
@@ -112,20 +104,12 @@ fn ipv6_connections_are_captured_too() -> anyhow::Result<()> {
     assert_eq!(r.ok, 2, "{:?}", r.errors);
     let lines = tunnel.wait_access_log(2, WAIT, |e| e["direction"] == "outbound")?;
     for e in &lines {
-        assert_eq!(
-            field(e, "destination_address"),
-            remote.addr6(9000).to_string()
-        );
+        assert_eq!(field(e, "destination_address"), remote.addr6(9000).to_string());
         assert_eq!(field(e, "source_workload"), web.key());
         // The destination is a known workload of the mesh.
         assert_eq!(field(e, "destination_workload"), remote.key());
     }
-    assert!(
-        server
-            .accepted()
-            .iter()
-            .all(|a| field(a, "peer").starts_with(&format!("[{}]:", web.ip6)))
-    );
+    assert!(server.accepted().iter().all(|a| field(a, "peer").starts_with(&format!("[{}]:", web.ip6))));
     Ok(())
 }
 
@@ -138,12 +122,7 @@ fn inbound_steering_preserves_the_destination_port_and_leaves_15008_alone() -> a
     let app = Server::start(
         &tb,
         &web.place(),
-        &[
-            web.addr4(8080),
-            web.addr4(9443),
-            web.addr6(8080),
-            web.addr4(15008),
-        ],
+        &[web.addr4(8080), web.addr4(9443), web.addr6(8080), web.addr4(15008)],
     )?;
     let tunnel = tb.start_tunnel(&n1, tb.tunnel_config(&n1, &[&web]))?;
 
@@ -154,23 +133,15 @@ fn inbound_steering_preserves_the_destination_port_and_leaves_15008_alone() -> a
         assert_eq!(field(&r.seen[0], "local"), dst.to_string());
     }
     let lines = tunnel.wait_access_log(3, WAIT, |e| e["direction"] == "inbound")?;
-    let mut dsts: Vec<&str> = lines
-        .iter()
-        .map(|e| field(e, "destination_address"))
-        .collect();
+    let mut dsts: Vec<&str> = lines.iter().map(|e| field(e, "destination_address")).collect();
     dsts.sort_unstable();
-    let mut want = [
-        web.addr4(8080).to_string(),
-        web.addr4(9443).to_string(),
-        web.addr6(8080).to_string(),
-    ];
+    let mut want = [web.addr4(8080).to_string(), web.addr4(9443).to_string(), web.addr6(8080).to_string()];
     want.sort_unstable();
     assert_eq!(dsts, want);
     assert!(
         lines
             .iter()
-            .all(|e| field(e, "destination_workload") == web.key()
-                && field(e, "mode") == "plaintext")
+            .all(|e| field(e, "destination_workload") == web.key() && field(e, "mode") == "plaintext")
     );
     assert_eq!(tunnel.capture_counter("inbound_steered")?, 3);
 
@@ -196,10 +167,7 @@ fn workloads_enrolled_and_removed_at_run_time_do_not_disturb_others() -> anyhow:
     let mut held = Held::open(&tb, &web.place(), dst)?;
     held.ping("before")?;
     let captured_from = |t: &ztunnel_testbed::Tunnel, w: &ztunnel_testbed::Workload| {
-        t.access_log()
-            .iter()
-            .filter(|e| e["source_workload"] == w.key())
-            .count()
+        t.access_log().iter().filter(|e| e["source_workload"] == w.key()).count()
     };
 
     assert_eq!(agent::connect(&tb, &api.place(), dst, 1, 1)?.ok, 1);
@@ -215,11 +183,7 @@ fn workloads_enrolled_and_removed_at_run_time_do_not_disturb_others() -> anyhow:
     let before = captured_from(&tunnel, &api);
     assert_eq!(agent::connect(&tb, &api.place(), dst, 1, 1)?.ok, 1);
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(
-        captured_from(&tunnel, &api),
-        before,
-        "api is no longer captured"
-    );
+    assert_eq!(captured_from(&tunnel, &api), before, "api is no longer captured");
     held.ping("after removing api")?;
     Ok(())
 }
@@ -250,20 +214,10 @@ fn while_the_tunnel_is_down_enrolled_workloads_fail_closed() -> anyhow::Result<(
         // Inbound: refused at the pod, the application never sees it.
         let inbound = agent::probe(&tb, &n2.unenrolled(), web.addr4(8080))?;
         assert_ne!(inbound["result"], "ok", "{how}: {inbound}");
-        assert!(
-            server.accepted().is_empty(),
-            "{how}: a connection escaped capture"
-        );
-        assert!(
-            app.accepted().is_empty(),
-            "{how}: an inbound connection bypassed the tunnel"
-        );
+        assert!(server.accepted().is_empty(), "{how}: a connection escaped capture");
+        assert!(app.accepted().is_empty(), "{how}: an inbound connection bypassed the tunnel");
         tunnel.start_again()?;
-        assert_eq!(
-            agent::connect(&tb, &web.place(), dst, 1, 1)?.ok,
-            1,
-            "{how}: back after restart"
-        );
+        assert_eq!(agent::connect(&tb, &web.place(), dst, 1, 1)?.ok, 1, "{how}: back after restart");
         assert_eq!(server.accepted().len(), 1);
     }
     Ok(())
@@ -283,11 +237,7 @@ fn a_restart_keeps_enrollment_and_open_connections_elsewhere() -> anyhow::Result
 
     tunnel.restart()?;
     assert!(pins.join("v1/links/ztunnel_connect4").exists());
-    assert_eq!(
-        tunnel.workload_status(&web)?["workload_id"],
-        id_before,
-        "ids survive restarts"
-    );
+    assert_eq!(tunnel.workload_status(&web)?["workload_id"], id_before, "ids survive restarts");
     let r = agent::connect(&tb, &web.place(), dst, 5, 5)?;
     assert_eq!(r.ok, 5, "{:?}", r.errors);
     let lines = tunnel.wait_access_log(5, WAIT, |e| e["source_workload"] == web.key())?;
@@ -304,13 +254,10 @@ fn enrolling_a_cgroup_that_holds_the_tunnel_is_refused() -> anyhow::Result<()> {
     // tries to enroll its parent.
     let mut config = tb.tunnel_config(&n1, &[&web]);
     config["capture"]["tunnel_cgroup"] = json!(n1.cgroup.join("system").join("ztunnel"));
-    config["workloads"]
-        .as_array_mut()
-        .expect("workloads")
-        .push(json!({
-            "name": "system",
-            "cgroup": n1.cgroup.join("system"),
-        }));
+    config["workloads"].as_array_mut().expect("workloads").push(json!({
+        "name": "system",
+        "cgroup": n1.cgroup.join("system"),
+    }));
     let tunnel = tb.start_tunnel(&n1, config)?;
     let dump = tunnel.config_dump()?;
     let system = dump["workloads"]
@@ -319,10 +266,7 @@ fn enrolling_a_cgroup_that_holds_the_tunnel_is_refused() -> anyhow::Result<()> {
         .cloned();
     let system = system.expect("system workload status");
     assert_eq!(system["state"], "failed", "{system}");
-    assert!(
-        field(&system, "error").contains("contains the tunnel's own cgroup"),
-        "{system}"
-    );
+    assert!(field(&system, "error").contains("contains the tunnel's own cgroup"), "{system}");
     assert_eq!(tunnel.workload_status(&web)?["state"], "enrolled");
     Ok(())
 }
@@ -342,11 +286,7 @@ fn the_tunnel_never_captures_itself_even_when_its_cgroup_is_enrolled() -> anyhow
     // the kernel map: only the programs' own guard stands between the
     // tunnel's sockets and capture now.
     let map = tb.pin_base.join(&n1.name).join("v1/maps/ENROLLED_CGROUPS");
-    let key: Vec<String> = cgroup_id(&system)
-        .to_le_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let key: Vec<String> = cgroup_id(&system).to_le_bytes().iter().map(|b| format!("{b:02x}")).collect();
     let value = ["e7", "03", "00", "00", "01", "00", "00", "00"]; // workload 999, READY
     let out = std::process::Command::new("bpftool")
         .args(["map", "update", "pinned"])
@@ -358,11 +298,7 @@ fn the_tunnel_never_captures_itself_even_when_its_cgroup_is_enrolled() -> anyhow
         .arg("hex")
         .args(value)
         .output()?;
-    assert!(
-        out.status.success(),
-        "bpftool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
 
     // Passthrough makes the tunnel dial out itself, to the addresses
     // workloads dial: were its sockets captured, each would loop back.
@@ -370,11 +306,7 @@ fn the_tunnel_never_captures_itself_even_when_its_cgroup_is_enrolled() -> anyhow
     assert_eq!(r.ok, 20, "{:?}", r.errors);
     assert_eq!(tunnel.capture_counter("captured")?, 20);
     let lines = tunnel.wait_access_log(20, WAIT, |_| true)?;
-    assert!(
-        lines
-            .iter()
-            .all(|e| field(e, "source_workload") == web.key() && field(e, "reason") == "ok")
-    );
+    assert!(lines.iter().all(|e| field(e, "source_workload") == web.key() && field(e, "reason") == "ok"));
     Ok(())
 }
 
@@ -390,30 +322,18 @@ fn a_full_connection_map_fails_closed_and_is_counted() -> anyhow::Result<()> {
     config["capture"]["max_connections"] = json!(4);
     let tunnel = tb.start_tunnel(&n1, config)?;
 
-    let mut held: Vec<Held> = (0..4)
-        .map(|_| Held::open(&tb, &web.place(), dst))
-        .collect::<Result<_, _>>()?;
+    let mut held: Vec<Held> = (0..4).map(|_| Held::open(&tb, &web.place(), dst)).collect::<Result<_, _>>()?;
     assert_eq!(server.accepted().len(), 4);
     let out = agent::probe(&tb, &web.place(), dst)?;
-    assert_ne!(
-        out["result"], "ok",
-        "the fifth connection must be refused: {out}"
-    );
-    assert!(
-        server.accepted().is_empty(),
-        "the refused connection must not reach the server"
-    );
-    assert!(eventually(WAIT, || tunnel
-        .capture_counter("tuple_map_full")
-        .unwrap_or(0)
-        >= 1));
+    assert_ne!(out["result"], "ok", "the fifth connection must be refused: {out}");
+    assert!(server.accepted().is_empty(), "the refused connection must not reach the server");
+    assert!(eventually(WAIT, || tunnel.capture_counter("tuple_map_full").unwrap_or(0) >= 1));
     let refused = tunnel.wait_access_log(1, WAIT, |e| e["reason"] == "no_capture_record")?;
     assert_eq!(refused[0]["decision"], "deny");
 
     // Capacity comes back as connections close.
     held.pop();
-    assert!(eventually(WAIT, || agent::probe(&tb, &web.place(), dst)
-        .is_ok_and(|o| o["result"] == "ok")));
+    assert!(eventually(WAIT, || agent::probe(&tb, &web.place(), dst).is_ok_and(|o| o["result"] == "ok")));
     for h in &mut held {
         h.ping("still here")?;
     }
@@ -432,35 +352,14 @@ fn a_thousand_concurrent_connections_are_all_attributed() -> anyhow::Result<()> 
 
     // Both pods at once, 500 connections each, all open at the same time.
     let (a, b) = std::thread::scope(|s| {
-        let a = s.spawn(|| {
-            agent::connect(
-                &tb,
-                &web.place(),
-                SocketAddr::from((n2.ip4, 8001)),
-                500,
-                500,
-            )
-        });
-        let b = s.spawn(|| {
-            agent::connect(
-                &tb,
-                &api.place(),
-                SocketAddr::from((n2.ip4, 8002)),
-                500,
-                500,
-            )
-        });
+        let a = s.spawn(|| agent::connect(&tb, &web.place(), SocketAddr::from((n2.ip4, 8001)), 500, 500));
+        let b = s.spawn(|| agent::connect(&tb, &api.place(), SocketAddr::from((n2.ip4, 8002)), 500, 500));
         (a.join(), b.join())
     });
-    let (a, b) = (
-        a.map_err(|_| anyhow::anyhow!("panic"))??,
-        b.map_err(|_| anyhow::anyhow!("panic"))??,
-    );
+    let (a, b) = (a.map_err(|_| anyhow::anyhow!("panic"))??, b.map_err(|_| anyhow::anyhow!("panic"))??);
     assert_eq!((a.ok, b.ok), (500, 500), "{:?} {:?}", a.errors, b.errors);
 
-    let lines = tunnel.wait_access_log(1000, Duration::from_secs(30), |e| {
-        e["direction"] == "outbound"
-    })?;
+    let lines = tunnel.wait_access_log(1000, Duration::from_secs(30), |e| e["direction"] == "outbound")?;
     let web_dst = SocketAddr::from((n2.ip4, 8001)).to_string();
     let api_dst = SocketAddr::from((n2.ip4, 8002)).to_string();
     for e in &lines {
@@ -481,11 +380,8 @@ fn exclusions_and_the_workloads_own_addresses_are_never_captured() -> anyhow::Re
     let n2 = tb.add_node("n2")?;
     let web = tb.add_pod(&n1, "web")?;
     let _server = node_server(&tb, &n2, &[8080, 8081])?;
-    let _local = Server::start(
-        &tb,
-        &web.place(),
-        &["127.0.0.1:7000".parse()?, web.addr4(7001), web.addr4(9090)],
-    )?;
+    let _local =
+        Server::start(&tb, &web.place(), &["127.0.0.1:7000".parse()?, web.addr4(7001), web.addr4(9090)])?;
     let mut config = tb.tunnel_config(&n1, &[&web]);
     let entry = config["workloads"]
         .as_array_mut()
@@ -508,28 +404,15 @@ fn exclusions_and_the_workloads_own_addresses_are_never_captured() -> anyhow::Re
         assert_eq!(r.ok, 1, "{dst}: {:?}", r.errors);
     }
     // Inbound to an excluded port reaches the application directly.
-    assert_eq!(
-        agent::connect(&tb, &n2.unenrolled(), web.addr4(9090), 1, 1)?.ok,
-        1
-    );
+    assert_eq!(agent::connect(&tb, &n2.unenrolled(), web.addr4(9090), 1, 1)?.ok, 1);
     // And a connection that is not excluded is still captured.
-    assert_eq!(
-        agent::connect(&tb, &web.place(), SocketAddr::from((n2.ip4, 8080)), 1, 1)?.ok,
-        1
-    );
+    assert_eq!(agent::connect(&tb, &web.place(), SocketAddr::from((n2.ip4, 8080)), 1, 1)?.ok, 1);
 
     let lines = tunnel.wait_access_log(1, WAIT, |_| true)?;
     std::thread::sleep(Duration::from_millis(200));
     let all = tunnel.access_log();
-    assert_eq!(
-        all.len(),
-        1,
-        "only the non-excluded connection goes through the tunnel: {all:?}"
-    );
-    assert_eq!(
-        field(&lines[0], "destination_address"),
-        SocketAddr::from((n2.ip4, 8080)).to_string()
-    );
+    assert_eq!(all.len(), 1, "only the non-excluded connection goes through the tunnel: {all:?}");
+    assert_eq!(field(&lines[0], "destination_address"), SocketAddr::from((n2.ip4, 8080)).to_string());
     assert_eq!(tunnel.capture_counter("captured")?, 1);
     assert!(tunnel.capture_counter("excluded")? >= 3);
     Ok(())
@@ -545,8 +428,7 @@ fn uninstall_leaves_nothing_attached_and_workloads_connect_directly_again() -> a
     let dst = SocketAddr::from((n2.ip4, 8080));
     let mut tunnel = tb.start_tunnel(&n1, tb.tunnel_config(&n1, &[&web]))?;
     assert!(!attached(&n1.cgroup)?.is_empty());
-    let pod_netns =
-        std::path::Path::new("/var/run/netns").join(web.pod_netns.as_deref().unwrap_or_default());
+    let pod_netns = std::path::Path::new("/var/run/netns").join(web.pod_netns.as_deref().unwrap_or_default());
     let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&pod_netns)?);
     assert_eq!(netns_links(ino)?.len(), 1, "one sk_lookup link on the pod");
     assert!(tunnel.stop()?.success());
@@ -557,24 +439,11 @@ fn uninstall_leaves_nothing_attached_and_workloads_connect_directly_again() -> a
         .args(["uninstall", "--config"])
         .arg(&tunnel.config_path)
         .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        attached(&n1.cgroup)?.is_empty(),
-        "programs left on the cgroup: {:?}",
-        attached(&n1.cgroup)?
-    );
-    let pod_netns =
-        std::path::Path::new("/var/run/netns").join(web.pod_netns.as_deref().unwrap_or_default());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(attached(&n1.cgroup)?.is_empty(), "programs left on the cgroup: {:?}", attached(&n1.cgroup)?);
+    let pod_netns = std::path::Path::new("/var/run/netns").join(web.pod_netns.as_deref().unwrap_or_default());
     let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&pod_netns)?);
-    assert!(
-        netns_links(ino)?.is_empty(),
-        "sk_lookup links left: {:?}",
-        netns_links(ino)?
-    );
+    assert!(netns_links(ino)?.is_empty(), "sk_lookup links left: {:?}", netns_links(ino)?);
     assert!(!tb.pin_base.join(&n1.name).exists());
     // Nothing captures the pod any more.
     assert_eq!(agent::connect(&tb, &web.place(), dst, 1, 1)?.ok, 1);
@@ -583,8 +452,7 @@ fn uninstall_leaves_nothing_attached_and_workloads_connect_directly_again() -> a
 }
 
 #[test]
-fn a_bad_configuration_stops_the_start_with_field_and_line_and_installs_nothing()
--> anyhow::Result<()> {
+fn a_bad_configuration_stops_the_start_with_field_and_line_and_installs_nothing() -> anyhow::Result<()> {
     let mut tb = Testbed::new("badcfg")?;
     let n1 = tb.add_node("n1")?;
     let dir = tb.dir().to_owned();
@@ -603,29 +471,16 @@ fn a_bad_configuration_stops_the_start_with_field_and_line_and_installs_nothing(
         .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains(&format!("{}:8:", path.display())),
-        "no line in: {stderr}"
-    );
-    assert!(
-        stderr.contains("workloads[0].addresses[0]"),
-        "no field in: {stderr}"
-    );
+    assert!(stderr.contains(&format!("{}:8:", path.display())), "no line in: {stderr}");
+    assert!(stderr.contains("workloads[0].addresses[0]"), "no field in: {stderr}");
     assert!(!pin_dir.exists(), "a failed start must not install capture");
     Ok(())
 }
 
 /// Programs attached to a cgroup, as bpftool lists them.
 fn attached(cgroup: &std::path::Path) -> anyhow::Result<Vec<serde_json::Value>> {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(cgroup)
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "bpftool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = std::process::Command::new("bpftool").args(["-j", "cgroup", "show"]).arg(cgroup).output()?;
+    anyhow::ensure!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     if text.trim().is_empty() {
         return Ok(Vec::new());
@@ -635,14 +490,8 @@ fn attached(cgroup: &std::path::Path) -> anyhow::Result<Vec<serde_json::Value>> 
 
 /// sk_lookup links attached to the network namespace with inode `netns_ino`.
 fn netns_links(netns_ino: u64) -> anyhow::Result<Vec<serde_json::Value>> {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "link", "show"])
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "bpftool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = std::process::Command::new("bpftool").args(["-j", "link", "show"]).output()?;
+    anyhow::ensure!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
     let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
     Ok(links
         .into_iter()

@@ -34,18 +34,8 @@ pub fn run() -> anyhow::Result<()> {
         println!("  node {} {} {}", n.name, n.ip4, n.ip6);
     }
     for w in [&web, &backup, &db] {
-        let kind = if w.pod_netns.is_some() {
-            "pod"
-        } else {
-            "plain-host workload"
-        };
-        println!(
-            "  {kind} {} on {} at {} as {}",
-            w.name,
-            w.node,
-            w.ip4,
-            w.identity()
-        );
+        let kind = if w.pod_netns.is_some() { "pod" } else { "plain-host workload" };
+        println!("  {kind} {} on {} at {} as {}", w.name, w.node, w.ip4, w.identity());
     }
 
     let _db_http = Server::http(&tb, &db.place(), &[db.addr4(8080), db.addr6(8080)], "db")?;
@@ -118,20 +108,12 @@ pub fn run() -> anyhow::Result<()> {
         }
         match &call.captured_by {
             None if logged.iter().any(|(_, l)| l["direction"] == "outbound") => {
-                failures.push(format!(
-                    "[{}] {}: captured, but must not be",
-                    i + 1,
-                    call.what
-                ));
+                failures.push(format!("[{}] {}: captured, but must not be", i + 1, call.what));
             }
-            None => println!(
-                "    not captured on its way out: the caller belongs to no enrolled workload"
-            ),
+            None => println!("    not captured on its way out: the caller belongs to no enrolled workload"),
             Some((t, source)) => {
                 let found = logged.iter().any(|(lt, l)| {
-                    lt == t
-                        && (source.is_empty() || l["source_workload"] == *source)
-                        && l["reason"] == "ok"
+                    lt == t && (source.is_empty() || l["source_workload"] == *source) && l["reason"] == "ok"
                 });
                 if !found {
                     failures.push(format!(
@@ -150,11 +132,7 @@ pub fn run() -> anyhow::Result<()> {
         println!("demo: all {} calls behaved as expected", calls.len());
         Ok(())
     } else {
-        bail!(
-            "demo: {} unexpected:\n  {}",
-            failures.len(),
-            failures.join("\n  ")
-        )
+        bail!("demo: {} unexpected:\n  {}", failures.len(), failures.join("\n  "))
     }
 }
 
@@ -165,10 +143,7 @@ fn curl(tb: &Testbed, from: &Place, to: SocketAddr) -> anyhow::Result<Option<Str
         .args(["-sS", "--max-time", "5", &format!("http://{to}/")])
         .output()
         .context("run curl")?;
-    Ok(out
-        .status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned()))
+    Ok(out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned()))
 }
 
 fn summarize(l: &Value) -> String {
@@ -177,11 +152,7 @@ fn summarize(l: &Value) -> String {
         "{} {} {} -> {} ({}) {} {} sent={} received={}",
         s("direction"),
         s("mode"),
-        if l["source_workload"].is_string() {
-            s("source_workload")
-        } else {
-            s("source_address")
-        },
+        if l["source_workload"].is_string() { s("source_workload") } else { s("source_address") },
         s("destination_address"),
         s("destination_workload"),
         s("decision"),
@@ -194,10 +165,7 @@ fn summarize(l: &Value) -> String {
 fn print_capture_counters(tunnels: &[Tunnel]) -> anyhow::Result<()> {
     for t in tunnels {
         let dump = t.config_dump()?;
-        println!(
-            "{} capture counters: {}",
-            t.node.name, dump["capture_counters"]
-        );
+        println!("{} capture counters: {}", t.node.name, dump["capture_counters"]);
     }
     Ok(())
 }

@@ -51,15 +51,10 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup::run(),
         Task::Build { release } => setup::run().and_then(|()| build(release)),
-        Task::Test {
-            test_threads,
-            filter,
-        } => setup::run()
-            .and_then(|()| build(false))
-            .and_then(|()| test(test_threads, filter)),
-        Task::Demo => setup::run()
-            .and_then(|()| build(false))
-            .and_then(|()| demo::run()),
+        Task::Test { test_threads, filter } => {
+            setup::run().and_then(|()| build(false)).and_then(|()| test(test_threads, filter))
+        }
+        Task::Demo => setup::run().and_then(|()| build(false)).and_then(|()| demo::run()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -88,14 +83,7 @@ pub fn status(cmd: &mut Command) -> anyhow::Result<()> {
 
 fn build(release: bool) -> anyhow::Result<()> {
     let mut cmd = cargo();
-    cmd.args([
-        "build",
-        "--package",
-        "ztunnel",
-        "--package",
-        "ztunnel-testbed",
-        "--bins",
-    ]);
+    cmd.args(["build", "--package", "ztunnel", "--package", "ztunnel-testbed", "--bins"]);
     if release {
         cmd.arg("--release");
     }
@@ -108,14 +96,7 @@ fn test(threads: usize, filter: Option<String>) -> anyhow::Result<()> {
     }
     let mut cmd = cargo();
     // The eBPF crate only builds for the BPF target (ztunnel's build.rs does that).
-    cmd.args([
-        "test",
-        "--workspace",
-        "--exclude",
-        "ztunnel-ebpf",
-        "--no-fail-fast",
-        "--",
-    ]);
+    cmd.args(["test", "--workspace", "--exclude", "ztunnel-ebpf", "--no-fail-fast", "--"]);
     cmd.arg(format!("--test-threads={threads}"));
     if let Some(f) = filter {
         cmd.arg(f);
@@ -124,8 +105,5 @@ fn test(threads: usize, filter: Option<String>) -> anyhow::Result<()> {
 }
 
 pub fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }

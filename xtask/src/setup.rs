@@ -15,10 +15,7 @@ use crate::status;
 /// Debian packages the build, tests, demo and benchmark use.
 const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip: the testbed's namespaces, veths and routes"),
-    (
-        "bpftool",
-        "tests inspect what is attached to cgroups and namespaces",
-    ),
+    ("bpftool", "tests inspect what is attached to cgroups and namespaces"),
     ("curl", "the demo's clients"),
     ("iperf3", "the benchmark's bulk throughput"),
     ("tshark", "tests read the traffic between nodes"),
@@ -65,17 +62,10 @@ fn debian_packages() -> anyhow::Result<()> {
         return Ok(());
     }
     if !crate::is_root() {
-        bail!(
-            "Debian packages missing ({}); run `cargo xtask setup` as root",
-            missing.join(" ")
-        );
+        bail!("Debian packages missing ({}); run `cargo xtask setup` as root", missing.join(" "));
     }
     eprintln!("setup: installing {}", missing.join(" "));
-    status(
-        Command::new("apt-get")
-            .args(["update", "-qq"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
+    status(Command::new("apt-get").args(["update", "-qq"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
     status(
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
@@ -100,15 +90,10 @@ fn nightly_sysroot() -> anyhow::Result<PathBuf> {
 
 fn rust_src() -> anyhow::Result<()> {
     let sysroot = nightly_sysroot()?;
-    if sysroot
-        .join("lib/rustlib/src/rust/library/core/Cargo.toml")
-        .exists()
-    {
+    if sysroot.join("lib/rustlib/src/rust/library/core/Cargo.toml").exists() {
         return Ok(());
     }
-    eprintln!(
-        "setup: adding rust-src to the nightly toolchain (-Z build-std=core for the BPF target)"
-    );
+    eprintln!("setup: adding rust-src to the nightly toolchain (-Z build-std=core for the BPF target)");
     status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
 }
 
@@ -141,33 +126,18 @@ fn bpf_linker() -> anyhow::Result<()> {
     if linked.as_deref() == Some(llvm.as_path()) && bpf_linker_works(&binary) {
         return Ok(());
     }
-    eprintln!(
-        "setup: building bpf-linker {BPF_LINKER_VERSION} against {} (about 2 minutes)",
-        llvm.display()
-    );
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against {} (about 2 minutes)", llvm.display());
     let lib = prefix.join("lib");
     std::fs::create_dir_all(&lib)?;
     let file_name = llvm.file_name().context("libLLVM has no file name")?;
     for link in [lib.join("libLLVM.so"), lib.join(file_name)] {
         let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(&llvm, &link)
-            .with_context(|| format!("symlink {}", link.display()))?;
+        std::os::unix::fs::symlink(&llvm, &link).with_context(|| format!("symlink {}", link.display()))?;
     }
     status(
         Command::new("cargo")
-            .args([
-                "install",
-                "bpf-linker",
-                "--version",
-                BPF_LINKER_VERSION,
-                "--locked",
-                "--force",
-            ])
-            .args([
-                "--no-default-features",
-                "--features",
-                &format!("llvm-{major}"),
-            ])
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force"])
+            .args(["--no-default-features", "--features", &format!("llvm-{major}")])
             .env("LLVM_PREFIX", &prefix)
             .env("PATH", path_with_cargo_bin()),
     )?;
@@ -181,7 +151,5 @@ fn bpf_linker_works(binary: &Path) -> bool {
     Command::new(binary)
         .arg("--version")
         .output()
-        .is_ok_and(|o| {
-            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
-        })
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
 }

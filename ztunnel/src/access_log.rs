@@ -99,10 +99,7 @@ impl AccessLog {
                     .create(true)
                     .append(true)
                     .open(path)
-                    .map_err(|source| AccessLogError {
-                        path: path.clone(),
-                        source,
-                    })?,
+                    .map_err(|source| AccessLogError { path: path.clone(), source })?,
             ),
         };
         let (tx, mut rx) = mpsc::channel::<Entry>(QUEUE);
@@ -120,12 +117,7 @@ impl AccessLog {
                 counter.fetch_add(1, Ordering::Release);
             }
         });
-        Ok(Self {
-            tx: Some(tx),
-            queued: AtomicU64::new(0),
-            written,
-            dropped: AtomicU64::new(0),
-        })
+        Ok(Self { tx: Some(tx), queued: AtomicU64::new(0), written, dropped: AtomicU64::new(0) })
     }
 
     pub fn log(&self, entry: Entry) {

@@ -71,24 +71,12 @@ impl Admin {
                     );
                 };
                 let capture_counters = self.capture.snapshot().into_iter().collect();
-                http::json(
-                    StatusCode::OK,
-                    &Dump {
-                        view: &view,
-                        capture_counters,
-                    },
-                )
+                http::json(StatusCode::OK, &Dump { view: &view, capture_counters })
             }
             (&Method::POST, "/logging") => match http::query_param(parts, "level") {
                 Some(level) => match (self.set_log_level)(level) {
-                    Ok(()) => http::respond(
-                        StatusCode::OK,
-                        "text/plain",
-                        format!("log level: {level}\n"),
-                    ),
-                    Err(e) => {
-                        http::respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n"))
-                    }
+                    Ok(()) => http::respond(StatusCode::OK, "text/plain", format!("log level: {level}\n")),
+                    Err(e) => http::respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
                 },
                 None => http::respond(
                     StatusCode::BAD_REQUEST,
@@ -126,11 +114,7 @@ impl Admin {
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 text,
             ),
-            Err(e) => http::respond(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "text/plain",
-                e.to_string(),
-            ),
+            Err(e) => http::respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
         }
     }
 }

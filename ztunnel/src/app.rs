@@ -49,8 +49,7 @@ pub fn run(config_path: &Path, set_log_level: LogLevelSetter) -> anyhow::Result<
     let tunnel_cgroup = match &config.capture.tunnel_cgroup {
         Some(p) => {
             let c = Cgroup::resolve(&mount, p).context("capture.tunnel_cgroup")?;
-            c.join()
-                .with_context(|| format!("moving the tunnel into {c}"))?;
+            c.join().with_context(|| format!("moving the tunnel into {c}"))?;
             c
         }
         None => Cgroup::current(&mount)?,
@@ -85,20 +84,11 @@ struct Start {
 }
 
 async fn serve(start: Start) -> anyhow::Result<()> {
-    let Start {
-        config,
-        config_path,
-        mount,
-        cgroup_root,
-        tunnel_cgroup,
-        tunnel_cgroup_id,
-        set_log_level,
-    } = start;
+    let Start { config, config_path, mount, cgroup_root, tunnel_cgroup, tunnel_cgroup_id, set_log_level } =
+        start;
     let node_netns = Netns::open_or_current(config.node.netns.as_deref()).context("node.netns")?;
     let bind = |addr: SocketAddr, what: &str| -> anyhow::Result<tokio::net::TcpListener> {
-        let l = node_netns
-            .tcp_listener(addr)
-            .with_context(|| format!("{what} listener {addr}"))?;
+        let l = node_netns.tcp_listener(addr).with_context(|| format!("{what} listener {addr}"))?;
         Ok(tokio::net::TcpListener::from_std(l)?)
     };
     // Node listeners first: a port conflict must stop the start before
@@ -106,16 +96,10 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     let admin_listener = bind(config.listeners.admin, "admin")?;
     let metrics_listener = bind(config.listeners.metrics, "metrics")?;
     let readiness_listener = bind(config.listeners.readiness, "readiness")?;
-    let node_outbound_v4 = bind(
-        SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)),
-        "outbound",
-    )?;
-    let node_outbound_v6 = bind(
-        SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT)),
-        "outbound",
-    )
-    .map_err(|e| tracing::warn!("no IPv6 outbound listener on the node: {e:#}"))
-    .ok();
+    let node_outbound_v4 = bind(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)), "outbound")?;
+    let node_outbound_v6 = bind(SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT)), "outbound")
+        .map_err(|e| tracing::warn!("no IPv6 outbound listener on the node: {e:#}"))
+        .ok();
     let access_log = Arc::new(AccessLog::start(&config.access_log)?);
 
     let capture = Capture::install(&CaptureSettings {
@@ -154,19 +138,11 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     let servers = TaskTracker::new();
     {
         let a = admin.clone();
-        servers.spawn(http::serve(admin_listener, shutdown.clone(), move |p| {
-            a.handle_admin(p)
-        }));
+        servers.spawn(http::serve(admin_listener, shutdown.clone(), move |p| a.handle_admin(p)));
         let a = admin.clone();
-        servers.spawn(http::serve(
-            readiness_listener,
-            shutdown.clone(),
-            move |p| a.handle_readiness(p),
-        ));
+        servers.spawn(http::serve(readiness_listener, shutdown.clone(), move |p| a.handle_readiness(p)));
         let a = admin.clone();
-        servers.spawn(http::serve(metrics_listener, shutdown.clone(), move |p| {
-            a.handle_metrics(p)
-        }));
+        servers.spawn(http::serve(metrics_listener, shutdown.clone(), move |p| a.handle_metrics(p)));
     }
     for listener in std::iter::once(node_outbound_v4).chain(node_outbound_v6) {
         let c = ctx.clone();
@@ -211,10 +187,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
             Reload::Unchanged => {}
             Reload::Invalid(error) => {
                 tracing::error!("configuration not reloaded, keeping the running one: {error}");
-                metrics
-                    .config_reloads
-                    .get_or_create(&result("invalid"))
-                    .inc();
+                metrics.config_reloads.get_or_create(&result("invalid")).inc();
                 admin.update(|v| v.last_reload_error = Some(error));
             }
             Reload::Changed(new) => {
@@ -222,14 +195,8 @@ async fn serve(start: Start) -> anyhow::Result<()> {
                 let new = Arc::new(*new);
                 let statuses = tokio::task::block_in_place(|| enrollment.apply(&new));
                 publish_status(&admin, &metrics, &enrollment, statuses, true);
-                metrics
-                    .config_reloads
-                    .get_or_create(&result("applied"))
-                    .inc();
-                tracing::info!(
-                    generation = enrollment.generation(),
-                    "configuration reloaded"
-                );
+                metrics.config_reloads.get_or_create(&result("applied")).inc();
+                tracing::info!(generation = enrollment.generation(), "configuration reloaded");
                 current = new;
             }
         }
@@ -239,14 +206,8 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     admin.set_ready(false);
     shutdown.cancel();
     ctx.connections.close();
-    if tokio::time::timeout(current.proxy.drain_timeout, ctx.connections.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            open = ctx.connections.len(),
-            "drain timeout reached; closing remaining connections"
-        );
+    if tokio::time::timeout(current.proxy.drain_timeout, ctx.connections.wait()).await.is_err() {
+        tracing::warn!(open = ctx.connections.len(), "drain timeout reached; closing remaining connections");
     }
     servers.close();
     let _ = tokio::time::timeout(Duration::from_secs(1), servers.wait()).await;
@@ -259,9 +220,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
 }
 
 fn result(r: &str) -> crate::metrics::ResultLabels {
-    crate::metrics::ResultLabels {
-        result: r.to_owned(),
-    }
+    crate::metrics::ResultLabels { result: r.to_owned() }
 }
 
 fn publish_status(
@@ -275,9 +234,7 @@ fn publish_status(
         let n = statuses.iter().filter(|s| s.state == state).count();
         metrics
             .workloads
-            .get_or_create(&crate::metrics::WorkloadStateLabels {
-                state: state.to_owned(),
-            })
+            .get_or_create(&crate::metrics::WorkloadStateLabels { state: state.to_owned() })
             .set(n as i64);
     }
     admin.update(|v| {
@@ -303,9 +260,7 @@ fn warn_unreloadable(old: &Config, new: &Config) {
         ("access_log", old.access_log != new.access_log),
     ] {
         if changed {
-            tracing::warn!(
-                "`{what}` changed in the configuration file; it takes effect at the next restart"
-            );
+            tracing::warn!("`{what}` changed in the configuration file; it takes effect at the next restart");
         }
     }
 }
@@ -325,10 +280,7 @@ struct Reloader {
 
 impl Reloader {
     fn new(path: &Path) -> Self {
-        Self {
-            path: path.to_owned(),
-            last: std::fs::read(path).ok(),
-        }
+        Self { path: path.to_owned(), last: std::fs::read(path).ok() }
     }
 
     fn check(&mut self, forced: bool) -> Reload {

@@ -24,10 +24,7 @@ pub enum CgroupError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
-    move |source| CgroupError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| CgroupError::Io { path: path.to_owned(), source }
 }
 
 /// The cgroup v2 mount point (`/sys/fs/cgroup` on unified hosts,
@@ -56,9 +53,7 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut rest = s;
     while let Some(i) = rest.find('\\') {
         out.push_str(&rest[..i]);
-        let code = rest
-            .get(i + 1..i + 4)
-            .and_then(|o| u8::from_str_radix(o, 8).ok());
+        let code = rest.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok());
         match code {
             Some(b) => {
                 out.push(char::from(b));
@@ -83,35 +78,22 @@ pub struct Cgroup {
 impl Cgroup {
     /// `path` is absolute or relative to `mount`; it must lie under `mount`.
     pub fn resolve(mount: &Path, path: &Path) -> Result<Self, CgroupError> {
-        let path = if path.is_absolute() {
-            path.to_owned()
-        } else {
-            mount.join(path)
-        };
+        let path = if path.is_absolute() { path.to_owned() } else { mount.join(path) };
         if !path.starts_with(mount) {
-            return Err(CgroupError::NotCgroup2 {
-                path,
-                mount: mount.to_owned(),
-            });
+            return Err(CgroupError::NotCgroup2 { path, mount: mount.to_owned() });
         }
         Ok(Self { path })
     }
 
     /// The root of the hierarchy.
     pub fn root(mount: &Path) -> Self {
-        Self {
-            path: mount.to_owned(),
-        }
+        Self { path: mount.to_owned() }
     }
 
     /// The cgroup the calling process is in.
     pub fn current(mount: &Path) -> Result<Self, CgroupError> {
-        let text = fs::read_to_string("/proc/self/cgroup")
-            .map_err(io_err(Path::new("/proc/self/cgroup")))?;
-        let rel = text
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .ok_or(CgroupError::NoCgroup2)?;
+        let text = fs::read_to_string("/proc/self/cgroup").map_err(io_err(Path::new("/proc/self/cgroup")))?;
+        let rel = text.lines().find_map(|l| l.strip_prefix("0::")).ok_or(CgroupError::NoCgroup2)?;
         Self::resolve(mount, Path::new(rel.trim_start_matches('/')))
     }
 
@@ -164,9 +146,7 @@ mod tests {
     fn resolves_relative_paths_under_the_mount() {
         let m = Path::new("/sys/fs/cgroup");
         assert_eq!(
-            Cgroup::resolve(m, Path::new("kubepods/pod1"))
-                .unwrap()
-                .path(),
+            Cgroup::resolve(m, Path::new("kubepods/pod1")).unwrap().path(),
             Path::new("/sys/fs/cgroup/kubepods/pod1")
         );
         assert!(Cgroup::resolve(m, Path::new("/tmp/x")).is_err());
@@ -174,11 +154,7 @@ mod tests {
         let child = Cgroup::resolve(m, Path::new("a/b")).unwrap();
         assert!(parent.contains(&child));
         assert!(!child.contains(&parent));
-        assert!(
-            !Cgroup::resolve(m, Path::new("ab"))
-                .unwrap()
-                .contains(&child)
-        );
+        assert!(!Cgroup::resolve(m, Path::new("ab")).unwrap().contains(&child));
     }
 
     #[test]

@@ -140,20 +140,14 @@ impl Enrollment {
 
     /// Makes capture match `config`. Returns the status of every local workload.
     pub fn apply(&mut self, config: &Arc<Config>) -> Vec<WorkloadStatus> {
-        let desired: BTreeMap<String, &WorkloadConfig> = config
-            .local_workloads()
-            .map(|w| (w.to_string(), w))
-            .collect();
+        let desired: BTreeMap<String, &WorkloadConfig> =
+            config.local_workloads().map(|w| (w.to_string(), w)).collect();
 
         // Workloads that left, or moved to another namespace, go first.
         let leaving: Vec<String> = self
             .enrolled
             .iter()
-            .filter(|(key, e)| {
-                desired
-                    .get(*key)
-                    .is_none_or(|w| w.netns != e.local.config.netns)
-            })
+            .filter(|(key, e)| desired.get(*key).is_none_or(|w| w.netns != e.local.config.netns))
             .map(|(key, _)| key.clone())
             .collect();
         let mut changed = !leaving.is_empty();
@@ -167,17 +161,12 @@ impl Enrollment {
         changed |= self.failed.len() != failed_before;
 
         for (key, wc) in &desired {
-            let unchanged = self
-                .enrolled
-                .get(key)
-                .is_some_and(|e| e.local.config == **wc && e.capture.ready);
+            let unchanged = self.enrolled.get(key).is_some_and(|e| e.local.config == **wc && e.capture.ready);
             if unchanged {
                 continue;
             }
             let previous = self.enrolled.remove(key);
-            let before = previous
-                .as_ref()
-                .map(|p| (p.capture.ready, p.error.clone()));
+            let before = previous.as_ref().map(|p| (p.capture.ready, p.error.clone()));
             match self.enroll(config, wc, previous) {
                 Ok(e) => {
                     changed |= self.failed.remove(key).is_some()
@@ -190,10 +179,7 @@ impl Enrollment {
                 }
             }
         }
-        let new_config = self
-            .published
-            .as_ref()
-            .is_none_or(|p| !Arc::ptr_eq(p, config));
+        let new_config = self.published.as_ref().is_none_or(|p| !Arc::ptr_eq(p, config));
         if !changed && !new_config {
             return self.statuses();
         }
@@ -209,12 +195,7 @@ impl Enrollment {
             .enrolled
             .values()
             .filter(|e| e.local.is_pod())
-            .map(|e| {
-                (
-                    e.local.workload.namespace.clone(),
-                    e.local.workload.name.clone(),
-                )
-            })
+            .map(|e| (e.local.workload.namespace.clone(), e.local.workload.name.clone()))
             .collect();
         if let Err(e) = self.capture.detach_stale_netns(&keep) {
             tracing::error!("detaching steering from departed pods: {e}");
@@ -226,21 +207,13 @@ impl Enrollment {
     fn publish(&mut self, config: &Arc<Config>) {
         self.generation += 1;
         self.published = Some(config.clone());
-        let local: HashMap<u32, Arc<LocalWorkload>> = self
-            .enrolled
-            .values()
-            .map(|e| (e.local.id, e.local.clone()))
-            .collect();
-        let by_key: HashMap<String, Arc<Workload>> = local
-            .values()
-            .map(|l| (l.workload.key(), l.workload.clone()))
-            .collect();
+        let local: HashMap<u32, Arc<LocalWorkload>> =
+            self.enrolled.values().map(|e| (e.local.id, e.local.clone())).collect();
+        let by_key: HashMap<String, Arc<Workload>> =
+            local.values().map(|l| (l.workload.key(), l.workload.clone())).collect();
         let registry = Registry::new(config.workloads.iter().filter_map(|w| {
             let key = w.to_string();
-            by_key
-                .get(&key)
-                .cloned()
-                .or_else(|| Workload::from_config(config, w).ok().map(Arc::new))
+            by_key.get(&key).cloned().or_else(|| Workload::from_config(config, w).ok().map(Arc::new))
         }));
         let _ = self.state_tx.send(Arc::new(State {
             generation: self.generation,
@@ -257,11 +230,7 @@ impl Enrollment {
             .map(|e| WorkloadStatus {
                 workload: e.local.workload.key(),
                 identity: e.local.workload.identity.to_string(),
-                state: if e.capture.ready {
-                    "enrolled"
-                } else {
-                    "not_ready"
-                },
+                state: if e.capture.ready { "enrolled" } else { "not_ready" },
                 error: e.error.clone(),
                 workload_id: Some(e.local.id),
                 cgroup: e.local.cgroup.to_string(),
@@ -280,9 +249,7 @@ impl Enrollment {
 
     fn unenroll(&mut self, e: &Enrolled) {
         if e.local.is_pod()
-            && let Err(err) = self
-                .capture
-                .detach_netns(&e.local.workload.namespace, &e.local.workload.name)
+            && let Err(err) = self.capture.detach_netns(&e.local.workload.namespace, &e.local.workload.name)
         {
             tracing::error!(workload = %e.local.workload.key(), "detaching inbound steering: {err}");
         }
@@ -302,18 +269,11 @@ impl Enrollment {
             tracing::warn!(workload = %key, "cannot enroll: {error}");
             Box::new(WorkloadStatus {
                 workload: key.clone(),
-                identity: wc
-                    .spiffe_id(&config.trust_domain)
-                    .map(|i| i.to_string())
-                    .unwrap_or_default(),
+                identity: wc.spiffe_id(&config.trust_domain).map(|i| i.to_string()).unwrap_or_default(),
                 state: "failed",
                 error: Some(error),
                 workload_id: None,
-                cgroup: wc
-                    .cgroup
-                    .as_ref()
-                    .map(|c| c.display().to_string())
-                    .unwrap_or_default(),
+                cgroup: wc.cgroup.as_ref().map(|c| c.display().to_string()).unwrap_or_default(),
                 cgroup_id: None,
                 netns: wc.netns.clone(),
             })
@@ -322,8 +282,7 @@ impl Enrollment {
         let Some(cgroup_path) = &wc.cgroup else {
             return Err(failed("no cgroup configured".into()));
         };
-        let cgroup =
-            Cgroup::resolve(&self.cgroup_mount, cgroup_path).map_err(|e| failed(e.to_string()))?;
+        let cgroup = Cgroup::resolve(&self.cgroup_mount, cgroup_path).map_err(|e| failed(e.to_string()))?;
         if !cgroup.exists() {
             return Err(failed(format!("cgroup {cgroup} does not exist (yet)")));
         }
@@ -350,17 +309,11 @@ impl Enrollment {
             exclude_outbound_ports: wc.capture.exclude_outbound_ports.clone(),
             exclude_outbound_cidrs: wc.capture.exclude_outbound_cidrs.clone(),
             exclude_inbound_ports: wc.capture.exclude_inbound_ports.clone(),
-            inbound_addresses: if is_pod {
-                workload.addresses.clone()
-            } else {
-                Vec::new()
-            },
+            inbound_addresses: if is_pod { workload.addresses.clone() } else { Vec::new() },
         };
         // The workload's own addresses never leave it: like loopback, they
         // are not captured.
-        capture
-            .exclude_outbound_cidrs
-            .extend(workload.addresses.iter().map(|a| IpNet::from(*a)));
+        capture.exclude_outbound_cidrs.extend(workload.addresses.iter().map(|a| IpNet::from(*a)));
 
         let netns = match (&wc.netns, &previous) {
             (Some(_), Some(p)) => Ok(p.local.netns.clone()),
@@ -418,12 +371,7 @@ impl Enrollment {
             ),
             Some(e) => tracing::warn!(workload = %key, "enrolled but not ready: {e}"),
         }
-        Ok(Enrolled {
-            local,
-            capture,
-            error,
-            listeners,
-        })
+        Ok(Enrolled { local, capture, error, listeners })
     }
 
     /// Opens :15001 and :15006 (IPv4, and IPv6 when the pod has an IPv6
@@ -440,12 +388,11 @@ impl Enrollment {
             let listener = self.listen(local, SocketAddr::new(ip, OUTBOUND_PORT))?;
             let ctx = self.ctx.clone();
             let scope = ListenerScope::Pod(local.id);
-            out.tasks
-                .push(AbortOnDrop(self.runtime.spawn(proxy::accept_loop(
-                    listener,
-                    ctx.clone(),
-                    move |s, p| proxy::outbound::handle(s, p, scope, ctx.clone()),
-                ))));
+            out.tasks.push(AbortOnDrop(self.runtime.spawn(proxy::accept_loop(
+                listener,
+                ctx.clone(),
+                move |s, p| proxy::outbound::handle(s, p, scope, ctx.clone()),
+            ))));
             let listener = self.listen(local, SocketAddr::new(ip, INBOUND_PLAINTEXT_PORT))?;
             let dup = listener
                 .as_fd()
@@ -458,48 +405,30 @@ impl Enrollment {
             }
             let ctx = self.ctx.clone();
             let id = local.id;
-            out.tasks
-                .push(AbortOnDrop(self.runtime.spawn(proxy::accept_loop(
-                    listener,
-                    ctx.clone(),
-                    move |s, p| proxy::inbound::handle_plaintext(s, p, id, ctx.clone()),
-                ))));
+            out.tasks.push(AbortOnDrop(self.runtime.spawn(proxy::accept_loop(
+                listener,
+                ctx.clone(),
+                move |s, p| proxy::inbound::handle_plaintext(s, p, id, ctx.clone()),
+            ))));
         }
         Ok(out)
     }
 
-    fn listen(
-        &self,
-        local: &LocalWorkload,
-        addr: SocketAddr,
-    ) -> Result<tokio::net::TcpListener, String> {
-        let std = local
-            .netns
-            .tcp_listener(addr)
-            .map_err(|e| format!("listen on {addr}: {e}"))?;
+    fn listen(&self, local: &LocalWorkload, addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
+        let std = local.netns.tcp_listener(addr).map_err(|e| format!("listen on {addr}: {e}"))?;
         tokio::net::TcpListener::from_std(std).map_err(|e| format!("listen on {addr}: {e}"))
     }
 
     /// Points inbound steering for the pod's addresses at its :15006
     /// listeners and attaches steering to its namespace.
-    fn register_inbound(
-        &mut self,
-        local: &LocalWorkload,
-        listeners: &PodListeners,
-    ) -> Result<(), String> {
+    fn register_inbound(&mut self, local: &LocalWorkload, listeners: &PodListeners) -> Result<(), String> {
         let Some(path) = local.config.netns.clone() else {
             return Ok(());
         };
         for addr in &local.workload.addresses {
-            let listener = if addr.is_ipv4() {
-                &listeners.inbound_v4
-            } else {
-                &listeners.inbound_v6
-            };
+            let listener = if addr.is_ipv4() { &listeners.inbound_v4 } else { &listeners.inbound_v6 };
             let Some(listener) = listener else {
-                return Err(format!(
-                    "no :{INBOUND_PLAINTEXT_PORT} listener for {addr}'s family"
-                ));
+                return Err(format!("no :{INBOUND_PLAINTEXT_PORT} listener for {addr}'s family"));
             };
             self.capture
                 .set_inbound_listener(addr_key(*addr), listener)

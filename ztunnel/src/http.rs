@@ -56,11 +56,7 @@ pub fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -
 pub fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
     match serde_json::to_vec_pretty(value) {
         Ok(body) => respond(status, "application/json", body),
-        Err(e) => respond(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain",
-            e.to_string(),
-        ),
+        Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
     }
 }
 

@@ -14,6 +14,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod app;
+pub mod ca;
 pub mod capture;
 pub mod cgroup;
 pub mod config;
@@ -25,4 +26,5 @@ pub mod netns;
 pub mod proxy;
 pub mod sockopt;
 pub mod state;
+pub mod tls;
 pub mod workload;

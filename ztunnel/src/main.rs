@@ -3,17 +3,11 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tracing_subscriber::{
-    EnvFilter, layer::SubscriberExt as _, reload, util::SubscriberInitExt as _,
-};
+use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, reload, util::SubscriberInitExt as _};
 use ztunnel::{capture::Capture, config::Config};
 
 #[derive(Parser)]
-#[command(
-    name = "ztunnel",
-    version,
-    about = "Node-level transparent mTLS tunnel"
-)]
+#[command(name = "ztunnel", version, about = "Node-level transparent mTLS tunnel")]
 struct Cli {
     /// Log filter (tracing EnvFilter syntax: `info`, `ztunnel=debug,info`, ...).
     #[arg(long, global = true, env = "ZTUNNEL_LOG", default_value = "info")]
@@ -104,21 +98,16 @@ fn uninstall(config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> anyhow::Resul
 }
 
 fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<ztunnel::admin::LogLevelSetter> {
-    let filter =
-        EnvFilter::try_new(filter).map_err(|e| anyhow::anyhow!("--log-level {filter}: {e}"))?;
+    let filter = EnvFilter::try_new(filter).map_err(|e| anyhow::anyhow!("--log-level {filter}: {e}"))?;
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-            .init(),
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_writer(std::io::stderr),
-            )
-            .init(),
+        LogFormat::Text => {
+            registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).init()
+        }
+        LogFormat::Json => {
+            registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).init()
+        }
     }
     Ok(Box::new(move |level: &str| {
         let f = EnvFilter::try_new(level).map_err(|e| format!("invalid filter `{level}`: {e}"))?;

@@ -63,18 +63,12 @@ impl Metrics {
             "Connections handled, by direction, mode and the reason they ended",
             connections.clone(),
         );
-        Self {
-            registry,
-            config_reloads,
-            workloads,
-            connections,
-        }
+        Self { registry, config_reloads, workloads, connections }
     }
 
     /// Adds the capture programs' counters, read from the kernel at scrape time.
     pub fn register_capture(&mut self, counters: Arc<CaptureCounters>) {
-        self.registry
-            .register_collector(Box::new(CaptureCollector(counters)));
+        self.registry.register_collector(Box::new(CaptureCollector(counters)));
     }
 
     pub fn count_connection(&self, direction: &str, mode: &str, reason: &str) {

@@ -58,21 +58,13 @@ impl std::fmt::Debug for Netns {
 impl Netns {
     /// The namespace the tunnel itself runs in.
     pub fn current() -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                path: None,
-                jobs: None,
-            }),
-        }
+        Self { inner: Arc::new(Inner { path: None, jobs: None }) }
     }
 
     /// Opens the namespace at `path` (`/var/run/netns/NAME`, `/proc/PID/ns/net`)
     /// and starts its socket thread.
     pub fn open(path: &Path) -> Result<Self, NetnsError> {
-        let file = File::open(path).map_err(|source| NetnsError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
+        let file = File::open(path).map_err(|source| NetnsError::Open { path: path.to_owned(), source })?;
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel();
         let owned = path.to_owned();
@@ -89,26 +81,15 @@ impl Netns {
                     }
                 }
             })
-            .map_err(|source| NetnsError::Thread {
-                path: owned.clone(),
-                source,
-            })?;
+            .map_err(|source| NetnsError::Thread { path: owned.clone(), source })?;
         match ready_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(source)) => {
-                return Err(NetnsError::Enter {
-                    path: owned,
-                    source,
-                });
+                return Err(NetnsError::Enter { path: owned, source });
             }
             Err(_) => return Err(NetnsError::ThreadGone(owned)),
         }
-        Ok(Self {
-            inner: Arc::new(Inner {
-                path: Some(owned),
-                jobs: Some(std::sync::Mutex::new(tx)),
-            }),
-        })
+        Ok(Self { inner: Arc::new(Inner { path: Some(owned), jobs: Some(std::sync::Mutex::new(tx)) }) })
     }
 
     /// Opens `path`, or the current namespace when there is none.
@@ -121,10 +102,7 @@ impl Netns {
     }
 
     pub fn display(&self) -> String {
-        self.inner
-            .path
-            .as_ref()
-            .map_or_else(|| "(tunnel's own)".to_owned(), |p| p.display().to_string())
+        self.inner.path.as_ref().map_or_else(|| "(tunnel's own)".to_owned(), |p| p.display().to_string())
     }
 
     /// Runs `f` inside the namespace and waits for it (blocking).
@@ -142,9 +120,7 @@ impl Netns {
                 let _ = tx.send(f());
             }),
         )?;
-        rx.recv()
-            .map_err(|_| self.gone())?
-            .map_err(|source| self.socket_err(source))
+        rx.recv().map_err(|_| self.gone())?.map_err(|source| self.socket_err(source))
     }
 
     /// Runs `f` inside the namespace without blocking the async caller.
@@ -162,9 +138,7 @@ impl Netns {
                 let _ = tx.send(f());
             }),
         )?;
-        rx.await
-            .map_err(|_| self.gone())?
-            .map_err(|source| self.socket_err(source))
+        rx.await.map_err(|_| self.gone())?.map_err(|source| self.socket_err(source))
     }
 
     fn send(&self, jobs: &std::sync::Mutex<mpsc::Sender<Job>>, job: Job) -> Result<(), NetnsError> {
@@ -177,10 +151,7 @@ impl Netns {
     }
 
     fn socket_err(&self, source: io::Error) -> NetnsError {
-        NetnsError::Socket {
-            path: self.inner.path.clone().unwrap_or_default(),
-            source,
-        }
+        NetnsError::Socket { path: self.inner.path.clone().unwrap_or_default(), source }
     }
 
     /// A non-blocking TCP listener bound to `addr` in the namespace.
@@ -227,9 +198,6 @@ mod tests {
     #[test]
     fn a_missing_namespace_is_a_clear_error() {
         let err = Netns::open(Path::new("/var/run/netns/ztunnel-no-such-ns")).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("cannot open network namespace /var/run/netns/ztunnel-no-such-ns")
-        );
+        assert!(err.to_string().contains("cannot open network namespace /var/run/netns/ztunnel-no-such-ns"));
     }
 }

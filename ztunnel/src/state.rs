@@ -20,12 +20,7 @@ pub struct State {
 
 impl State {
     pub fn empty(config: Arc<Config>) -> Self {
-        Self {
-            generation: 0,
-            config,
-            registry: Registry::default(),
-            local: HashMap::new(),
-        }
+        Self { generation: 0, config, registry: Registry::default(), local: HashMap::new() }
     }
 }
 

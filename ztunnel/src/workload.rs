@@ -82,10 +82,7 @@ impl Registry {
 
     /// The workload serving `dst`, if the mesh has one.
     pub fn find(&self, dst: SocketAddr) -> Option<&Arc<Workload>> {
-        self.by_address
-            .get(&canonical(dst.ip()))?
-            .iter()
-            .find(|w| w.serves(dst.port()))
+        self.by_address.get(&canonical(dst.ip()))?.iter().find(|w| w.serves(dst.port()))
     }
 }
 
@@ -120,11 +117,7 @@ impl LocalWorkload {
     /// sees (and in `forwarded`).
     pub fn source_ip_for(&self, dst: SocketAddr) -> Option<IpAddr> {
         let want_v4 = canonical(dst.ip()).is_ipv4();
-        self.workload
-            .addresses
-            .iter()
-            .copied()
-            .find(|a| a.is_ipv4() == want_v4)
+        self.workload.addresses.iter().copied().find(|a| a.is_ipv4() == want_v4)
     }
 }
 

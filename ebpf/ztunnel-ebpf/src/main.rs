@@ -34,9 +34,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use ztunnel_ebpf_common::{
-    AF_INET, AF_INET6, AddrKey, CIDR_KEY_FIXED_BITS, CaptureRecord, CidrKey, ConnTuple,
-    DIRECTION_INBOUND, DIRECTION_OUTBOUND, EnrolledWorkload, INBOUND_HBONE_PORT, MAX_CGROUP_DEPTH,
-    OUTBOUND_PORT, PortKey, WORKLOAD_READY, counter,
+    AF_INET, AF_INET6, AddrKey, CIDR_KEY_FIXED_BITS, CaptureRecord, CidrKey, ConnTuple, DIRECTION_INBOUND,
+    DIRECTION_OUTBOUND, EnrolledWorkload, INBOUND_HBONE_PORT, MAX_CGROUP_DEPTH, OUTBOUND_PORT, PortKey,
+    WORKLOAD_READY, counter,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -118,23 +118,12 @@ fn enrolled_workload() -> Option<EnrolledWorkload> {
 
 #[inline(always)]
 fn is_excluded(workload_id: u32, family: u16, addr: [u32; 4], port: u16) -> bool {
-    let port_key = PortKey {
-        workload_id,
-        port,
-        direction: DIRECTION_OUTBOUND,
-    };
+    let port_key = PortKey { workload_id, port, direction: DIRECTION_OUTBOUND };
     // SAFETY: only presence is read.
     if unsafe { EXCLUDED_PORTS.get(&port_key) }.is_some() {
         return true;
     }
-    let key = Key::new(
-        CIDR_KEY_FIXED_BITS + 128,
-        CidrKey {
-            workload_id,
-            family: u32::from(family),
-            addr,
-        },
-    );
+    let key = Key::new(CIDR_KEY_FIXED_BITS + 128, CidrKey { workload_id, family: u32::from(family), addr });
     EXCLUDED_CIDRS.get(&key).is_some()
 }
 
@@ -301,10 +290,7 @@ fn on_tcp_connect(ctx: &SockOpsContext) {
     if CAPTURED_BY_TUPLE.insert(&tuple, &record, 0).is_err() {
         // The tunnel will find no record and refuse the connection.
         count(counter::TUPLE_MAP_FULL);
-        warn!(
-            ctx,
-            "ztunnel: connection map full; connection will be refused"
-        );
+        warn!(ctx, "ztunnel: connection map full; connection will be refused");
         return;
     }
     // Ask for state callbacks so the record goes when the socket closes.
@@ -325,25 +311,13 @@ pub fn ztunnel_sk_lookup(ctx: SkLookupContext) -> u32 {
     }
     let (key, source) = if l.family == u32::from(AF_INET) {
         (
-            AddrKey {
-                addr: [l.local_ip4, 0, 0, 0],
-                family: u32::from(AF_INET),
-            },
-            AddrKey {
-                addr: [l.remote_ip4, 0, 0, 0],
-                family: u32::from(AF_INET),
-            },
+            AddrKey { addr: [l.local_ip4, 0, 0, 0], family: u32::from(AF_INET) },
+            AddrKey { addr: [l.remote_ip4, 0, 0, 0], family: u32::from(AF_INET) },
         )
     } else if l.family == u32::from(AF_INET6) {
         (
-            AddrKey {
-                addr: sk_lookup_ip6(ctx.lookup, Field::Local),
-                family: u32::from(AF_INET6),
-            },
-            AddrKey {
-                addr: sk_lookup_ip6(ctx.lookup, Field::Remote),
-                family: u32::from(AF_INET6),
-            },
+            AddrKey { addr: sk_lookup_ip6(ctx.lookup, Field::Local), family: u32::from(AF_INET6) },
+            AddrKey { addr: sk_lookup_ip6(ctx.lookup, Field::Remote), family: u32::from(AF_INET6) },
         )
     } else {
         return SK_PASS;
@@ -364,11 +338,7 @@ pub fn ztunnel_sk_lookup(ctx: SkLookupContext) -> u32 {
         count(counter::INBOUND_UNKNOWN_ADDR);
         return SK_DROP;
     };
-    let port_key = PortKey {
-        workload_id,
-        port: l.local_port as u16,
-        direction: DIRECTION_INBOUND,
-    };
+    let port_key = PortKey { workload_id, port: l.local_port as u16, direction: DIRECTION_INBOUND };
     // SAFETY: only presence is read.
     if unsafe { EXCLUDED_PORTS.get(&port_key) }.is_some() {
         return SK_PASS;

@@ -74,27 +74,12 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     raise_nofile_limit();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         match cli.command {
             Cmd::Serve { listen } => serve(listen).await,
-            Cmd::Connect {
-                to,
-                count,
-                concurrency,
-                bytes,
-                timeout_ms,
-            } => {
-                connect(
-                    to,
-                    count,
-                    concurrency,
-                    bytes,
-                    Duration::from_millis(timeout_ms),
-                )
-                .await
+            Cmd::Connect { to, count, concurrency, bytes, timeout_ms } => {
+                connect(to, count, concurrency, bytes, Duration::from_millis(timeout_ms)).await
             }
             Cmd::Probe { to, timeout_ms } => probe(to, Duration::from_millis(timeout_ms)).await,
             Cmd::Hold { to } => hold(to).await,
@@ -117,11 +102,8 @@ fn emit(v: Value) {
 async fn serve(addrs: Vec<SocketAddr>) -> anyhow::Result<()> {
     let mut listeners = Vec::new();
     for a in &addrs {
-        let socket = if a.is_ipv6() {
-            tokio::net::TcpSocket::new_v6()?
-        } else {
-            tokio::net::TcpSocket::new_v4()?
-        };
+        let socket =
+            if a.is_ipv6() { tokio::net::TcpSocket::new_v6()? } else { tokio::net::TcpSocket::new_v4()? };
         socket.set_reuseaddr(true)?;
         socket.bind(*a).with_context(|| format!("bind {a}"))?;
         listeners.push(socket.listen(4096)?);
@@ -272,11 +254,7 @@ async fn one_exchange(
     if echoed != payload {
         return Err((
             "corrupt",
-            format!(
-                "echo of {} bytes came back as {} different bytes",
-                bytes,
-                echoed.len()
-            ),
+            format!("echo of {} bytes came back as {} different bytes", bytes, echoed.len()),
         ));
     }
     Ok(info)
@@ -304,9 +282,7 @@ async fn probe(to: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
 }
 
 async fn hold(to: SocketAddr) -> anyhow::Result<()> {
-    let s = TcpStream::connect(to)
-        .await
-        .with_context(|| format!("connect {to}"))?;
+    let s = TcpStream::connect(to).await.with_context(|| format!("connect {to}"))?;
     let local = s.local_addr()?;
     let (r, mut w) = s.into_split();
     let mut server = BufReader::new(r);
@@ -339,9 +315,7 @@ async fn hold(to: SocketAddr) -> anyhow::Result<()> {
 async fn http(addrs: Vec<SocketAddr>, name: String) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for a in &addrs {
-        let l = TcpListener::bind(a)
-            .await
-            .with_context(|| format!("bind {a}"))?;
+        let l = TcpListener::bind(a).await.with_context(|| format!("bind {a}"))?;
         tasks.push(tokio::spawn(http_accept_loop(l, name.clone())));
     }
     emit(json!({"event": "listening", "addrs": addrs}));

@@ -8,8 +8,8 @@ use std::{
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use ipnet::IpNet;
 use ztunnel_ebpf_common::{
-    AF_INET, AF_INET6, AddrKey, CIDR_KEY_FIXED_BITS, CaptureRecord, CidrKey, ConnTuple,
-    DIRECTION_INBOUND, DIRECTION_OUTBOUND, EnrolledWorkload, PortKey, WORKLOAD_READY,
+    AF_INET, AF_INET6, AddrKey, CIDR_KEY_FIXED_BITS, CaptureRecord, CidrKey, ConnTuple, DIRECTION_INBOUND,
+    DIRECTION_OUTBOUND, EnrolledWorkload, PortKey, WORKLOAD_READY,
 };
 
 use super::COUNTER_NAMES;
@@ -71,10 +71,7 @@ impl CaptureCounters {
     }
 
     pub fn get(&self, name: &str) -> u64 {
-        self.snapshot()
-            .into_iter()
-            .find(|(n, _)| *n == name)
-            .map_or(0, |(_, v)| v)
+        self.snapshot().into_iter().find(|(n, _)| *n == name).map_or(0, |(_, v)| v)
     }
 }
 
@@ -105,35 +102,19 @@ impl DesiredMaps {
         let id = w.workload_id;
         self.enrolled.insert(
             w.cgroup_id,
-            EnrolledWorkload {
-                workload_id: id,
-                flags: if w.ready { WORKLOAD_READY } else { 0 },
-            },
+            EnrolledWorkload { workload_id: id, flags: if w.ready { WORKLOAD_READY } else { 0 } },
         );
         for &port in &w.exclude_outbound_ports {
-            self.excluded_ports.insert(PortKey {
-                workload_id: id,
-                port,
-                direction: DIRECTION_OUTBOUND,
-            });
+            self.excluded_ports.insert(PortKey { workload_id: id, port, direction: DIRECTION_OUTBOUND });
         }
         for &port in &w.exclude_inbound_ports {
-            self.excluded_ports.insert(PortKey {
-                workload_id: id,
-                port,
-                direction: DIRECTION_INBOUND,
-            });
+            self.excluded_ports.insert(PortKey { workload_id: id, port, direction: DIRECTION_INBOUND });
         }
         for net in &w.exclude_outbound_cidrs {
             let net = net.trunc();
             let (addr, family) = addr_words(net.addr());
-            let key = CidrKey {
-                workload_id: id,
-                family: u32::from(family),
-                addr,
-            };
-            self.excluded_cidrs
-                .push((CIDR_KEY_FIXED_BITS + u32::from(net.prefix_len()), key));
+            let key = CidrKey { workload_id: id, family: u32::from(family), addr };
+            self.excluded_cidrs.push((CIDR_KEY_FIXED_BITS + u32::from(net.prefix_len()), key));
         }
         for ip in &w.inbound_addresses {
             self.inbound_addrs.insert(addr_key(*ip), id);
@@ -158,10 +139,7 @@ pub fn addr_words(ip: IpAddr) -> ([u32; 4], u16) {
 
 pub fn addr_key(ip: IpAddr) -> AddrKey {
     let (addr, family) = addr_words(ip);
-    AddrKey {
-        addr,
-        family: u32::from(family),
-    }
+    AddrKey { addr, family: u32::from(family) }
 }
 
 fn words_to_ip(words: [u32; 4], family: u16) -> Option<IpAddr> {
@@ -195,10 +173,7 @@ mod tests {
         assert_eq!(w[0].to_ne_bytes(), [198, 18, 0, 1]);
         // A mapped address is its IPv4 address, as the listener sees it.
         let mapped: IpAddr = "::ffff:198.18.0.1".parse().unwrap();
-        assert_eq!(
-            addr_words(mapped),
-            addr_words("198.18.0.1".parse().unwrap())
-        );
+        assert_eq!(addr_words(mapped), addr_words("198.18.0.1".parse().unwrap()));
     }
 
     #[test]
@@ -213,13 +188,7 @@ mod tests {
             exclude_inbound_ports: vec![9090],
             inbound_addresses: vec!["198.19.1.2".parse().unwrap()],
         });
-        assert_eq!(
-            d.enrolled[&99],
-            EnrolledWorkload {
-                workload_id: 7,
-                flags: WORKLOAD_READY
-            }
-        );
+        assert_eq!(d.enrolled[&99], EnrolledWorkload { workload_id: 7, flags: WORKLOAD_READY });
         assert!(d.excluded_ports.contains(&PortKey {
             workload_id: 7,
             port: 53,
@@ -232,11 +201,7 @@ mod tests {
         }));
         let (prefix, key) = d.excluded_cidrs[0];
         assert_eq!(prefix, 64 + 16);
-        assert_eq!(
-            key.addr[0].to_ne_bytes(),
-            [198, 19, 0, 0],
-            "host bits cleared"
-        );
+        assert_eq!(key.addr[0].to_ne_bytes(), [198, 19, 0, 0], "host bits cleared");
         assert_eq!(d.inbound_addrs.len(), 1);
     }
 }

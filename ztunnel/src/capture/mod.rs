@@ -25,8 +25,8 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
 };
 use ztunnel_ebpf_common::{
-    AddrKey, CaptureRecord, CidrKey, ConnTuple, EnrolledWorkload, PortKey, counter, global_name,
-    map_name, program_name,
+    AddrKey, CaptureRecord, CidrKey, ConnTuple, EnrolledWorkload, PortKey, counter, global_name, map_name,
+    program_name,
 };
 
 pub use self::maps::{
@@ -42,44 +42,22 @@ pub enum CaptureError {
     #[error("loading the eBPF object: {0}")]
     Load(#[source] aya::EbpfError),
     #[error("the eBPF object has no {kind} `{name}` (build mismatch)")]
-    Missing {
-        kind: &'static str,
-        name: &'static str,
-    },
+    Missing { kind: &'static str, name: &'static str },
     #[error("program `{name}`: {source}")]
-    Program {
-        name: &'static str,
-        source: aya::programs::ProgramError,
-    },
+    Program { name: &'static str, source: aya::programs::ProgramError },
     #[error("link of `{name}`: {source}")]
-    Link {
-        name: &'static str,
-        source: aya::programs::links::LinkError,
-    },
+    Link { name: &'static str, source: aya::programs::links::LinkError },
     #[error("map `{name}`: {source}")]
-    Map {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
+    Map { name: &'static str, source: aya::maps::MapError },
     #[error(
         "pinned map {path} has key/value sizes {found:?}, this tunnel needs {want:?}: \
          it was pinned by an incompatible version; run `ztunnel uninstall` first"
     )]
-    Incompatible {
-        path: PathBuf,
-        found: (u32, u32),
-        want: (u32, u32),
-    },
+    Incompatible { path: PathBuf, found: (u32, u32), want: (u32, u32) },
     #[error("cannot open cgroup {path}: {source}")]
-    Cgroup {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Cgroup { path: PathBuf, source: std::io::Error },
     #[error("cannot open network namespace {path}: {source}")]
-    Netns {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Netns { path: PathBuf, source: std::io::Error },
 }
 
 /// The eBPF object built by build.rs.
@@ -116,21 +94,15 @@ impl Capture {
         pins::ensure_bpffs(&settings.pin_dir)?;
         let pins = Pins::new(&settings.pin_dir);
         pins.create()?;
-        let map_paths: Vec<(&str, PathBuf)> = map_name::PINNED
-            .iter()
-            .map(|name| (*name, pins.map(name)))
-            .collect();
+        let map_paths: Vec<(&str, PathBuf)> =
+            map_name::PINNED.iter().map(|name| (*name, pins.map(name))).collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
         let log_level = aya_log_level();
         let mut ebpf = loader
-            .override_global(
-                global_name::TUNNEL_CGROUP_ID,
-                &settings.tunnel_cgroup_id,
-                true,
-            )
+            .override_global(global_name::TUNNEL_CGROUP_ID, &settings.tunnel_cgroup_id, true)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .map_max_entries(map_name::CAPTURED_BY_TUPLE, settings.max_connections)
             .map_max_entries(map_name::CAPTURED_BY_COOKIE, settings.max_connections)
@@ -140,11 +112,10 @@ impl Capture {
         warn_if_resized(&pins, settings.max_connections);
         forward_kernel_logs(&mut ebpf);
 
-        let cgroup =
-            File::open(settings.cgroup_root.path()).map_err(|source| CaptureError::Cgroup {
-                path: settings.cgroup_root.path().to_owned(),
-                source,
-            })?;
+        let cgroup = File::open(settings.cgroup_root.path()).map_err(|source| CaptureError::Cgroup {
+            path: settings.cgroup_root.path().to_owned(),
+            source,
+        })?;
         // CgroupSockAddr and SockOps share no trait for attach/take_link.
         macro_rules! attach_to_cgroup {
             ($ty:ty, $name:expr) => {{
@@ -154,9 +125,7 @@ impl Capture {
                 program.load().map_err(err)?;
                 // bpf_link_create takes no flags for cgroups (EINVAL): links
                 // always coexist with other programs, as ALLOW_MULTI would.
-                let id = program
-                    .attach(cgroup.as_fd(), CgroupAttachMode::Single)
-                    .map_err(err)?;
+                let id = program.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(err)?;
                 let link = FdLink::try_from(program.take_link(id).map_err(err)?)
                     .map_err(|source| CaptureError::Link { name, source })?;
                 pins.replace_link(&pins.link(name), link)?;
@@ -168,9 +137,7 @@ impl Capture {
         {
             let name = program_name::SK_LOOKUP;
             let program: &mut SkLookup = program_mut(&mut ebpf, name)?;
-            program
-                .load()
-                .map_err(|source| CaptureError::Program { name, source })?;
+            program.load().map_err(|source| CaptureError::Program { name, source })?;
         }
         tracing::info!(
             cgroup_root = %settings.cgroup_root,
@@ -185,14 +152,8 @@ impl Capture {
             excluded_ports: take_map(&mut ebpf, map_name::EXCLUDED_PORTS)?,
             inbound_addrs: take_map(&mut ebpf, map_name::INBOUND_ADDRS)?,
             inbound_listeners: take_map(&mut ebpf, map_name::INBOUND_LISTENERS)?,
-            records: Arc::new(CaptureRecords::new(take_map(
-                &mut ebpf,
-                map_name::CAPTURED_BY_TUPLE,
-            )?)),
-            counters: Arc::new(CaptureCounters::new(take_map(
-                &mut ebpf,
-                map_name::CAPTURE_COUNTERS,
-            )?)),
+            records: Arc::new(CaptureRecords::new(take_map(&mut ebpf, map_name::CAPTURED_BY_TUPLE)?)),
+            counters: Arc::new(CaptureCounters::new(take_map(&mut ebpf, map_name::CAPTURE_COUNTERS)?)),
             pins,
             ebpf,
         })
@@ -208,11 +169,7 @@ impl Capture {
     /// Workload ids by cgroup id, as the pinned map holds them (an earlier
     /// tunnel's, after a restart).
     pub fn enrolled_ids(&self) -> StdHashMap<u64, u32> {
-        self.enrolled
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (k, v.workload_id))
-            .collect()
+        self.enrolled.iter().filter_map(Result::ok).map(|(k, v)| (k, v.workload_id)).collect()
     }
 
     /// Capture records, shared with the proxies that look them up.
@@ -232,25 +189,20 @@ impl Capture {
         workload: &str,
         netns: &Path,
     ) -> Result<(), CaptureError> {
-        let file = File::open(netns).map_err(|source| CaptureError::Netns {
-            path: netns.to_owned(),
-            source,
-        })?;
+        let file =
+            File::open(netns).map_err(|source| CaptureError::Netns { path: netns.to_owned(), source })?;
         let name = program_name::SK_LOOKUP;
         let err = |source| CaptureError::Program { name, source };
         let program: &mut SkLookup = program_mut(&mut self.ebpf, name)?;
         let id = program.attach(file).map_err(err)?;
         let link: FdLink = program.take_link(id).map_err(err)?.into();
-        self.pins
-            .replace_link(&self.pins.netns_link(namespace, workload), link)?;
+        self.pins.replace_link(&self.pins.netns_link(namespace, workload), link)?;
         Ok(())
     }
 
     /// Detaches inbound steering from a pod's namespace.
     pub fn detach_netns(&mut self, namespace: &str, name: &str) -> Result<(), CaptureError> {
-        Ok(self
-            .pins
-            .remove_link(&self.pins.netns_link(namespace, name))?)
+        Ok(self.pins.remove_link(&self.pins.netns_link(namespace, name))?)
     }
 
     /// Detaches steering from every namespace not in `keep` (pods an earlier
@@ -258,8 +210,7 @@ impl Capture {
     pub fn detach_stale_netns(&mut self, keep: &[(String, String)]) -> Result<(), CaptureError> {
         for (namespace, name) in self.pins.netns_links()? {
             if pins::is_staging(&name) || !keep.contains(&(namespace.clone(), name.clone())) {
-                self.pins
-                    .remove_link(&self.pins.netns_link(&namespace, &name))?;
+                self.pins.remove_link(&self.pins.netns_link(&namespace, &name))?;
             }
         }
         Ok(())
@@ -290,44 +241,27 @@ impl Capture {
         for k in stale {
             remove(&mut self.enrolled, &k, map_name::ENROLLED_CGROUPS)?;
         }
-        sync_set(
-            &mut self.excluded_ports,
-            &desired.excluded_ports,
-            map_name::EXCLUDED_PORTS,
-        )?;
+        sync_set(&mut self.excluded_ports, &desired.excluded_ports, map_name::EXCLUDED_PORTS)?;
         sync_cidrs(&mut self.excluded_cidrs, &desired.excluded_cidrs)?;
-        sync_map(
-            &mut self.inbound_addrs,
-            &desired.inbound_addrs,
-            map_name::INBOUND_ADDRS,
-        )?;
+        sync_map(&mut self.inbound_addrs, &desired.inbound_addrs, map_name::INBOUND_ADDRS)?;
         let stale: Vec<AddrKey> = self
             .inbound_listeners
             .keys()
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| CaptureError::Map {
-                name: map_name::INBOUND_LISTENERS,
-                source,
-            })?
+            .map_err(|source| CaptureError::Map { name: map_name::INBOUND_LISTENERS, source })?
             .into_iter()
             .filter(|k| !desired.inbound_addrs.contains_key(k))
             .collect();
         for k in stale {
             self.inbound_listeners
                 .remove(&k)
-                .map_err(|source| CaptureError::Map {
-                    name: map_name::INBOUND_LISTENERS,
-                    source,
-                })?;
+                .map_err(|source| CaptureError::Map { name: map_name::INBOUND_LISTENERS, source })?;
         }
         // Enrollment last.
         for (k, v) in &desired.enrolled {
             self.enrolled
                 .insert(k, v, 0)
-                .map_err(|source| CaptureError::Map {
-                    name: map_name::ENROLLED_CGROUPS,
-                    source,
-                })?;
+                .map_err(|source| CaptureError::Map { name: map_name::ENROLLED_CGROUPS, source })?;
         }
         Ok(())
     }
@@ -337,22 +271,15 @@ fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut 
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let program = ebpf.program_mut(name).ok_or(CaptureError::Missing {
-        kind: "program",
-        name,
-    })?;
-    program
-        .try_into()
-        .map_err(|source| CaptureError::Program { name, source })
+    let program = ebpf.program_mut(name).ok_or(CaptureError::Missing { kind: "program", name })?;
+    program.try_into().map_err(|source| CaptureError::Program { name, source })
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CaptureError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf
-        .take_map(name)
-        .ok_or(CaptureError::Missing { kind: "map", name })?;
+    let map = ebpf.take_map(name).ok_or(CaptureError::Missing { kind: "map", name })?;
     T::try_from(map).map_err(|source| CaptureError::Map { name, source })
 }
 
@@ -360,21 +287,9 @@ where
 /// connections. (MAP_ABI_VERSION in the pin path makes this a safety net.)
 fn check_pinned_maps(pins: &Pins) -> Result<(), CaptureError> {
     let sizes: [(&str, u32, u32); 8] = [
-        (
-            map_name::ENROLLED_CGROUPS,
-            size_of::<u64>() as u32,
-            size_of::<EnrolledWorkload>() as u32,
-        ),
-        (
-            map_name::CAPTURED_BY_COOKIE,
-            size_of::<u64>() as u32,
-            size_of::<CaptureRecord>() as u32,
-        ),
-        (
-            map_name::CAPTURED_BY_TUPLE,
-            size_of::<ConnTuple>() as u32,
-            size_of::<CaptureRecord>() as u32,
-        ),
+        (map_name::ENROLLED_CGROUPS, size_of::<u64>() as u32, size_of::<EnrolledWorkload>() as u32),
+        (map_name::CAPTURED_BY_COOKIE, size_of::<u64>() as u32, size_of::<CaptureRecord>() as u32),
+        (map_name::CAPTURED_BY_TUPLE, size_of::<ConnTuple>() as u32, size_of::<CaptureRecord>() as u32),
         (map_name::EXCLUDED_CIDRS, 4 + size_of::<CidrKey>() as u32, 1),
         (map_name::EXCLUDED_PORTS, size_of::<PortKey>() as u32, 1),
         (map_name::INBOUND_ADDRS, size_of::<AddrKey>() as u32, 4),
@@ -383,28 +298,18 @@ fn check_pinned_maps(pins: &Pins) -> Result<(), CaptureError> {
     ];
     for (name, key, value) in sizes {
         let path = pins.map(name);
-        let info = MapInfo::from_pin(&path).map_err(|source| CaptureError::Map {
-            name: map_name_static(name),
-            source,
-        })?;
+        let info = MapInfo::from_pin(&path)
+            .map_err(|source| CaptureError::Map { name: map_name_static(name), source })?;
         let found = (info.key_size(), info.value_size());
         if found != (key, value) {
-            return Err(CaptureError::Incompatible {
-                path,
-                found,
-                want: (key, value),
-            });
+            return Err(CaptureError::Incompatible { path, found, want: (key, value) });
         }
     }
     Ok(())
 }
 
 fn map_name_static(name: &str) -> &'static str {
-    map_name::PINNED
-        .iter()
-        .find(|n| **n == name)
-        .copied()
-        .unwrap_or("?")
+    map_name::PINNED.iter().find(|n| **n == name).copied().unwrap_or("?")
 }
 
 fn warn_if_resized(pins: &Pins, max_connections: u32) {
@@ -422,11 +327,7 @@ fn warn_if_resized(pins: &Pins, max_connections: u32) {
 
 /// aya-log level matching the tunnel's: warnings by default.
 fn aya_log_level() -> u8 {
-    if tracing::enabled!(target: "ebpf", tracing::Level::DEBUG) {
-        4
-    } else {
-        2
-    }
+    if tracing::enabled!(target: "ebpf", tracing::Level::DEBUG) { 4 } else { 2 }
 }
 
 /// Forwards the programs' log lines (aya-log) to tracing, target `ebpf`.
@@ -483,9 +384,7 @@ fn keys<K: aya::Pod, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     name: &'static str,
 ) -> Result<Vec<K>, CaptureError> {
-    map.keys()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| CaptureError::Map { name, source })
+    map.keys().collect::<Result<Vec<_>, _>>().map_err(|source| CaptureError::Map { name, source })
 }
 
 fn remove<K: aya::Pod, V: aya::Pod>(
@@ -509,8 +408,7 @@ where
     V: aya::Pod,
 {
     for (k, v) in desired {
-        map.insert(k, v, 0)
-            .map_err(|source| CaptureError::Map { name, source })?;
+        map.insert(k, v, 0).map_err(|source| CaptureError::Map { name, source })?;
     }
     for k in keys(map, name)? {
         if !desired.contains_key(&k) {
@@ -529,8 +427,7 @@ where
     K: aya::Pod + Eq + std::hash::Hash,
 {
     for k in desired {
-        map.insert(k, 1, 0)
-            .map_err(|source| CaptureError::Map { name, source })?;
+        map.insert(k, 1, 0).map_err(|source| CaptureError::Map { name, source })?;
     }
     for k in keys(map, name)? {
         if !desired.contains(&k) {
@@ -547,8 +444,7 @@ fn sync_cidrs(
     let name = map_name::EXCLUDED_CIDRS;
     let err = |source| CaptureError::Map { name, source };
     for (prefix_len, data) in desired {
-        map.insert(&aya::maps::lpm_trie::Key::new(*prefix_len, *data), 1, 0)
-            .map_err(err)?;
+        map.insert(&aya::maps::lpm_trie::Key::new(*prefix_len, *data), 1, 0).map_err(err)?;
     }
     let existing = map.keys().collect::<Result<Vec<_>, _>>().map_err(err)?;
     for key in existing {
@@ -566,13 +462,7 @@ fn sync_cidrs(
 /// The capture record of an accepted connection's peer, as the maps key it.
 pub fn conn_tuple(netns_cookie: u64, peer: SocketAddr) -> ConnTuple {
     let (addr, family) = maps::addr_words(peer.ip());
-    ConnTuple {
-        netns_cookie,
-        addr,
-        port: peer.port(),
-        family,
-        _pad: 0,
-    }
+    ConnTuple { netns_cookie, addr, port: peer.port(), family, _pad: 0 }
 }
 
 /// Indexes of `CAPTURE_COUNTERS` with their metric label.

@@ -26,24 +26,16 @@ use ztunnel_ebpf_common::MAP_ABI_VERSION;
 pub enum PinError {
     #[error("cannot mount bpffs at {path}: {source}")]
     Mount { path: PathBuf, source: nix::Error },
-    #[error(
-        "{path} is not on a bpf filesystem; set capture.bpf_pin_dir to a directory under a bpffs mount"
-    )]
+    #[error("{path} is not on a bpf filesystem; set capture.bpf_pin_dir to a directory under a bpffs mount")]
     NotBpffs { path: PathBuf },
     #[error("bpffs {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("cannot pin link at {path}: {source}")]
-    Pin {
-        path: PathBuf,
-        source: aya::pin::PinError,
-    },
+    Pin { path: PathBuf, source: aya::pin::PinError },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PinError + '_ {
-    move |source| PinError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| PinError::Io { path: path.to_owned(), source }
 }
 
 const BPFFS_MOUNT: &str = "/sys/fs/bpf";
@@ -60,34 +52,20 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), PinError> {
     let mount_point = Path::new(BPFFS_MOUNT);
     if pin_dir.starts_with(mount_point) && !on_bpffs(mount_point) {
         fs::create_dir_all(mount_point).map_err(io_err(mount_point))?;
-        nix::mount::mount(
-            Some("bpf"),
-            mount_point,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(|source| PinError::Mount {
-            path: mount_point.to_owned(),
-            source,
-        })?;
+        nix::mount::mount(Some("bpf"), mount_point, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .map_err(|source| PinError::Mount { path: mount_point.to_owned(), source })?;
         tracing::info!(path = BPFFS_MOUNT, "mounted bpffs");
         return Ok(());
     }
     if on_bpffs(&existing_ancestor(pin_dir)) {
         Ok(())
     } else {
-        Err(PinError::NotBpffs {
-            path: pin_dir.to_owned(),
-        })
+        Err(PinError::NotBpffs { path: pin_dir.to_owned() })
     }
 }
 
 fn existing_ancestor(p: &Path) -> PathBuf {
-    p.ancestors()
-        .find(|a| a.exists())
-        .unwrap_or(Path::new("/"))
-        .to_owned()
+    p.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/")).to_owned()
 }
 
 /// The pin layout of one tunnel installation.
@@ -98,17 +76,12 @@ pub struct Pins {
 
 impl Pins {
     pub fn new(pin_dir: &Path) -> Self {
-        Self {
-            root: pin_dir.join(format!("v{MAP_ABI_VERSION}")),
-        }
+        Self { root: pin_dir.join(format!("v{MAP_ABI_VERSION}")) }
     }
 
     /// Creates the directories.
     pub fn create(&self) -> Result<(), PinError> {
-        for dir in [
-            self.root.join("maps"),
-            self.root.join("links").join("netns"),
-        ] {
+        for dir in [self.root.join("maps"), self.root.join("links").join("netns")] {
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         }
         Ok(())
@@ -127,9 +100,7 @@ impl Pins {
     }
 
     pub fn netns_link(&self, namespace: &str, name: &str) -> PathBuf {
-        self.netns_dir()
-            .join(pin_name(namespace))
-            .join(pin_name(name))
+        self.netns_dir().join(pin_name(namespace)).join(pin_name(name))
     }
 
     /// Pins `link` at `path`, replacing whatever link was pinned there. The new
@@ -142,10 +113,7 @@ impl Pins {
         remove_if_exists(&staging)?;
         // Dropping the returned PinnedLink only closes our fd: the pin keeps
         // the link attached.
-        link.pin(&staging).map_err(|source| PinError::Pin {
-            path: staging.clone(),
-            source,
-        })?;
+        link.pin(&staging).map_err(|source| PinError::Pin { path: staging.clone(), source })?;
         remove_if_exists(path)?;
         fs::rename(&staging, path).map_err(io_err(path))
     }
@@ -219,10 +187,7 @@ fn remove_if_exists(path: &Path) -> Result<(), PinError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(PinError::Io {
-            path: path.to_owned(),
-            source: e,
-        }),
+        Err(e) => Err(PinError::Io { path: path.to_owned(), source: e }),
     }
 }
 

@@ -58,10 +58,7 @@ impl<'de> DeserializeSeed<'de> for Walk<'_> {
             // with the node's own position.
             None => d.deserialize_any(Found),
             Some((Step::Key(key), rest)) => d.deserialize_map(InMap { key, rest }),
-            Some((Step::Index(index), rest)) => d.deserialize_seq(InSeq {
-                index: *index,
-                rest,
-            }),
+            Some((Step::Index(index), rest)) => d.deserialize_seq(InSeq { index: *index, rest }),
         }
     }
 }
@@ -81,13 +78,7 @@ impl<'de> Visitor<'de> for Found {
         f.write_str("any node")
     }
 
-    found!(
-        visit_bool(bool),
-        visit_i64(i64),
-        visit_u64(u64),
-        visit_f64(f64),
-        visit_str(&str)
-    );
+    found!(visit_bool(bool), visit_i64(i64), visit_u64(u64), visit_f64(f64), visit_str(&str));
 
     fn visit_unit<E: de::Error>(self) -> Result<(), E> {
         Err(E::custom(FOUND))
@@ -178,20 +169,9 @@ workloads:
     #[test]
     fn finds_nested_nodes() {
         assert_eq!(locate(DOC, &[key("node"), key("name")]), Some((2, 9)));
+        assert_eq!(locate(DOC, &[key("workloads"), Step::Index(1)]), Some((6, 5)));
         assert_eq!(
-            locate(DOC, &[key("workloads"), Step::Index(1)]),
-            Some((6, 5))
-        );
-        assert_eq!(
-            locate(
-                DOC,
-                &[
-                    key("workloads"),
-                    Step::Index(1),
-                    key("addresses"),
-                    Step::Index(1)
-                ]
-            ),
+            locate(DOC, &[key("workloads"), Step::Index(1), key("addresses"), Step::Index(1)]),
             Some((9, 9))
         );
     }
@@ -204,9 +184,6 @@ workloads:
 
     #[test]
     fn renders_like_serde_yaml() {
-        assert_eq!(
-            render(&[key("workloads"), Step::Index(2), key("name")]),
-            "workloads[2].name"
-        );
+        assert_eq!(render(&[key("workloads"), Step::Index(2), key("name")]), "workloads[2].name");
     }
 }

@@ -4,6 +4,8 @@
 //! file the tunnel can run. Every error names the file, the field and the line.
 
 mod locate;
+pub mod registry;
+
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -23,17 +25,9 @@ use crate::identity::spiffe::{SpiffeError, SpiffeId, TrustDomain, validate_segme
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{}{field}: {message}", location(file, *line))]
-    Invalid {
-        file: PathBuf,
-        line: Option<(usize, usize)>,
-        field: String,
-        message: String,
-    },
+    Invalid { file: PathBuf, line: Option<(usize, usize)>, field: String, message: String },
 }
 
 fn location(file: &Path, line: Option<(usize, usize)>) -> String {
@@ -167,9 +161,7 @@ impl std::str::FromStr for AccessLogTarget {
             "stdout" => Ok(Self::Stdout),
             "off" => Ok(Self::Off),
             p if p.starts_with('/') => Ok(Self::File(PathBuf::from(p))),
-            other => Err(format!(
-                "`{other}`: expected `stdout`, `off` or an absolute file path"
-            )),
+            other => Err(format!("`{other}`: expected `stdout`, `off` or an absolute file path")),
         }
     }
 }
@@ -270,39 +262,15 @@ impl WorkloadConfig {
 impl Config {
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::parse(&text, path)
     }
 
     /// Parses and checks `text`; `file` names it in errors.
     pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
-        let config: Config = serde_yaml_ng::from_str(text).map_err(|e| {
-            let line = e.location().map(|l| (l.line(), l.column()));
-            let full = e.to_string();
-            // serde_yaml_ng appends " at line L column C"; the line is shown first.
-            let message = match full.rfind(" at line ") {
-                Some(i) if line.is_some() => full[..i].to_owned(),
-                _ => full,
-            };
-            let (field, message) = split_field(&message);
-            ConfigError::Invalid {
-                file: file.to_owned(),
-                line,
-                field,
-                message,
-            }
-        })?;
-        config
-            .validate()
-            .map_err(|Invalid { path, message }| ConfigError::Invalid {
-                file: file.to_owned(),
-                line: locate::locate(text, &path),
-                field: locate::render(&path),
-                message,
-            })?;
+        let config: Config = parse_yaml(text, file)?;
+        config.validate().map_err(|i| i.into_error(text, file))?;
         Ok(config)
     }
 
@@ -412,19 +380,39 @@ struct Invalid {
 
 impl Invalid {
     fn at(path: impl IntoIterator<Item = Step>, message: impl Into<String>) -> Self {
-        Self {
-            path: path.into_iter().collect(),
-            message: message.into(),
+        Self { path: path.into_iter().collect(), message: message.into() }
+    }
+
+    fn into_error(self, text: &str, file: &Path) -> ConfigError {
+        ConfigError::Invalid {
+            file: file.to_owned(),
+            line: locate::locate(text, &self.path),
+            field: locate::render(&self.path),
+            message: self.message,
         }
     }
+}
+
+/// Deserializes YAML, turning serde errors into errors that name the file,
+/// the line and the field.
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str, file: &Path) -> Result<T, ConfigError> {
+    serde_yaml_ng::from_str(text).map_err(|e| {
+        let line = e.location().map(|l| (l.line(), l.column()));
+        let full = e.to_string();
+        // serde_yaml_ng appends " at line L column C"; the line is shown first.
+        let message = match full.rfind(" at line ") {
+            Some(i) if line.is_some() => full[..i].to_owned(),
+            _ => full,
+        };
+        let (field, message) = split_field(&message);
+        ConfigError::Invalid { file: file.to_owned(), line, field, message }
+    })
 }
 
 /// serde_yaml_ng prefixes messages with the field path (`workloads[1].name: ...`).
 fn split_field(message: &str) -> (String, String) {
     match message.split_once(": ") {
-        Some((field, rest))
-            if !field.contains(' ') && !field.is_empty() && !field.starts_with('`') =>
-        {
+        Some((field, rest)) if !field.contains(' ') && !field.is_empty() && !field.starts_with('`') => {
             (field.to_owned(), rest.to_owned())
         }
         _ => ("(document)".to_owned(), message.to_owned()),
@@ -513,11 +501,7 @@ workloads:
                 "node.yaml:6:",
                 "workloads[0].addresses[0]: invalid IP address syntax",
             ),
-            (
-                "node:\n  name: a\n  colour: red\n",
-                "node.yaml:3:",
-                "unknown field `colour`",
-            ),
+            ("node:\n  name: a\n  colour: red\n", "node.yaml:3:", "unknown field `colour`"),
             (
                 "node:\n  name: a\nworkloads:\n  - name: w\n",
                 "node.yaml:4:",
@@ -533,11 +517,7 @@ workloads:
                 "node.yaml:6:",
                 "workloads[0].namespace: namespace `a b` may contain only",
             ),
-            (
-                "node:\n  name: a\ntrust_domain: Bad.Domain\n",
-                "node.yaml:3:",
-                "lowercase",
-            ),
+            ("node:\n  name: a\ntrust_domain: Bad.Domain\n", "node.yaml:3:", "lowercase"),
             (
                 "node:\n  name: a\nproxy:\n  connect_timeout: soon\n",
                 "node.yaml:4:",
@@ -553,19 +533,12 @@ workloads:
                 "node.yaml:7:",
                 "outside capture.cgroup_root",
             ),
-            (
-                "node:\n\tname: a\n",
-                "node.yaml:2:",
-                "cannot start any token",
-            ),
+            ("node:\n\tname: a\n", "node.yaml:2:", "cannot start any token"),
             ("{}", "node.yaml", "missing field `node`"),
         ];
         for (text, at, want) in cases {
             let err = parse(text).unwrap_err();
-            assert!(
-                err.starts_with(at),
-                "{text:?}: `{err}` does not start with `{at}`"
-            );
+            assert!(err.starts_with(at), "{text:?}: `{err}` does not start with `{at}`");
             assert!(err.contains(want), "{text:?}: `{err}` lacks `{want}`");
         }
     }

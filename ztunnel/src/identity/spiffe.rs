@@ -20,9 +20,7 @@ pub enum SpiffeError {
     TrustDomainTooLong(String),
     #[error("trust domain `{0}` may contain only lowercase letters, digits, '.', '-' and '_'")]
     TrustDomainChars(String),
-    #[error(
-        "`{id}` is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
-    )]
+    #[error("`{id}` is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
     Shape { id: String },
     #[error("{what} is empty")]
     EmptySegment { what: &'static str },
@@ -46,9 +44,7 @@ impl TrustDomain {
         if s.len() > 255 {
             return Err(SpiffeError::TrustDomainTooLong(s.to_owned()));
         }
-        let ok = s
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+        let ok = s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
         if !ok {
             return Err(SpiffeError::TrustDomainChars(s.to_owned()));
         }
@@ -87,14 +83,9 @@ pub fn validate_segment(what: &'static str, value: &str) -> Result<(), SpiffeErr
     if value == "." || value == ".." {
         return Err(SpiffeError::DotSegment { what });
     }
-    let ok = value
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    let ok = value.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if !ok {
-        return Err(SpiffeError::SegmentChars {
-            what,
-            value: value.to_owned(),
-        });
+        return Err(SpiffeError::SegmentChars { what, value: value.to_owned() });
     }
     Ok(())
 }
@@ -142,23 +133,13 @@ impl FromStr for SpiffeId {
         if s.len() > 2048 {
             return Err(SpiffeError::TooLong);
         }
-        let rest = s
-            .strip_prefix("spiffe://")
-            .ok_or_else(|| SpiffeError::Scheme(s.to_owned()))?;
+        let rest = s.strip_prefix("spiffe://").ok_or_else(|| SpiffeError::Scheme(s.to_owned()))?;
         let shape = || SpiffeError::Shape { id: s.to_owned() };
         let (td, path) = rest.split_once('/').ok_or_else(shape)?;
         let trust_domain = TrustDomain::new(td)?;
         let mut parts = path.split('/');
-        match (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) {
-            (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => {
-                SpiffeId::new(trust_domain, ns, sa)
-            }
+        match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => SpiffeId::new(trust_domain, ns, sa),
             _ => Err(shape()),
         }
     }
@@ -166,11 +147,7 @@ impl FromStr for SpiffeId {
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
     }
 }
 
@@ -214,10 +191,7 @@ mod tests {
     #[test]
     fn refuses_malformed_ids_with_a_reason() {
         let cases = [
-            (
-                "http://cluster.local/ns/a/sa/b",
-                "does not start with spiffe://",
-            ),
+            ("http://cluster.local/ns/a/sa/b", "does not start with spiffe://"),
             ("spiffe://", "not of the form"),
             ("spiffe:///ns/a/sa/b", "trust domain is empty"),
             ("spiffe://Cluster.Local/ns/a/sa/b", "lowercase"),
@@ -232,10 +206,7 @@ mod tests {
         ];
         for (input, reason) in cases {
             let err = input.parse::<SpiffeId>().unwrap_err().to_string();
-            assert!(
-                err.contains(reason),
-                "{input}: got `{err}`, want `{reason}`"
-            );
+            assert!(err.contains(reason), "{input}: got `{err}`, want `{reason}`");
         }
         let long = format!("spiffe://td/ns/{}/sa/b", "a".repeat(2100));
         assert_eq!(long.parse::<SpiffeId>().unwrap_err(), SpiffeError::TooLong);

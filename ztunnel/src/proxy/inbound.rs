@@ -11,12 +11,7 @@ use tokio::net::TcpStream;
 use super::{Failure, ProxyContext, dial, outbound::relay_tcp};
 use crate::{access_log::Entry, sockopt};
 
-pub async fn handle_plaintext(
-    stream: TcpStream,
-    peer: SocketAddr,
-    workload_id: u32,
-    ctx: Arc<ProxyContext>,
-) {
+pub async fn handle_plaintext(stream: TcpStream, peer: SocketAddr, workload_id: u32, ctx: Arc<ProxyContext>) {
     let started = Instant::now();
     let mut entry = Entry::now("inbound", "plaintext");
     entry.source_address = Some(peer.to_string());
@@ -28,8 +23,7 @@ pub async fn handle_plaintext(
         entry.error = Some(error);
     }
     entry.duration_ms = started.elapsed().as_millis() as u64;
-    ctx.metrics
-        .count_connection(entry.direction, entry.mode, &entry.reason);
+    ctx.metrics.count_connection(entry.direction, entry.mode, &entry.reason);
     ctx.access_log.log(entry);
 }
 
@@ -50,10 +44,7 @@ async fn carry(
     let state = ctx.state.borrow().clone();
     let Some(workload) = state.local.get(&workload_id).cloned() else {
         sockopt::reset_on_close(&stream);
-        return Err((
-            Failure::UnknownWorkload,
-            format!("workload id {workload_id}"),
-        ));
+        return Err((Failure::UnknownWorkload, format!("workload id {workload_id}")));
     };
     entry.destination_workload = Some(workload.workload.key());
     entry.destination_identity = Some(workload.workload.identity.to_string());

@@ -15,8 +15,7 @@ use tokio::net::TcpStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    access_log::AccessLog, capture::CaptureRecords, metrics::Metrics, netns::Netns,
-    state::StateWatch,
+    access_log::AccessLog, capture::CaptureRecords, metrics::Metrics, netns::Netns, state::StateWatch,
 };
 
 /// What every connection handler needs.
@@ -65,33 +64,20 @@ impl Failure {
 /// Dials `dst` from inside `netns` (the source workload's, so the peer sees
 /// the workload's own address); the socket belongs to the tunnel's cgroup and
 /// is therefore never captured.
-pub async fn dial(
-    netns: &Netns,
-    dst: SocketAddr,
-    timeout: Duration,
-) -> Result<TcpStream, (Failure, String)> {
-    let socket = netns
-        .tcp_socket(dst)
-        .await
-        .map_err(|e| (Failure::Io, e.to_string()))?;
+pub async fn dial(netns: &Netns, dst: SocketAddr, timeout: Duration) -> Result<TcpStream, (Failure, String)> {
+    let socket = netns.tcp_socket(dst).await.map_err(|e| (Failure::Io, e.to_string()))?;
     match tokio::time::timeout(timeout, socket.connect(dst)).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) => Err((Failure::DestinationUnreachable, e.to_string())),
-        Err(_) => Err((
-            Failure::ConnectTimeout,
-            format!("no answer from {dst} within {timeout:?}"),
-        )),
+        Err(_) => Err((Failure::ConnectTimeout, format!("no answer from {dst} within {timeout:?}"))),
     }
 }
 
 /// Accepts forever (until shutdown), handing each connection to `handle` on a
 /// tracked task. Accept errors (a full fd table) pause briefly instead of
 /// spinning.
-pub async fn accept_loop<F, Fut>(
-    listener: tokio::net::TcpListener,
-    ctx: Arc<ProxyContext>,
-    handle: F,
-) where
+pub async fn accept_loop<F, Fut>(listener: tokio::net::TcpListener, ctx: Arc<ProxyContext>, handle: F)
+where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {

@@ -48,27 +48,18 @@ pub fn route(_state: &State, _source: &LocalWorkload, _dst: Option<&Arc<Workload
     Route::Passthrough
 }
 
-pub async fn handle(
-    stream: TcpStream,
-    peer: SocketAddr,
-    scope: ListenerScope,
-    ctx: Arc<ProxyContext>,
-) {
+pub async fn handle(stream: TcpStream, peer: SocketAddr, scope: ListenerScope, ctx: Arc<ProxyContext>) {
     let started = Instant::now();
     let mut entry = Entry::now("outbound", "passthrough");
     let result = carry(stream, peer, scope, &ctx, &mut entry).await;
     if let Err((failure, error)) = result {
-        entry.decision = if matches!(failure, Failure::Reset | Failure::Io) {
-            entry.decision
-        } else {
-            "deny"
-        };
+        entry.decision =
+            if matches!(failure, Failure::Reset | Failure::Io) { entry.decision } else { "deny" };
         entry.reason = failure.reason().to_owned();
         entry.error = Some(error);
     }
     entry.duration_ms = started.elapsed().as_millis() as u64;
-    ctx.metrics
-        .count_connection(entry.direction, entry.mode, &entry.reason);
+    ctx.metrics.count_connection(entry.direction, entry.mode, &entry.reason);
     ctx.access_log.log(entry);
 }
 
@@ -83,10 +74,7 @@ async fn carry(
         sockopt::reset_on_close(stream);
         Err((failure, error))
     };
-    entry.destination_address = stream
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    entry.destination_address = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let cookie = match sockopt::netns_cookie(&stream) {
         Ok(c) => c,
         Err(e) => return refuse(&stream, Failure::Io, format!("SO_NETNS_COOKIE: {e}")),
@@ -99,11 +87,7 @@ async fn carry(
     entry.destination_address = captured.original_dst.to_string();
     let state = ctx.state.borrow().clone();
     let Some(source) = state.local.get(&captured.workload_id).cloned() else {
-        return refuse(
-            &stream,
-            Failure::UnknownWorkload,
-            format!("workload id {}", captured.workload_id),
-        );
+        return refuse(&stream, Failure::UnknownWorkload, format!("workload id {}", captured.workload_id));
     };
     entry.source_workload = Some(source.workload.key());
     entry.source_identity = Some(source.workload.identity.to_string());
@@ -117,11 +101,10 @@ async fn carry(
     }
     match route(&state, &source, destination.as_ref()) {
         Route::Passthrough => {
-            let upstream =
-                match dial(&source.netns, captured.original_dst, ctx.connect_timeout).await {
-                    Ok(s) => s,
-                    Err((failure, error)) => return refuse(&stream, failure, error),
-                };
+            let upstream = match dial(&source.netns, captured.original_dst, ctx.connect_timeout).await {
+                Ok(s) => s,
+                Err((failure, error)) => return refuse(&stream, failure, error),
+            };
             entry.source_address = upstream.local_addr().ok().map(|a| a.to_string());
             relay_tcp(stream, upstream, entry).await
         }
@@ -146,11 +129,7 @@ pub(super) async fn relay_tcp(
                 relay::Side::Downstream => sockopt::reset_on_close(&upstream),
                 relay::Side::Upstream => sockopt::reset_on_close(&downstream),
             }
-            let failure = if e.is_reset() {
-                Failure::Reset
-            } else {
-                Failure::Io
-            };
+            let failure = if e.is_reset() { Failure::Reset } else { Failure::Io };
             Err((failure, e.to_string()))
         }
     }

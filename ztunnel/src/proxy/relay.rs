@@ -47,9 +47,7 @@ impl RelayError {
     pub fn is_reset(&self) -> bool {
         matches!(
             self.source.kind(),
-            io::ErrorKind::ConnectionReset
-                | io::ErrorKind::ConnectionAborted
-                | io::ErrorKind::BrokenPipe
+            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe
         )
     }
 }
@@ -84,20 +82,10 @@ where
     UR: AsyncRead + Unpin,
     UW: AsyncWrite + Unpin,
 {
-    let outbound = copy_one_way(
-        &mut down_read,
-        &mut up_write,
-        &transferred.sent,
-        Side::Downstream,
-        Side::Upstream,
-    );
-    let inbound = copy_one_way(
-        &mut up_read,
-        &mut down_write,
-        &transferred.received,
-        Side::Upstream,
-        Side::Downstream,
-    );
+    let outbound =
+        copy_one_way(&mut down_read, &mut up_write, &transferred.sent, Side::Downstream, Side::Upstream);
+    let inbound =
+        copy_one_way(&mut up_read, &mut down_write, &transferred.received, Side::Upstream, Side::Downstream);
     tokio::try_join!(outbound, inbound).map(|_| ())
 }
 
@@ -116,19 +104,12 @@ where
     let mut buf = vec![0u8; INITIAL_BUFFER];
     let mut full_reads = 0;
     loop {
-        let n = from.read(&mut buf).await.map_err(|source| RelayError {
-            side: from_side,
-            op: "read",
-            source,
-        })?;
+        let n =
+            from.read(&mut buf).await.map_err(|source| RelayError { side: from_side, op: "read", source })?;
         if n == 0 {
             break;
         }
-        to.write_all(&buf[..n]).await.map_err(|source| RelayError {
-            side: to_side,
-            op: "write",
-            source,
-        })?;
+        to.write_all(&buf[..n]).await.map_err(|source| RelayError { side: to_side, op: "write", source })?;
         counter.fetch_add(n as u64, Ordering::Relaxed);
         if n == buf.len() && buf.len() < MAX_BUFFER {
             full_reads += 1;
@@ -140,16 +121,8 @@ where
             full_reads = 0;
         }
     }
-    to.flush().await.map_err(|source| RelayError {
-        side: to_side,
-        op: "flush",
-        source,
-    })?;
-    to.shutdown().await.map_err(|source| RelayError {
-        side: to_side,
-        op: "shutdown",
-        source,
-    })
+    to.flush().await.map_err(|source| RelayError { side: to_side, op: "flush", source })?;
+    to.shutdown().await.map_err(|source| RelayError { side: to_side, op: "shutdown", source })
 }
 
 #[cfg(test)]

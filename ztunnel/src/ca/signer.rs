@@ -1,0 +1,265 @@
+//! Signing with node authorization: a node gets a certificate for an identity
+//! only if a workload with that identity is placed on that node. The same
+//! code serves `ztunnel ca serve` and the CA embedded in `ztunnel run`.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use rcgen::{
+    CertificateParams, CertificateSigningRequestParams, DistinguishedName, ExtendedKeyUsagePurpose,
+    KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::CertificateDer;
+
+use super::store::{CaState, random_serial};
+use crate::{
+    config::WorkloadConfig,
+    identity::{cert::Credential, node_id::PeerId, spiffe::SpiffeId},
+};
+
+/// Which identities live on which nodes.
+#[derive(Debug, Default)]
+pub struct Placement {
+    nodes_by_identity: HashMap<SpiffeId, BTreeSet<String>>,
+}
+
+impl Placement {
+    /// From workload entries; `default_node` places entries without `node`.
+    pub fn new<'a>(
+        trust_domain: &crate::identity::spiffe::TrustDomain,
+        workloads: impl IntoIterator<Item = &'a WorkloadConfig>,
+        default_node: Option<&str>,
+    ) -> Self {
+        let mut nodes_by_identity: HashMap<SpiffeId, BTreeSet<String>> = HashMap::new();
+        for w in workloads {
+            let Ok(id) = w.spiffe_id(trust_domain) else { continue };
+            if let Some(node) = w.node.as_deref().or(default_node) {
+                nodes_by_identity.entry(id).or_default().insert(node.to_owned());
+            }
+        }
+        Self { nodes_by_identity }
+    }
+
+    pub fn is_placed(&self, id: &SpiffeId, node: &str) -> bool {
+        self.nodes_by_identity.get(id).is_some_and(|n| n.contains(node))
+    }
+}
+
+/// Why a signing request was refused.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SignError {
+    #[error("malformed CSR: {0}")]
+    BadCsr(String),
+    #[error("node `{node}` may not obtain `{identity}`: {reason}")]
+    NotAuthorized { node: String, identity: String, reason: String },
+    #[error("CA failure: {0}")]
+    Internal(String),
+}
+
+impl SignError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SignError::BadCsr(_) => "bad_csr",
+            SignError::NotAuthorized { .. } => "not_authorized",
+            SignError::Internal(_) => "ca_failure",
+        }
+    }
+}
+
+/// A signed chain and what a node needs to trust its peers.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// Leaf, then intermediate.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Fingerprint of the root the chain leads to.
+    pub root: String,
+    pub bundle_pem: String,
+    /// Fingerprint of the root that signs now (nodes renew early when their
+    /// certificates lead to another one: the rotation drill's re-issue step).
+    pub signing_root: String,
+}
+
+/// Limits on what the signer issues.
+#[derive(Debug, Clone, Copy)]
+pub struct SignerPolicy {
+    /// Workload certificates live at most this long, whatever is requested.
+    pub max_lifetime: Duration,
+    /// Node credentials (for reaching the CA) live this long.
+    pub node_lifetime: Duration,
+    /// Leaves are valid from this long before issuance, absorbing small clock
+    /// differences between CA and peers.
+    pub backdate: Duration,
+}
+
+impl Default for SignerPolicy {
+    fn default() -> Self {
+        Self {
+            max_lifetime: Duration::from_secs(24 * 3600),
+            node_lifetime: Duration::from_secs(7 * 24 * 3600),
+            backdate: Duration::from_secs(60),
+        }
+    }
+}
+
+pub struct Signer {
+    state: RwLock<Arc<CaState>>,
+    placement: RwLock<Arc<Placement>>,
+    policy: SignerPolicy,
+}
+
+impl Signer {
+    pub fn new(state: CaState, placement: Placement, policy: SignerPolicy) -> Self {
+        Self { state: RwLock::new(Arc::new(state)), placement: RwLock::new(Arc::new(placement)), policy }
+    }
+
+    pub fn state(&self) -> Arc<CaState> {
+        self.state.read().map(|s| s.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub fn set_state(&self, state: CaState) {
+        match self.state.write() {
+            Ok(mut s) => *s = Arc::new(state),
+            Err(p) => *p.into_inner() = Arc::new(state),
+        }
+    }
+
+    pub fn set_placement(&self, placement: Placement) {
+        match self.placement.write() {
+            Ok(mut p) => *p = Arc::new(placement),
+            Err(p) => *p.into_inner() = Arc::new(placement),
+        }
+    }
+
+    fn placement(&self) -> Arc<Placement> {
+        self.placement.read().map(|s| s.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Signs `csr_pem` for `node`, if the node may hold the identity it asks
+    /// for. Every issuance and refusal is logged with node, identity, reason.
+    pub fn sign(&self, node: &str, csr_pem: &str, requested: Duration) -> Result<Issued, SignError> {
+        let result = self.try_sign(node, csr_pem, requested);
+        match &result {
+            Ok((identity, issued, not_after)) => tracing::info!(
+                target: "ca",
+                node,
+                identity = %identity,
+                not_after = %humantime::format_rfc3339_seconds(*not_after),
+                root = %issued.root,
+                "certificate issued"
+            ),
+            Err((identity, e)) => tracing::warn!(
+                target: "ca",
+                node,
+                identity = identity.as_deref().unwrap_or("-"),
+                reason = e.reason(),
+                "certificate refused: {e}"
+            ),
+        }
+        result.map(|(_, issued, _)| issued).map_err(|(_, e)| e)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn try_sign(
+        &self,
+        node: &str,
+        csr_pem: &str,
+        requested: Duration,
+    ) -> Result<(PeerId, Issued, SystemTime), (Option<String>, SignError)> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| (None, SignError::BadCsr(e.to_string())))?;
+        let uris: Vec<&str> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .filter_map(|s| if let SanType::URI(u) = s { Some(u.as_str()) } else { None })
+            .collect();
+        let [uri] = uris.as_slice() else {
+            return Err((None, SignError::BadCsr(format!("needs exactly one URI SAN, has {}", uris.len()))));
+        };
+        let identity: PeerId = uri.parse().map_err(|e: crate::identity::spiffe::SpiffeError| {
+            (Some(uri.to_string()), SignError::BadCsr(e.to_string()))
+        })?;
+        let state = self.state();
+        let lifetime = self
+            .authorize(node, &identity, &state, requested)
+            .map_err(|e| (Some(identity.to_string()), e))?;
+        let (chain, not_after) = self
+            .issue(&state, &identity, &csr.public_key, lifetime)
+            .map_err(|e| (Some(identity.to_string()), e))?;
+        let issued = Issued {
+            chain,
+            root: state.signing_root.clone(),
+            bundle_pem: state.bundle.to_pem(),
+            signing_root: state.signing_root.clone(),
+        };
+        Ok((identity, issued, not_after))
+    }
+
+    /// Node authorization. Returns the lifetime to issue.
+    fn authorize(
+        &self,
+        node: &str,
+        identity: &PeerId,
+        state: &CaState,
+        requested: Duration,
+    ) -> Result<Duration, SignError> {
+        let refuse = |reason: String| SignError::NotAuthorized {
+            node: node.to_owned(),
+            identity: identity.to_string(),
+            reason,
+        };
+        if identity.trust_domain() != &state.trust_domain {
+            return Err(refuse(format!("this CA serves trust domain {}", state.trust_domain)));
+        }
+        match identity {
+            PeerId::Workload(id) => {
+                if self.placement().is_placed(id, node) {
+                    Ok(requested.clamp(Duration::from_secs(1), self.policy.max_lifetime))
+                } else {
+                    Err(refuse("no workload with this identity is placed on the node".into()))
+                }
+            }
+            PeerId::Node { node: wanted, .. } if wanted == node => Ok(self.policy.node_lifetime),
+            PeerId::Node { .. } => Err(refuse("a node may renew only its own node credential".into())),
+            PeerId::CaService { .. } => Err(refuse("the CA's own identity is never issued to nodes".into())),
+        }
+    }
+
+    fn issue(
+        &self,
+        state: &CaState,
+        identity: &PeerId,
+        public_key: &impl rcgen::PublicKeyData,
+        lifetime: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, SystemTime), SignError> {
+        let now = SystemTime::now();
+        let not_after = now + lifetime;
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.not_before = (now - self.policy.backdate).into();
+        p.not_after = not_after.into();
+        p.serial_number = Some(random_serial());
+        let uri =
+            identity.to_string().try_into().map_err(|e: rcgen::Error| SignError::Internal(e.to_string()))?;
+        p.subject_alt_names = vec![SanType::URI(uri)];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        p.use_authority_key_identifier_extension = true;
+        let leaf = p.signed_by(public_key, &state.issuer).map_err(|e| SignError::Internal(e.to_string()))?;
+        Ok((vec![leaf.der().clone(), state.intermediate.clone()], not_after))
+    }
+
+    /// A credential issued directly (key made here): the signing service's
+    /// own TLS identity, and node bootstrap credentials (`ca node-cert`).
+    pub fn issue_credential(&self, identity: PeerId, lifetime: Duration) -> Result<Credential, SignError> {
+        let state = self.state();
+        let key = crate::identity::cert::new_key().map_err(|e| SignError::Internal(e.to_string()))?;
+        let (chain, _) = self.issue(&state, &identity, &key, lifetime)?;
+        Credential::new(identity, &key, chain, state.signing_root.clone())
+            .map_err(|e| SignError::Internal(e.to_string()))
+    }
+}
