@@ -198,8 +198,8 @@ impl rustls::client::ResolvesClientCert for FixedClientCert {
 }
 
 /// A client configuration presenting `cert`, requiring the server to be `expect`.
-
 pub fn client_config(
+
     cert: Arc<CertifiedKey>,
     bundle: BundleSource,
     expect: Expect,
