@@ -17,6 +17,7 @@ use crate::{
     capture::CaptureCounters,
     enrollment::WorkloadStatus,
     http::{self, Body},
+    identity::manager::CertManager,
     metrics::Metrics,
 };
 
@@ -40,6 +41,7 @@ pub struct Admin {
     pub ready: AtomicBool,
     pub capture: Arc<CaptureCounters>,
     pub metrics: Arc<Metrics>,
+    pub certs: CertManager,
     pub set_log_level: LogLevelSetter,
 }
 
@@ -84,11 +86,12 @@ impl Admin {
                     "usage: POST /logging?level=<filter>\n",
                 ),
             },
+            (&Method::GET, "/certs") => http::json(StatusCode::OK, &self.certs.view()),
             (_, "/healthz/ready") => self.handle_readiness(parts),
             _ => http::respond(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "endpoints: GET /config_dump, POST /logging?level=<filter>, GET /healthz/ready\n",
+                "endpoints: GET /config_dump, GET /certs, POST /logging?level=<filter>, GET /healthz/ready\n",
             ),
         }
     }

@@ -27,6 +27,7 @@ use crate::{
     config::Config,
     enrollment::Enrollment,
     http,
+    identity::runtime::IdentityRuntime,
     metrics::Metrics,
     netns::Netns,
     proxy::{self, ProxyContext, outbound::ListenerScope},
@@ -101,6 +102,11 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         .map_err(|e| tracing::warn!("no IPv6 outbound listener on the node: {e:#}"))
         .ok();
     let access_log = Arc::new(AccessLog::start(&config.access_log)?);
+    let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new());
+    // Identity before capture: a CA or credential problem must stop the start
+    // while the node is still untouched.
+    let identity = IdentityRuntime::start(&config, &node_netns, metrics.clone(), shutdown.clone())?;
 
     let capture = Capture::install(&CaptureSettings {
         pin_dir: config.capture.bpf_pin_dir.clone(),
@@ -108,9 +114,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         tunnel_cgroup_id,
         max_connections: config.capture.max_connections,
     })?;
-    let mut metrics = Metrics::new();
-    metrics.register_capture(capture.counters());
-    let metrics = Arc::new(metrics);
+    metrics.set_capture(capture.counters());
     let admin = Arc::new(Admin {
         view: Mutex::new(AdminView {
             node: config.node.name.clone(),
@@ -120,16 +124,17 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         ready: AtomicBool::new(false),
         capture: capture.counters(),
         metrics: metrics.clone(),
+        certs: identity.manager.clone(),
         set_log_level,
     });
 
-    let shutdown = CancellationToken::new();
     let (state_tx, state_rx) = watch::channel(Arc::new(State::empty(config.clone())));
     let ctx = Arc::new(ProxyContext {
         state: state_rx,
         records: capture.records(),
         access_log: access_log.clone(),
         metrics: metrics.clone(),
+        certs: identity.manager.clone(),
         connect_timeout: config.proxy.connect_timeout,
         connections: TaskTracker::new(),
         shutdown: shutdown.clone(),
@@ -193,6 +198,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
             Reload::Changed(new) => {
                 warn_unreloadable(&current, &new);
                 let new = Arc::new(*new);
+                identity.update_placement(&new);
                 let statuses = tokio::task::block_in_place(|| enrollment.apply(&new));
                 publish_status(&admin, &metrics, &enrollment, statuses, true);
                 metrics.config_reloads.get_or_create(&result("applied")).inc();

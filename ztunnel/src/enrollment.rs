@@ -26,6 +26,7 @@ use crate::{
     capture::{Capture, DesiredMaps, WorkloadCapture, addr_key},
     cgroup::Cgroup,
     config::{Config, WorkloadConfig},
+    identity::spiffe::SpiffeId,
     netns::Netns,
     proxy::{self, ProxyContext, outbound::ListenerScope},
     state::State,
@@ -100,6 +101,8 @@ pub struct Enrollment {
     generation: u64,
     /// The configuration last published, to publish again only on change.
     published: Option<Arc<Config>>,
+    /// Identities whose certificates are held for enrolled workloads.
+    certificates: HashMap<String, SpiffeId>,
 }
 
 impl Enrollment {
@@ -129,6 +132,28 @@ impl Enrollment {
             failed: BTreeMap::new(),
             generation: 0,
             published: None,
+            certificates: HashMap::new(),
+        }
+    }
+
+    /// Asks the certificate manager for the identity of every enrolled
+    /// workload and lets go of the ones that left (or changed identity).
+    fn hold_certificates(&mut self) {
+        let desired: HashMap<String, SpiffeId> =
+            self.enrolled.iter().map(|(k, e)| (k.clone(), e.local.workload.identity.clone())).collect();
+        let certs = &self.ctx.certs;
+        self.certificates.retain(|key, id| {
+            let keep = desired.get(key) == Some(id);
+            if !keep {
+                certs.release(id);
+            }
+            keep
+        });
+        for (key, id) in desired {
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.certificates.entry(key) {
+                certs.acquire(&id);
+                slot.insert(id);
+            }
         }
     }
 
@@ -179,6 +204,7 @@ impl Enrollment {
                 }
             }
         }
+        self.hold_certificates();
         let new_config = self.published.as_ref().is_none_or(|p| !Arc::ptr_eq(p, config));
         if !changed && !new_config {
             return self.statuses();

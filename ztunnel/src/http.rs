@@ -67,3 +67,23 @@ pub fn query_param<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
         (k == name).then_some(v)
     })
 }
+
+/// `GET path` on `addr` (the CLI talking to a running tunnel's admin port).
+pub async fn get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(StatusCode, Bytes)> {
+    use http_body_util::BodyExt as _;
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let request = hyper::Request::builder()
+        .uri(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .body(http_body_util::Empty::<Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = http_body_util::Limited::new(response.into_body(), 16 * 1024 * 1024)
+        .collect()
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the answer: {e}"))?
+        .to_bytes();
+    Ok((status, body))
+}

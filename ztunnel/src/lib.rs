@@ -17,6 +17,7 @@ pub mod app;
 pub mod ca;
 pub mod capture;
 pub mod cgroup;
+pub mod cli;
 pub mod config;
 pub mod enrollment;
 pub mod http;

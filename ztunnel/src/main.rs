@@ -37,6 +37,19 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// The certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: ztunnel::cli::CaCommand,
+    },
+    /// Identities a running tunnel holds: serial, expiry, next renewal, last error.
+    Certs {
+        /// The tunnel's admin endpoint (in the node's network namespace).
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove capture from this node: unpin every program, link and map, so
     /// nothing stays attached to any cgroup or namespace. Stop the tunnel
     /// first; enrolled workloads then connect directly again.
@@ -73,6 +86,8 @@ fn main() -> ExitCode {
             })
             .map_err(Into::into),
         Command::Uninstall { config, pin_dir } => uninstall(config, pin_dir),
+        Command::Ca { command } => ztunnel::cli::ca(command),
+        Command::Certs { admin, json } => ztunnel::cli::certs(admin, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

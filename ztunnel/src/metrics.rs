@@ -29,11 +29,26 @@ pub struct ConnectionLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    pub identity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub direction: String,
+    pub reason: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub workloads: Family<WorkloadStateLabels, Gauge>,
     pub connections: Family<ConnectionLabels, Counter>,
+    pub certificate_expiry: Family<IdentityLabels, Gauge>,
+    pub certificate_renewals: Family<ResultLabels, Counter>,
+    pub handshake_failures: Family<HandshakeLabels, Counter>,
+    capture: CaptureCollector,
 }
 
 impl fmt::Debug for Metrics {
@@ -63,12 +78,62 @@ impl Metrics {
             "Connections handled, by direction, mode and the reason they ended",
             connections.clone(),
         );
-        Self { registry, config_reloads, workloads, connections }
+        let certificate_expiry = Family::<IdentityLabels, Gauge>::default();
+        registry.register(
+            "ztunnel_certificate_expiry_timestamp_seconds",
+            "When each identity's current certificate expires (Unix time)",
+            certificate_expiry.clone(),
+        );
+        let certificate_renewals = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "ztunnel_certificate_renewals",
+            "Certificate requests to the CA, by result (success, error)",
+            certificate_renewals.clone(),
+        );
+        let handshake_failures = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "ztunnel_handshake_failures",
+            "Failed mTLS handshakes, by direction and reason (expired, not_yet_valid, unknown_ca, wrong_identity, ...)",
+            handshake_failures.clone(),
+        );
+        let capture = CaptureCollector::default();
+        registry.register_collector(Box::new(capture.clone()));
+        Self {
+            capture,
+            registry,
+            config_reloads,
+            workloads,
+            connections,
+            certificate_expiry,
+            certificate_renewals,
+            handshake_failures,
+        }
     }
 
-    /// Adds the capture programs' counters, read from the kernel at scrape time.
-    pub fn register_capture(&mut self, counters: Arc<CaptureCounters>) {
-        self.registry.register_collector(Box::new(CaptureCollector(counters)));
+    pub fn certificate_issued(&self, identity: &str, not_after: std::time::SystemTime) {
+        let secs = not_after.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        self.certificate_expiry.get_or_create(&IdentityLabels { identity: identity.to_owned() }).set(secs);
+        self.certificate_renewals.get_or_create(&ResultLabels { result: "success".to_owned() }).inc();
+    }
+
+    pub fn certificate_failed(&self) {
+        self.certificate_renewals.get_or_create(&ResultLabels { result: "error".to_owned() }).inc();
+    }
+
+    pub fn forget_certificate(&self, identity: &str) {
+        self.certificate_expiry.remove(&IdentityLabels { identity: identity.to_owned() });
+    }
+
+    pub fn handshake_failed(&self, direction: &str, reason: &str) {
+        self.handshake_failures
+            .get_or_create(&HandshakeLabels { direction: direction.to_owned(), reason: reason.to_owned() })
+            .inc();
+    }
+
+    /// Adds the capture programs' counters, read from the kernel at scrape
+    /// time (capture is installed after the metrics exist).
+    pub fn set_capture(&self, counters: Arc<CaptureCounters>) {
+        let _ = self.capture.0.set(counters);
     }
 
     pub fn count_connection(&self, direction: &str, mode: &str, reason: &str) {
@@ -95,7 +160,8 @@ impl Default for Metrics {
     }
 }
 
-struct CaptureCollector(Arc<CaptureCounters>);
+#[derive(Clone, Default)]
+struct CaptureCollector(Arc<std::sync::OnceLock<Arc<CaptureCounters>>>);
 
 impl fmt::Debug for CaptureCollector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -110,7 +176,8 @@ struct EventLabels {
 
 impl Collector for CaptureCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let snapshot = self.0.snapshot();
+        let Some(counters) = self.0.get() else { return Ok(()) };
+        let snapshot = counters.snapshot();
         let mut family = encoder.encode_descriptor(
             "ztunnel_capture_events",
             "Capture decisions taken in the kernel, by event (captured, refused_not_ready, refused_map_full, ...)",

@@ -263,3 +263,91 @@ impl Signer {
             .map_err(|e| SignError::Internal(e.to_string()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rustls_pki_types::UnixTime;
+
+    use super::*;
+    use crate::{
+        ca::store::{CaDir, CaLifetimes},
+        config::WorkloadConfig,
+        identity::cert::{csr_pem, new_key},
+        tls::verify::{Expect, verify_peer},
+    };
+
+    fn workload(name: &str, node: &str) -> WorkloadConfig {
+        serde_yaml_ng::from_str(&format!(
+            "name: {name}\nnamespace: shop\nservice_account: {name}\nnode: {node}\n"
+        ))
+        .unwrap()
+    }
+
+    fn signer(max_lifetime: Duration) -> (tempfile::TempDir, Signer) {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = CaDir::new(tmp.path());
+        ca.init(&"cluster.local".parse().unwrap(), false, CaLifetimes::default()).unwrap();
+        let state = ca.load().unwrap();
+        let placement =
+            Placement::new(&state.trust_domain, &[workload("web", "node-a"), workload("db", "node-b")], None);
+        let policy = SignerPolicy { max_lifetime, ..SignerPolicy::default() };
+        (tmp, Signer::new(state, placement, policy))
+    }
+
+    fn csr(uri: &str) -> String {
+        csr_pem(&new_key().unwrap(), &uri.parse().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_node_gets_its_own_workloads_certificates_and_nothing_else() {
+        let (_tmp, s) = signer(Duration::from_secs(3600));
+        let web = "spiffe://cluster.local/ns/shop/sa/web";
+        let issued = s.sign("node-a", &csr(web), Duration::from_secs(600)).unwrap();
+        // The chain verifies against the bundle and names exactly the workload.
+        let bundle = s.state().bundle.clone();
+        let peer = verify_peer(
+            &issued.chain[0],
+            &issued.chain[1..],
+            &bundle,
+            &Expect::Identity(web.parse().unwrap()),
+            UnixTime::now(),
+            Duration::ZERO,
+        )
+        .unwrap();
+        assert_eq!(peer.to_string(), web);
+
+        let refusals = [
+            (
+                "node-a",
+                "spiffe://cluster.local/ns/shop/sa/db",
+                "no workload with this identity is placed on the node",
+            ),
+            ("node-b", web, "no workload with this identity is placed on the node"),
+            ("node-a", "spiffe://other.domain/ns/shop/sa/web", "this CA serves trust domain cluster.local"),
+            ("node-a", "spiffe://cluster.local/ztunnel/node/node-b", "only its own node credential"),
+            ("node-a", "spiffe://cluster.local/ztunnel/ca", "never issued"),
+        ];
+        for (node, uri, why) in refusals {
+            let err = s.sign(node, &csr(uri), Duration::from_secs(600)).unwrap_err();
+            assert_eq!(err.reason(), "not_authorized", "{node} {uri}: {err}");
+            assert!(err.to_string().contains(why), "{node} {uri}: {err}");
+        }
+        assert!(s.sign("node-a", &csr("spiffe://cluster.local/ztunnel/node/node-a"), Duration::ZERO).is_ok());
+        assert_eq!(s.sign("node-a", "not a csr", Duration::ZERO).unwrap_err().reason(), "bad_csr");
+    }
+
+    #[test]
+    fn lifetimes_are_capped_and_leaves_are_not_cas() {
+        let (_tmp, s) = signer(Duration::from_secs(120));
+        let issued = s
+            .sign("node-a", &csr("spiffe://cluster.local/ns/shop/sa/web"), Duration::from_secs(86400))
+            .unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&issued.chain[0]).unwrap();
+        let v = cert.validity();
+        let lifetime = v.not_after.timestamp() - v.not_before.timestamp();
+        assert!(lifetime <= 120 + 60 + 1, "capped at max_lifetime plus the 60 s backdate: {lifetime}");
+        assert!(!cert.is_ca());
+        let sans = cert.subject_alternative_name().unwrap().unwrap().value.general_names.len();
+        assert_eq!(sans, 1, "the SPIFFE ID is the only SAN");
+    }
+}

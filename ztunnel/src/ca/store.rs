@@ -83,6 +83,39 @@ pub struct CaState {
     pub bundle: TrustBundle,
 }
 
+impl CaState {
+    /// A CA that exists only in memory: for a single tunnel with no CA
+    /// directory. Its certificates are trusted by that tunnel alone.
+    pub fn ephemeral(trust_domain: &TrustDomain) -> Result<Self, CaError> {
+        let now = SystemTime::now();
+        let lifetimes = CaLifetimes::default();
+        let root_key = new_key().map_err(|e| CaError::Rotation(e.to_string()))?;
+        let mut root = ca_params(&format!("ztunnel ephemeral root CA {trust_domain}"), now, lifetimes.root);
+        root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root_cert = root.self_signed(&root_key)?;
+        let root_issuer = Issuer::new(root, root_key);
+        let key = new_key().map_err(|e| CaError::Rotation(e.to_string()))?;
+        let mut params = ca_params(
+            &format!("ztunnel ephemeral intermediate CA {trust_domain}"),
+            now,
+            lifetimes.intermediate,
+        );
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.use_authority_key_identifier_extension = true;
+        let intermediate = params.signed_by(&key, &root_issuer)?;
+        let bundle =
+            TrustBundle::new(vec![root_cert.der().clone()]).map_err(|e| CaError::Rotation(e.to_string()))?;
+        Ok(Self {
+            trust_domain: trust_domain.clone(),
+            generation: 1,
+            issuer: Issuer::new(params, key),
+            intermediate: intermediate.der().clone(),
+            signing_root: fingerprint(root_cert.der()),
+            bundle,
+        })
+    }
+}
+
 pub struct CaDir {
     path: PathBuf,
 }
@@ -339,4 +372,67 @@ fn write_with_mode(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
         fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(io_err(&tmp))?;
     f.write_all(data).and_then(|()| f.sync_all()).map_err(io_err(&tmp))?;
     fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().mode() & 0o777
+    }
+
+    #[test]
+    fn init_makes_a_hierarchy_with_private_keys_0600_and_refuses_to_overwrite() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        let ca = CaDir::new(&dir);
+        let td: TrustDomain = "mesh.example".parse().unwrap();
+        ca.init(&td, false, CaLifetimes::default()).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        for key in ["gen-1/root-key.pem", "gen-1/intermediate-key.pem"] {
+            assert_eq!(mode(&dir.join(key)), 0o600, "{key}");
+        }
+        assert_eq!(mode(&dir.join("gen-1/root-cert.pem")), 0o644);
+        let state = ca.load().unwrap();
+        assert_eq!(state.trust_domain, td);
+        assert_eq!(state.bundle.roots().len(), 1);
+
+        let before = fs::read(dir.join("gen-1/root-key.pem")).unwrap();
+        let err = ca.init(&td, false, CaLifetimes::default()).unwrap_err();
+        assert!(matches!(err, CaError::Exists { .. }), "{err}");
+        assert!(err.to_string().contains("--force"), "{err}");
+        assert_eq!(fs::read(dir.join("gen-1/root-key.pem")).unwrap(), before, "nothing was touched");
+
+        ca.init(&td, true, CaLifetimes::default()).unwrap();
+        assert_ne!(fs::read(dir.join("gen-1/root-key.pem")).unwrap(), before, "--force replaces the CA");
+    }
+
+    #[test]
+    fn rotation_steps_go_in_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = CaDir::new(tmp.path());
+        ca.init(&"cluster.local".parse().unwrap(), false, CaLifetimes::default()).unwrap();
+        let first_root = ca.load().unwrap().signing_root;
+        assert!(ca.rotate_activate().is_err(), "nothing staged yet");
+        assert!(ca.rotate_finish().unwrap() == 0, "finishing with one root removes nothing");
+
+        assert_eq!(ca.rotate_begin(CaLifetimes::default()).unwrap(), 2);
+        let staged = ca.load().unwrap();
+        assert_eq!(staged.generation, 1, "the old generation still signs");
+        assert_eq!(staged.bundle.roots().len(), 2, "both roots are trusted");
+        assert!(ca.rotate_begin(CaLifetimes::default()).is_err(), "one rotation at a time");
+        assert!(ca.rotate_finish().is_err(), "cannot drop roots before activating");
+
+        assert_eq!(ca.rotate_activate().unwrap(), 2);
+        let active = ca.load().unwrap();
+        assert_ne!(active.signing_root, first_root);
+        assert_eq!(active.bundle.roots().len(), 2);
+
+        assert_eq!(ca.rotate_finish().unwrap(), 1);
+        let done = ca.load().unwrap();
+        assert_eq!(done.bundle.fingerprints(), vec![done.signing_root.clone()]);
+    }
 }

@@ -6,7 +6,6 @@
 mod locate;
 pub mod registry;
 
-
 use std::{
     collections::{BTreeMap, HashMap},
     fmt,
@@ -52,6 +51,8 @@ pub struct Config {
     pub proxy: ProxyConfig,
     #[serde(default)]
     pub access_log: AccessLogTarget,
+    #[serde(default)]
+    pub identity: IdentityConfig,
     /// The workloads of the mesh this node knows: its own (placed on this
     /// node), which it captures, and other nodes', which it can reach.
     #[serde(default)]
@@ -142,6 +143,67 @@ impl Default for ProxyConfig {
             drain_timeout: Duration::from_secs(10),
             reload_interval: Duration::from_secs(2),
         }
+    }
+}
+
+/// Workload certificates: where they come from and how they are kept fresh.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    pub ca: CaSource,
+    /// Lifetime asked of the CA (which may cap it).
+    #[serde(with = "duration")]
+    pub cert_lifetime: Duration,
+    /// First retry after a failed request; doubles up to `retry_max`.
+    #[serde(with = "duration")]
+    pub retry_initial: Duration,
+    #[serde(with = "duration")]
+    pub retry_max: Duration,
+    /// Clock difference tolerated when checking a peer's validity period.
+    #[serde(with = "duration")]
+    pub clock_skew: Duration,
+    /// How long a connection waits for its workload's first certificate.
+    #[serde(with = "duration")]
+    pub cert_wait: Duration,
+    /// How often the trust bundle is re-read from the CA.
+    #[serde(with = "duration")]
+    pub bundle_refresh: Duration,
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            ca: CaSource::default(),
+            cert_lifetime: Duration::from_secs(24 * 3600),
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(30),
+            clock_skew: Duration::from_secs(60),
+            cert_wait: Duration::from_secs(5),
+            bundle_refresh: Duration::from_secs(60),
+            max_concurrent_requests: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum CaSource {
+    /// The CA runs inside the tunnel (single host, demo, tests). With `dir`
+    /// (made by `ztunnel ca init`) several tunnels share one CA; without it
+    /// the CA is made in memory at start and trusted by this tunnel only.
+    Embedded {
+        #[serde(default)]
+        dir: Option<PathBuf>,
+    },
+    /// The signing service (`ztunnel ca serve`), reached with the node's
+    /// credential (`ztunnel ca node-credential`).
+    Remote { address: SocketAddr, node_credentials: PathBuf },
+}
+
+impl Default for CaSource {
+    fn default() -> Self {
+        Self::Embedded { dir: None }
     }
 }
 

@@ -27,7 +27,8 @@ impl RegistryFile {
     pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
         let registry: RegistryFile = parse_yaml(text, file)?;
         for (i, w) in registry.workloads.iter().enumerate() {
-            let at = |field: &str| vec![Step::Key("workloads".into()), Step::Index(i), Step::Key(field.into())];
+            let at =
+                |field: &str| vec![Step::Key("workloads".into()), Step::Index(i), Step::Key(field.into())];
             if w.node.is_none() {
                 let path = vec![Step::Key("workloads".into()), Step::Index(i)];
                 return Err(Invalid::at(path, format!("workload `{}` needs `node` in the registry", w.name))
@@ -48,9 +49,10 @@ mod tests {
 
     #[test]
     fn every_workload_needs_a_node() {
-        let err = RegistryFile::parse("workloads:\n  - name: a\n    node: n1\n  - name: b\n", Path::new("r.yaml"))
-            .unwrap_err()
-            .to_string();
+        let err =
+            RegistryFile::parse("workloads:\n  - name: a\n    node: n1\n  - name: b\n", Path::new("r.yaml"))
+                .unwrap_err()
+                .to_string();
         assert!(err.starts_with("r.yaml:4:"), "{err}");
         assert!(err.contains("workload `b` needs `node`"), "{err}");
     }

@@ -1,6 +1,9 @@
 //! Workload identity.
 
+pub mod ca_client;
 pub mod cert;
+pub mod manager;
 pub mod node_credentials;
 pub mod node_id;
+pub mod runtime;
 pub mod spiffe;

@@ -6,7 +6,7 @@ use std::{fmt, str::FromStr};
 
 use super::spiffe::{SpiffeError, SpiffeId, TrustDomain, validate_segment};
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum PeerId {
     Workload(SpiffeId),
     Node { trust_domain: TrustDomain, node: String },

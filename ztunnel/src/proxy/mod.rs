@@ -15,7 +15,8 @@ use tokio::net::TcpStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    access_log::AccessLog, capture::CaptureRecords, metrics::Metrics, netns::Netns, state::StateWatch,
+    access_log::AccessLog, capture::CaptureRecords, identity::manager::CertManager, metrics::Metrics,
+    netns::Netns, state::StateWatch,
 };
 
 /// What every connection handler needs.
@@ -24,6 +25,7 @@ pub struct ProxyContext {
     pub records: Arc<CaptureRecords>,
     pub access_log: Arc<AccessLog>,
     pub metrics: Arc<Metrics>,
+    pub certs: CertManager,
     pub connect_timeout: Duration,
     /// Tracks connection tasks so shutdown can wait for them to drain.
     pub connections: TaskTracker,

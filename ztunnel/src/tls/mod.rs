@@ -199,7 +199,6 @@ impl rustls::client::ResolvesClientCert for FixedClientCert {
 
 /// A client configuration presenting `cert`, requiring the server to be `expect`.
 pub fn client_config(
-
     cert: Arc<CertifiedKey>,
     bundle: BundleSource,
     expect: Expect,
@@ -233,4 +232,131 @@ pub fn server_config(
     config.send_tls13_tickets = 0;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::{verify::tests::TestCa, *};
+
+    fn certified(cert: CertificateDer<'static>, key: &rcgen::KeyPair) -> Arc<CertifiedKey> {
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Arc::new(CertifiedKey::new(vec![cert], provider().key_provider.load_private_key(key).unwrap()))
+    }
+
+    /// A real handshake over loopback: returns (client result, server result).
+    async fn handshake(
+        server_cert: Arc<CertifiedKey>,
+        client_cert: Arc<CertifiedKey>,
+        bundle: BundleSource,
+        client_expects: Expect,
+    ) -> (Result<(), rustls::Error>, Result<(), rustls::Error>) {
+        let skew = Duration::from_secs(60);
+        let server = server_config(
+            CurrentCert(Box::new(move || Some(server_cert.clone()))),
+            bundle.clone(),
+            Expect::TrustDomain("cluster.local".parse().unwrap()),
+            skew,
+            &[b"h2"],
+        )
+        .unwrap();
+        let client = client_config(client_cert, bundle, client_expects, skew, &[b"h2"]).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            match tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(s).await {
+                Ok(mut tls) => {
+                    let mut b = [0u8; 4];
+                    tls.read_exact(&mut b).await.map_err(rustls_error)?;
+                    tls.write_all(b"pong").await.map_err(rustls_error)?;
+                    tls.shutdown().await.map_err(rustls_error)
+                }
+                Err(e) => Err(rustls_error(e)),
+            }
+        });
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let client = match tokio_rustls::TlsConnector::from(Arc::new(client))
+            .connect(ServerName::IpAddress(addr.ip().into()), s)
+            .await
+        {
+            Ok(mut tls) => {
+                // TLS 1.3: the server checks the client certificate after the
+                // client's handshake completes; data flushes the outcome.
+                let _ = tls.write_all(b"ping").await;
+                let mut b = [0u8; 4];
+                match tls.read_exact(&mut b).await {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(rustls_error(e)),
+                }
+            }
+            Err(e) => Err(rustls_error(e)),
+        };
+        (client, server.await.unwrap())
+    }
+
+    fn rustls_error(e: std::io::Error) -> rustls::Error {
+        e.get_ref()
+            .and_then(|i| i.downcast_ref::<rustls::Error>())
+            .cloned()
+            .unwrap_or_else(|| rustls::Error::General(e.to_string()))
+    }
+
+    const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+    const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
+
+    #[tokio::test]
+    async fn mutual_tls_succeeds_between_valid_identities() {
+        let ca = TestCa::new("root");
+        let (sc, sk) = ca.leaf(&[DB], &[], -10, 3600);
+        let (cc, ck) = ca.leaf(&[WEB], &[], -10, 3600);
+        let (bundle_tx, bundle) = watch::channel(Arc::new(ca.bundle()));
+        let (client, server) =
+            handshake(certified(sc, &sk), certified(cc, &ck), bundle, Expect::Identity(DB.parse().unwrap()))
+                .await;
+        client.unwrap();
+        server.unwrap();
+        drop(bundle_tx);
+    }
+
+    #[tokio::test]
+    async fn an_expired_server_is_refused_with_reason_expired_and_told_so() {
+        let ca = TestCa::new("root");
+        let (sc, sk) = ca.leaf(&[DB], &[], -7200, -3600);
+        let (cc, ck) = ca.leaf(&[WEB], &[], -10, 3600);
+        let (_tx, bundle) = watch::channel(Arc::new(ca.bundle()));
+        let (client, server) =
+            handshake(certified(sc, &sk), certified(cc, &ck), bundle, Expect::Identity(DB.parse().unwrap()))
+                .await;
+        assert_eq!(verify::handshake_reason(&client.unwrap_err()).0, "expired");
+        // The refused side learns why from the alert.
+        let (reason, detail) = verify::handshake_reason(&server.unwrap_err());
+        assert!(reason.starts_with("peer_refused"), "{reason}: {detail}");
+    }
+
+    #[tokio::test]
+    async fn a_server_with_the_wrong_identity_is_refused() {
+        let ca = TestCa::new("root");
+        let (sc, sk) = ca.leaf(&["spiffe://cluster.local/ns/shop/sa/impostor"], &[], -10, 3600);
+        let (cc, ck) = ca.leaf(&[WEB], &[], -10, 3600);
+        let (_tx, bundle) = watch::channel(Arc::new(ca.bundle()));
+        let (client, _) =
+            handshake(certified(sc, &sk), certified(cc, &ck), bundle, Expect::Identity(DB.parse().unwrap()))
+                .await;
+        assert_eq!(verify::handshake_reason(&client.unwrap_err()).0, "wrong_identity");
+    }
+
+    #[tokio::test]
+    async fn a_client_from_an_unknown_ca_is_refused_by_the_server() {
+        let (ca, rogue) = (TestCa::new("root"), TestCa::new("rogue"));
+        let (sc, sk) = ca.leaf(&[DB], &[], -10, 3600);
+        let (cc, ck) = rogue.leaf(&[WEB], &[], -10, 3600);
+        let (_tx, bundle) = watch::channel(Arc::new(ca.bundle()));
+        let (_, server) =
+            handshake(certified(sc, &sk), certified(cc, &ck), bundle, Expect::Identity(DB.parse().unwrap()))
+                .await;
+        assert_eq!(verify::handshake_reason(&server.unwrap_err()).0, "unknown_ca");
+    }
 }

@@ -281,3 +281,175 @@ pub fn handshake_reason(e: &rustls::Error) -> (&'static str, String) {
     };
     (reason, e.to_string())
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::time::SystemTime;
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+        Issuer, KeyPair, KeyUsagePurpose, SanType,
+    };
+
+    use super::*;
+    use crate::identity::cert::new_key;
+
+    /// A CA for crafting test certificates.
+    pub(crate) struct TestCa {
+        pub root: CertificateDer<'static>,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    impl TestCa {
+        pub(crate) fn new(name: &str) -> Self {
+            let key = new_key().unwrap();
+            let mut p = CertificateParams::default();
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::CommonName, name);
+            p.distinguished_name = dn;
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+            let root = p.self_signed(&key).unwrap().der().clone();
+            Self { root, issuer: Issuer::new(p, key) }
+        }
+
+        pub(crate) fn bundle(&self) -> TrustBundle {
+            TrustBundle::new(vec![self.root.clone()]).unwrap()
+        }
+
+        /// A leaf with these URIs (and DNS names), valid in [from, to] relative to now.
+        pub(crate) fn leaf(
+            &self,
+            uris: &[&str],
+            dns: &[&str],
+            from: i64,
+            to: i64,
+        ) -> (CertificateDer<'static>, KeyPair) {
+            let key = new_key().unwrap();
+            let mut p = CertificateParams::default();
+            p.distinguished_name = DistinguishedName::new();
+            let now = SystemTime::now();
+            let at = |s: i64| {
+                if s >= 0 {
+                    now + Duration::from_secs(s as u64)
+                } else {
+                    now - Duration::from_secs((-s) as u64)
+                }
+            };
+            p.not_before = at(from).into();
+            p.not_after = at(to).into();
+            p.subject_alt_names = uris
+                .iter()
+                .map(|u| SanType::URI((*u).try_into().unwrap()))
+                .chain(dns.iter().map(|d| SanType::DnsName((*d).try_into().unwrap())))
+                .collect();
+            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            p.extended_key_usages =
+                vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+            (p.signed_by(&key, &self.issuer).unwrap().der().clone(), key)
+        }
+    }
+
+    const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+    fn expect_web() -> Expect {
+        Expect::Identity(WEB.parse().unwrap())
+    }
+
+    fn check(ca: &TestCa, cert: &CertificateDer<'_>, expect: &Expect) -> Result<PeerId, VerifyError> {
+        verify_peer(cert, &[], &ca.bundle(), expect, UnixTime::now(), Duration::from_secs(60))
+    }
+
+    #[test]
+    fn a_valid_peer_is_accepted_and_named() {
+        let ca = TestCa::new("root");
+        let (cert, _) = ca.leaf(&[WEB], &[], -10, 3600);
+        assert_eq!(check(&ca, &cert, &expect_web()).unwrap().to_string(), WEB);
+        let td = Expect::TrustDomain("cluster.local".parse().unwrap());
+        assert_eq!(check(&ca, &cert, &td).unwrap().to_string(), WEB);
+    }
+
+    #[test]
+    fn each_failure_has_its_own_reason() {
+        let ca = TestCa::new("root");
+        let other_ca = TestCa::new("someone else's root");
+        let cases: Vec<(&str, CertificateDer<'static>, Expect, &str)> = vec![
+            ("expired an hour ago", ca.leaf(&[WEB], &[], -7200, -3600).0, expect_web(), "expired"),
+            ("valid only from in an hour", ca.leaf(&[WEB], &[], 3600, 7200).0, expect_web(), "not_yet_valid"),
+            ("issued by an unknown CA", other_ca.leaf(&[WEB], &[], -10, 3600).0, expect_web(), "unknown_ca"),
+            (
+                "a DNS name, no SPIFFE ID",
+                ca.leaf(&[], &["web.shop"], -10, 3600).0,
+                expect_web(),
+                "no_spiffe_id",
+            ),
+            (
+                "two URI SANs",
+                ca.leaf(&[WEB, "spiffe://cluster.local/ns/shop/sa/db"], &[], -10, 3600).0,
+                expect_web(),
+                "no_spiffe_id",
+            ),
+            (
+                "a URI that is no SPIFFE ID",
+                ca.leaf(&["https://web.shop/"], &[], -10, 3600).0,
+                expect_web(),
+                "invalid_spiffe_id",
+            ),
+            (
+                "another trust domain",
+                ca.leaf(&["spiffe://evil.example/ns/shop/sa/web"], &[], -10, 3600).0,
+                expect_web(),
+                "wrong_trust_domain",
+            ),
+            (
+                "another workload",
+                ca.leaf(&["spiffe://cluster.local/ns/shop/sa/db"], &[], -10, 3600).0,
+                expect_web(),
+                "wrong_identity",
+            ),
+            (
+                "a client from another trust domain",
+                ca.leaf(&["spiffe://evil.example/ns/a/sa/b"], &[], -10, 3600).0,
+                Expect::TrustDomain("cluster.local".parse().unwrap()),
+                "wrong_trust_domain",
+            ),
+            (
+                "a node where a workload is expected",
+                ca.leaf(&["spiffe://cluster.local/ztunnel/node/n1"], &[], -10, 3600).0,
+                expect_web(),
+                "wrong_identity",
+            ),
+        ];
+        for (what, cert, expect, reason) in cases {
+            let err = check(&ca, &cert, &expect).unwrap_err();
+            assert_eq!(err.reason(), reason, "{what}: {err}");
+        }
+    }
+
+    #[test]
+    fn small_clock_skew_is_tolerated_either_way() {
+        let ca = TestCa::new("root");
+        // Issued by a CA whose clock runs 30 s ahead; expired 30 s ago by ours.
+        assert!(check(&ca, &ca.leaf(&[WEB], &[], 30, 3600).0, &expect_web()).is_ok());
+        assert!(check(&ca, &ca.leaf(&[WEB], &[], -3600, -30).0, &expect_web()).is_ok());
+        // Beyond the allowance.
+        assert_eq!(
+            check(&ca, &ca.leaf(&[WEB], &[], 120, 3600).0, &expect_web()).unwrap_err().reason(),
+            "not_yet_valid"
+        );
+        assert_eq!(
+            check(&ca, &ca.leaf(&[WEB], &[], -3600, -120).0, &expect_web()).unwrap_err().reason(),
+            "expired"
+        );
+    }
+
+    #[test]
+    fn a_bundle_with_two_roots_trusts_both() {
+        let (old, new) = (TestCa::new("old"), TestCa::new("new"));
+        let bundle = TrustBundle::new(vec![old.root.clone(), new.root.clone()]).unwrap();
+        for ca in [&old, &new] {
+            let (cert, _) = ca.leaf(&[WEB], &[], -10, 3600);
+            verify_peer(&cert, &[], &bundle, &expect_web(), UnixTime::now(), Duration::ZERO).unwrap();
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! The subcommands that are not `run`: the CA's, and `certs`.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::Subcommand;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    ca::{
+        server::{ServeSettings, write_node_credentials},
+        signer::SignerPolicy,
+        store::{CaDir, CaLifetimes},
+    },
+    identity::{manager::CertsView, spiffe::TrustDomain},
+};
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+#[derive(Subcommand)]
+pub enum CaCommand {
+    /// Create a CA: a root (whose key can then be moved offline) and an
+    /// intermediate that signs workload certificates. Never overwrites an
+    /// existing CA without --force.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: TrustDomain,
+        #[arg(long)]
+        force: bool,
+        #[arg(long, value_parser = duration, default_value = "10y")]
+        root_lifetime: Duration,
+        #[arg(long, value_parser = duration, default_value = "1y")]
+        intermediate_lifetime: Duration,
+    },
+    /// The signing service: node tunnels send CSRs over mutual TLS; a node
+    /// gets certificates only for workloads placed on it (per --registry).
+    Serve {
+        #[arg(long)]
+        dir: PathBuf,
+        /// YAML listing the mesh's workloads with their `node`.
+        #[arg(long)]
+        registry: PathBuf,
+        #[arg(long, default_value = "0.0.0.0:15012")]
+        listen: SocketAddr,
+        /// Workload certificates never live longer than this.
+        #[arg(long, value_parser = duration, default_value = "24h")]
+        max_lifetime: Duration,
+        #[arg(long, value_parser = duration, default_value = "7d")]
+        node_credential_lifetime: Duration,
+        #[arg(long, value_parser = duration, default_value = "60s")]
+        clock_skew: Duration,
+    },
+    /// Issue a node's credential for reaching the signing service (key 0600,
+    /// chain and trust bundle) into --out.
+    NodeCredential {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_parser = duration, default_value = "7d")]
+        lifetime: Duration,
+    },
+    /// Root rotation, one step at a time (see docs/runbook.md).
+    Rotate {
+        #[arg(long)]
+        dir: PathBuf,
+        #[command(subcommand)]
+        step: RotateStep,
+    },
+    /// The CA's generations, the active one and the trusted roots.
+    Status {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Clone, Copy)]
+pub enum RotateStep {
+    /// Step 1: make a new root (and intermediate) and add the root to the
+    /// trust bundle. Wait until every node reports it (`ztunnel certs`).
+    Begin,
+    /// Step 2: sign with the new intermediate. Nodes re-issue under the new
+    /// root within seconds; wait until every certificate shows it.
+    Activate,
+    /// Step 3: drop the old root from the trust bundle.
+    Finish,
+}
+
+pub fn ca(cmd: CaCommand) -> anyhow::Result<()> {
+    match cmd {
+        CaCommand::Init { dir, trust_domain, force, root_lifetime, intermediate_lifetime } => {
+            let lifetimes = CaLifetimes { root: root_lifetime, intermediate: intermediate_lifetime };
+            CaDir::new(&dir).init(&trust_domain, force, lifetimes)?;
+            println!("CA for trust domain {trust_domain} created in {}", dir.display());
+            println!("  gen-1/root-key.pem is only needed to make intermediates: move it offline");
+            Ok(())
+        }
+        CaCommand::Serve { dir, registry, listen, max_lifetime, node_credential_lifetime, clock_skew } => {
+            let settings = ServeSettings {
+                dir,
+                listen,
+                registry,
+                policy: SignerPolicy {
+                    max_lifetime,
+                    node_lifetime: node_credential_lifetime,
+                    ..SignerPolicy::default()
+                },
+                clock_skew,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let shutdown = CancellationToken::new();
+                let stop = shutdown.clone();
+                tokio::spawn(async move {
+                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                    }
+                    stop.cancel();
+                });
+                crate::ca::server::serve(settings, shutdown).await
+            })
+        }
+        CaCommand::NodeCredential { dir, node, out, lifetime } => {
+            write_node_credentials(&dir, &node, &out, lifetime)?;
+            println!("node credential for {node} written to {}", out.display());
+            Ok(())
+        }
+        CaCommand::Rotate { dir, step } => {
+            let ca = CaDir::new(&dir);
+            match step {
+                RotateStep::Begin => {
+                    let g = ca.rotate_begin(CaLifetimes::default())?;
+                    println!(
+                        "generation {g} created; its root is now in the trust bundle (still signing with {})",
+                        ca.active()?
+                    );
+                    println!(
+                        "next: wait until every node's `ztunnel certs` lists {} roots, then `rotate activate`",
+                        ca.bundle()?.roots().len()
+                    );
+                }
+                RotateStep::Activate => {
+                    let g = ca.rotate_activate()?;
+                    println!(
+                        "generation {g} signs now; nodes re-issue their certificates under it within seconds"
+                    );
+                    println!(
+                        "next: wait until every certificate in `ztunnel certs` shows the new root, then `rotate finish`"
+                    );
+                }
+                RotateStep::Finish => {
+                    let removed = ca.rotate_finish()?;
+                    println!(
+                        "{removed} old root(s) removed from the trust bundle; generation {} is the only root",
+                        ca.active()?
+                    );
+                }
+            }
+            Ok(())
+        }
+        CaCommand::Status { dir } => {
+            let ca = CaDir::new(&dir);
+            let state = ca.load()?;
+            println!("trust domain: {}", state.trust_domain);
+            println!("active generation: {} (root {})", state.generation, state.signing_root);
+            println!("trusted roots: {}", state.bundle.fingerprints().join(", "));
+            Ok(())
+        }
+    }
+}
+
+/// `ztunnel certs`: what a running tunnel holds.
+pub fn certs(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (status, body) = runtime
+        .block_on(crate::http::get(admin, "/certs"))
+        .with_context(|| format!("asking the tunnel's admin endpoint {admin}"))?;
+    anyhow::ensure!(
+        status.is_success(),
+        "{admin}/certs answered {status}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    if json {
+        println!("{}", String::from_utf8_lossy(&body));
+        return Ok(());
+    }
+    let view: CertsView = serde_json::from_slice(&body).context("the admin endpoint's answer")?;
+    println!("trust bundle: {}   signing root: {}", view.trust_bundle.join(", "), view.signing_root);
+    println!(
+        "{:<52} {:<8} {:<14} {:>11} {:>13} {:<17} LAST ERROR",
+        "IDENTITY", "STATE", "SERIAL", "EXPIRES IN", "NEXT REQUEST", "ROOT"
+    );
+    for c in view.identities {
+        let serial = c.serial.map(|s| s.chars().take(14).collect::<String>()).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<52} {:<8} {:<14} {:>11} {:>13} {:<17} {}",
+            c.identity,
+            c.state,
+            serial,
+            c.expires_in_seconds.map_or_else(|| "-".into(), human_seconds),
+            human_seconds(c.next_request_in_seconds),
+            c.root.unwrap_or_else(|| "-".into()),
+            c.last_error.map_or_else(|| "-".into(), |e| format!("{e} ({} in a row)", c.consecutive_failures)),
+        );
+    }
+    Ok(())
+}
+
+fn human_seconds(s: i64) -> String {
+    let sign = if s < 0 { "-" } else { "" };
+    let s = s.unsigned_abs();
+    match s {
+        0..60 => format!("{sign}{s}s"),
+        60..3600 => format!("{sign}{}m{}s", s / 60, s % 60),
+        _ => format!("{sign}{}h{}m", s / 3600, (s % 3600) / 60),
+    }
+}
