@@ -181,6 +181,25 @@ impl Testbed {
         self.dir.path()
     }
 
+    /// The run's CA (`ztunnel ca init`, trust domain cluster.local), made on
+    /// first use; every tunnel's embedded CA signs from it by default, so the
+    /// testbed's nodes trust each other.
+    pub fn ca_dir(&self) -> PathBuf {
+        let dir = self.dir.path().join("ca");
+        if !dir.join("active").exists() {
+            let out = Command::new(bins::ztunnel().unwrap_or_else(|_| PathBuf::from("ztunnel")))
+                .args(["ca", "init", "--trust-domain", "cluster.local", "--dir"])
+                .arg(&dir)
+                .output();
+            if let Ok(o) = out
+                && !o.status.success()
+            {
+                eprintln!("ztunnel ca init: {}", String::from_utf8_lossy(&o.stderr));
+            }
+        }
+        dir
+    }
+
     fn add_netns(&mut self, name: &str) -> anyhow::Result<()> {
         net::ip(&["netns", "add", name])?;
         self.netns.push(name.to_owned());

@@ -56,6 +56,7 @@ pub fn config(tb: &Testbed, node: &Node, enrolled: &[&Workload]) -> Value {
             "bpf_pin_dir": tb.pin_base.join(&node.name),
         },
         "proxy": { "reload_interval": "200ms", "drain_timeout": "3s", "connect_timeout": "3s" },
+        "identity": { "ca": { "kind": "embedded", "dir": tb.ca_dir() } },
         "access_log": tb.dir().join(format!("{}-access.log", node.name)),
         "workloads": workloads,
     })

@@ -41,6 +41,8 @@ pub struct Entry {
     pub destination_workload: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub destination_identity: Option<String>,
+    /// `mutual_tls` or `none` (Istio's connection_security_policy).
+    pub connection_security_policy: &'static str,
     /// `allow` or `deny`.
     pub decision: &'static str,
     /// Why the connection ended the way it did (`ok`, or a failure reason).
@@ -59,6 +61,7 @@ impl Entry {
             direction,
             mode,
             decision: "allow",
+            connection_security_policy: if mode == "hbone" { "mutual_tls" } else { "none" },
             reason: "ok".into(),
             ..Self::default()
         }

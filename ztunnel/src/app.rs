@@ -30,7 +30,14 @@ use crate::{
     identity::runtime::IdentityRuntime,
     metrics::Metrics,
     netns::Netns,
-    proxy::{self, ProxyContext, outbound::ListenerScope},
+    proxy::{
+        self, ProxyContext,
+        hbone::{
+            HBONE_PORT,
+            pool::{Pool, PoolSettings},
+        },
+        outbound::ListenerScope,
+    },
     sockopt,
     state::State,
 };
@@ -101,6 +108,10 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     let node_outbound_v6 = bind(SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT)), "outbound")
         .map_err(|e| tracing::warn!("no IPv6 outbound listener on the node: {e:#}"))
         .ok();
+    let node_hbone_v4 = bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, HBONE_PORT)), "HBONE")?;
+    let node_hbone_v6 = bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, HBONE_PORT)), "HBONE")
+        .map_err(|e| tracing::warn!("no IPv6 HBONE listener on the node: {e:#}"))
+        .ok();
     let access_log = Arc::new(AccessLog::start(&config.access_log)?);
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
@@ -135,6 +146,18 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         access_log: access_log.clone(),
         metrics: metrics.clone(),
         certs: identity.manager.clone(),
+        pool: Pool::new(
+            PoolSettings {
+                idle_timeout: config.proxy.pool_idle_timeout,
+                connect_timeout: config.proxy.connect_timeout,
+                clock_skew: config.identity.clock_skew,
+                ..PoolSettings::default()
+            },
+            identity.manager.bundle(),
+        ),
+        deliveries: capture.deliveries(),
+        cert_wait: config.identity.cert_wait,
+        clock_skew: config.identity.clock_skew,
         connect_timeout: config.proxy.connect_timeout,
         connections: TaskTracker::new(),
         shutdown: shutdown.clone(),
@@ -154,6 +177,18 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         servers.spawn(proxy::accept_loop(listener, c.clone(), move |s, p| {
             proxy::outbound::handle(s, p, ListenerScope::Node, c.clone())
         }));
+    }
+    for listener in std::iter::once(node_hbone_v4).chain(node_hbone_v6) {
+        let c = ctx.clone();
+        servers.spawn(proxy::accept_loop(listener, c.clone(), move |s, p| {
+            proxy::hbone::server::serve_connection(s, p, ListenerScope::Node, c.clone())
+        }));
+    }
+    // Plain-host workloads receive their callers in the node's namespace.
+    if let Err(e) = proxy::delivery::prepare(&node_netns).await {
+        tracing::warn!(
+            "the node's namespace cannot deliver with the caller's address (callers will appear as the node): {e}"
+        );
     }
 
     let mut enrollment = Enrollment::new(

@@ -20,7 +20,7 @@ use std::{
 use ipnet::IpNet;
 use serde::Serialize;
 use tokio::sync::watch;
-use ztunnel_ebpf_common::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use ztunnel_ebpf_common::{INBOUND_HBONE_PORT as HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 
 use crate::{
     capture::{Capture, DesiredMaps, WorkloadCapture, addr_key},
@@ -436,7 +436,19 @@ impl Enrollment {
                 ctx.clone(),
                 move |s, p| proxy::inbound::handle_plaintext(s, p, id, ctx.clone()),
             ))));
+            // HBONE on every address of the pod (callers dial <pod ip>:15008).
+            let any: IpAddr =
+                if ip.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+            let listener = self.listen(local, SocketAddr::new(any, HBONE_PORT))?;
+            let ctx = self.ctx.clone();
+            out.tasks.push(AbortOnDrop(self.runtime.spawn(proxy::accept_loop(
+                listener,
+                ctx.clone(),
+                move |s, p| proxy::hbone::server::serve_connection(s, p, scope, ctx.clone()),
+            ))));
         }
+        // Replies to callers' addresses come back to the tunnel (see delivery).
+        self.runtime.block_on(proxy::delivery::prepare(&local.netns)).map_err(|e| e.to_string())?;
         Ok(out)
     }
 

@@ -109,6 +109,21 @@ pub struct AddrKey {
     pub family: u32,
 }
 
+/// Key of `DELIVERIES`: a connection the tunnel is handing to a workload with
+/// the caller's address as its source (IP_TRANSPARENT). sk_lookup lets these
+/// through instead of steering them back to the tunnel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DeliveryKey {
+    pub local_addr: [u32; 4],
+    pub remote_addr: [u32; 4],
+    /// Host order.
+    pub local_port: u16,
+    /// Host order.
+    pub remote_port: u16,
+    pub family: u32,
+}
+
 /// Indexes of the per-CPU `CAPTURE_COUNTERS` array.
 pub mod counter {
     /// Outbound connections redirected to the tunnel.
@@ -143,8 +158,9 @@ pub mod map_name {
     pub const INBOUND_ADDRS: &str = "INBOUND_ADDRS";
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     pub const CAPTURE_COUNTERS: &str = "CAPTURE_COUNTERS";
+    pub const DELIVERIES: &str = "DELIVERIES";
     /// Every map that outlives the tunnel process (pinned in bpffs).
-    pub const PINNED: [&str; 8] = [
+    pub const PINNED: [&str; 9] = [
         ENROLLED_CGROUPS,
         CAPTURED_BY_COOKIE,
         CAPTURED_BY_TUPLE,
@@ -153,6 +169,7 @@ pub mod map_name {
         INBOUND_ADDRS,
         INBOUND_LISTENERS,
         CAPTURE_COUNTERS,
+        DELIVERIES,
     ];
 }
 
@@ -181,6 +198,7 @@ mod user {
     unsafe impl aya::Pod for super::CidrKey {}
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::AddrKey {}
+    unsafe impl aya::Pod for super::DeliveryKey {}
 }
 
 #[cfg(test)]
@@ -196,5 +214,6 @@ mod tests {
         assert_eq!(size_of::<CidrKey>(), 4 + 4 + 16);
         assert_eq!(size_of::<PortKey>(), 8);
         assert_eq!(size_of::<AddrKey>(), 20);
+        assert_eq!(size_of::<DeliveryKey>(), 40);
     }
 }

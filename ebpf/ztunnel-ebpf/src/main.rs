@@ -35,8 +35,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use ztunnel_ebpf_common::{
     AF_INET, AF_INET6, AddrKey, CIDR_KEY_FIXED_BITS, CaptureRecord, CidrKey, ConnTuple, DIRECTION_INBOUND,
-    DIRECTION_OUTBOUND, EnrolledWorkload, INBOUND_HBONE_PORT, MAX_CGROUP_DEPTH, OUTBOUND_PORT, PortKey,
-    WORKLOAD_READY, counter,
+    DIRECTION_OUTBOUND, DeliveryKey, EnrolledWorkload, INBOUND_HBONE_PORT, MAX_CGROUP_DEPTH, OUTBOUND_PORT,
+    PortKey, WORKLOAD_READY, counter,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -81,6 +81,10 @@ static INBOUND_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(16384, 0
 static INBOUND_LISTENERS: SockHash<AddrKey> = SockHash::with_max_entries(16384, 0);
 #[map]
 static CAPTURE_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+// Connections the tunnel is handing to a workload (the tunnel adds and removes
+// each around its connect()).
+#[map]
+static DELIVERIES: HashMap<DeliveryKey, u8> = HashMap::with_max_entries(16384, 0);
 
 #[inline(always)]
 fn count(index: u32) {
@@ -329,6 +333,19 @@ pub fn ztunnel_sk_lookup(ctx: SkLookupContext) -> u32 {
     // packets from outside with a local source are dropped as martians first.)
     // SAFETY: only presence is read.
     if unsafe { INBOUND_ADDRS.get(&source) }.is_some() {
+        return SK_PASS;
+    }
+    // The tunnel handing a connection to the workload with the caller's own
+    // address as source (so the workload sees its real peer).
+    let delivery = DeliveryKey {
+        local_addr: key.addr,
+        remote_addr: source.addr,
+        local_port: l.local_port as u16,
+        remote_port: u16::from_be(l.remote_port),
+        family: key.family,
+    };
+    // SAFETY: only presence is read.
+    if unsafe { DELIVERIES.get(&delivery) }.is_some() {
         return SK_PASS;
     }
     // SAFETY: the value is copied out.

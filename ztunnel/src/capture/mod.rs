@@ -25,12 +25,12 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
 };
 use ztunnel_ebpf_common::{
-    AddrKey, CaptureRecord, CidrKey, ConnTuple, EnrolledWorkload, PortKey, counter, global_name, map_name,
-    program_name,
+    AddrKey, CaptureRecord, CidrKey, ConnTuple, DeliveryKey, EnrolledWorkload, PortKey, counter, global_name,
+    map_name, program_name,
 };
 
 pub use self::maps::{
-    CaptureCounters, CaptureRecords, CapturedConnection, DesiredMaps, WorkloadCapture, addr_key,
+    CaptureCounters, CaptureRecords, CapturedConnection, Deliveries, DesiredMaps, WorkloadCapture, addr_key,
 };
 use self::pins::{PinError, Pins};
 use crate::cgroup::Cgroup;
@@ -83,6 +83,7 @@ pub struct Capture {
     inbound_addrs: HashMap<MapData, AddrKey, u32>,
     inbound_listeners: SockHash<MapData, AddrKey>,
     records: Arc<CaptureRecords>,
+    deliveries: Arc<Deliveries>,
     counters: Arc<CaptureCounters>,
 }
 
@@ -153,6 +154,7 @@ impl Capture {
             inbound_addrs: take_map(&mut ebpf, map_name::INBOUND_ADDRS)?,
             inbound_listeners: take_map(&mut ebpf, map_name::INBOUND_LISTENERS)?,
             records: Arc::new(CaptureRecords::new(take_map(&mut ebpf, map_name::CAPTURED_BY_TUPLE)?)),
+            deliveries: Arc::new(Deliveries::new(take_map(&mut ebpf, map_name::DELIVERIES)?)),
             counters: Arc::new(CaptureCounters::new(take_map(&mut ebpf, map_name::CAPTURE_COUNTERS)?)),
             pins,
             ebpf,
@@ -170,6 +172,11 @@ impl Capture {
     /// tunnel's, after a restart).
     pub fn enrolled_ids(&self) -> StdHashMap<u64, u32> {
         self.enrolled.iter().filter_map(Result::ok).map(|(k, v)| (k, v.workload_id)).collect()
+    }
+
+    /// Connections being handed to workloads, shared with the proxies.
+    pub fn deliveries(&self) -> Arc<Deliveries> {
+        self.deliveries.clone()
     }
 
     /// Capture records, shared with the proxies that look them up.
@@ -286,7 +293,7 @@ where
 /// Refuses maps pinned with another layout: reading them would misattribute
 /// connections. (MAP_ABI_VERSION in the pin path makes this a safety net.)
 fn check_pinned_maps(pins: &Pins) -> Result<(), CaptureError> {
-    let sizes: [(&str, u32, u32); 8] = [
+    let sizes: [(&str, u32, u32); 9] = [
         (map_name::ENROLLED_CGROUPS, size_of::<u64>() as u32, size_of::<EnrolledWorkload>() as u32),
         (map_name::CAPTURED_BY_COOKIE, size_of::<u64>() as u32, size_of::<CaptureRecord>() as u32),
         (map_name::CAPTURED_BY_TUPLE, size_of::<ConnTuple>() as u32, size_of::<CaptureRecord>() as u32),
@@ -295,6 +302,7 @@ fn check_pinned_maps(pins: &Pins) -> Result<(), CaptureError> {
         (map_name::INBOUND_ADDRS, size_of::<AddrKey>() as u32, 4),
         (map_name::INBOUND_LISTENERS, size_of::<AddrKey>() as u32, 4),
         (map_name::CAPTURE_COUNTERS, 4, 8),
+        (map_name::DELIVERIES, size_of::<DeliveryKey>() as u32, 1),
     ];
     for (name, key, value) in sizes {
         let path = pins.map(name);

@@ -53,6 +53,9 @@ pub struct Config {
     pub access_log: AccessLogTarget,
     #[serde(default)]
     pub identity: IdentityConfig,
+    /// Modes per namespace (a workload may override them).
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, NamespaceConfig>,
     /// The workloads of the mesh this node knows: its own (placed on this
     /// node), which it captures, and other nodes', which it can reach.
     #[serde(default)]
@@ -134,6 +137,9 @@ pub struct ProxyConfig {
     /// re-read at once on SIGHUP).
     #[serde(with = "duration")]
     pub reload_interval: Duration,
+    /// A pooled HBONE connection with no stream for this long is closed.
+    #[serde(with = "duration")]
+    pub pool_idle_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -142,6 +148,7 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
             reload_interval: Duration::from_secs(2),
+            pool_idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -186,8 +193,10 @@ impl Default for IdentityConfig {
     }
 }
 
+/// `identity.ca`, e.g. `{kind: embedded, dir: /var/lib/ztunnel/ca}` or
+/// `{kind: remote, address: 10.0.0.1:15012, node_credentials: /etc/ztunnel/node}`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
+#[serde(tag = "kind", deny_unknown_fields, rename_all = "snake_case")]
 pub enum CaSource {
     /// The CA runs inside the tunnel (single host, demo, tests). With `dir`
     /// (made by `ztunnel ca init`) several tunnels share one CA; without it
@@ -290,6 +299,27 @@ pub struct WorkloadConfig {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub capture: WorkloadCaptureConfig,
+    /// Overrides the namespace's mTLS mode for this workload.
+    #[serde(default)]
+    pub mtls: Option<MtlsMode>,
+}
+
+/// Whether a workload accepts plaintext callers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MtlsMode {
+    /// Plaintext callers are accepted (and counted); mTLS callers too.
+    #[default]
+    Permissive,
+    /// Only mTLS (HBONE) callers; plaintext is refused.
+    Strict,
+}
+
+/// Modes of one namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NamespaceConfig {
+    pub mtls: MtlsMode,
 }
 
 fn default_segment() -> String {
@@ -334,6 +364,11 @@ impl Config {
         let config: Config = parse_yaml(text, file)?;
         config.validate().map_err(|i| i.into_error(text, file))?;
         Ok(config)
+    }
+
+    /// The mTLS mode in force for a workload: its own, else its namespace's.
+    pub fn mtls_mode(&self, w: &WorkloadConfig) -> MtlsMode {
+        w.mtls.or_else(|| self.namespaces.get(&w.namespace).map(|n| n.mtls)).unwrap_or_default()
     }
 
     /// The workloads placed on this node.

@@ -1,10 +1,16 @@
 //! The data path: listeners, the handling of each connection, the byte relay.
 //!
 //! * `outbound`: connections capture sent to :15001, attributed to a workload
-//!   by the capture record, routed to their destination.
+//!   by the capture record, routed to their destination (HBONE, or
+//!   passthrough to destinations outside the mesh).
+//! * `hbone`: the HBONE client (pooled) and server (:15008).
 //! * `inbound`: plaintext connections steered to :15006.
-//! * `relay`: the bidirectional copy every path ends in.
+//! * `delivery`: handing connections to workloads with the caller's address.
+//! * `relay`, `h2`: the bidirectional copy every path ends in.
 
+pub mod delivery;
+pub mod h2;
+pub mod hbone;
 pub mod inbound;
 pub mod outbound;
 pub mod relay;
@@ -15,8 +21,12 @@ use tokio::net::TcpStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    access_log::AccessLog, capture::CaptureRecords, identity::manager::CertManager, metrics::Metrics,
-    netns::Netns, state::StateWatch,
+    access_log::AccessLog,
+    capture::{CaptureRecords, Deliveries},
+    identity::manager::CertManager,
+    metrics::Metrics,
+    netns::Netns,
+    state::StateWatch,
 };
 
 /// What every connection handler needs.
@@ -26,7 +36,12 @@ pub struct ProxyContext {
     pub access_log: Arc<AccessLog>,
     pub metrics: Arc<Metrics>,
     pub certs: CertManager,
+    pub pool: Arc<hbone::pool::Pool>,
+    pub deliveries: Arc<Deliveries>,
     pub connect_timeout: Duration,
+    /// How long a connection waits for its workload's first certificate.
+    pub cert_wait: Duration,
+    pub clock_skew: Duration,
     /// Tracks connection tasks so shutdown can wait for them to drain.
     pub connections: TaskTracker,
     /// Cancelled when the tunnel stops accepting.
@@ -47,6 +62,19 @@ pub enum Failure {
     /// Relaying ended in an error or a reset.
     Reset,
     Io,
+    /// The source workload has no valid certificate.
+    NoCertificate,
+    /// An HBONE request that is not a CONNECT to `ip:port`.
+    BadRequest,
+    /// `:authority` names another address than the connection reached.
+    AuthorityMismatch,
+    /// `:authority` targets one of the tunnel's own ports.
+    SelfCall,
+    /// Opening the HBONE stream failed; the reason comes from the TLS or
+    /// HTTP/2 layer (expired, unknown_ca, wrong_identity, policy_denied, ...).
+    Hbone(&'static str),
+    /// Plaintext refused by a strict workload.
+    PlaintextRefused,
 }
 
 impl Failure {
@@ -59,6 +87,12 @@ impl Failure {
             Failure::ConnectTimeout => "connect_timeout",
             Failure::Reset => "reset",
             Failure::Io => "io_error",
+            Failure::NoCertificate => "no_certificate",
+            Failure::BadRequest => "bad_request",
+            Failure::AuthorityMismatch => "authority_mismatch",
+            Failure::SelfCall => "self_call",
+            Failure::Hbone(reason) => reason,
+            Failure::PlaintextRefused => "plaintext_refused",
         }
     }
 }

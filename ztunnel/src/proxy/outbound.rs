@@ -1,19 +1,29 @@
 //! Outbound: connections capture redirected to :15001.
 //!
 //! Each accepted connection is attributed by its capture record (the cgroup
-//! that called connect(), never the source address), then routed. Anything
-//! that cannot be attributed is refused with a reset: a connection the tunnel
-//! cannot name is a connection it must not carry.
+//! that called connect(), never the source address), then routed:
+//!
+//! * to a workload of the mesh: an HBONE stream to `<destination ip>:15008`,
+//!   presenting the source workload's certificate and requiring the
+//!   destination workload's identity;
+//! * elsewhere: straight to the original destination in plaintext, from the
+//!   source workload's namespace.
+//!
+//! Anything that cannot be attributed is refused with a reset: a connection
+//! the tunnel cannot name is a connection it must not carry.
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::TcpStream;
 
-use super::{Failure, ProxyContext, dial, relay};
+use super::{
+    Failure, ProxyContext, dial,
+    hbone::{HBONE_PORT, connect_request, pool::PoolKey},
+    relay::{self, BufReader, Writer},
+};
 use crate::{
     access_log::Entry,
     sockopt,
-    state::State,
     workload::{LocalWorkload, Workload},
 };
 
@@ -38,14 +48,20 @@ impl ListenerScope {
 /// How an outbound connection travels.
 #[derive(Debug)]
 pub enum Route {
+    /// Mutual TLS to the destination workload's tunnel.
+    Hbone(Arc<Workload>),
     /// Straight to the original destination, in plaintext, from the source
     /// workload's namespace.
     Passthrough,
 }
 
-/// Chooses the route for a connection from `source` to `dst`.
-pub fn route(_state: &State, _source: &LocalWorkload, _dst: Option<&Arc<Workload>>) -> Route {
-    Route::Passthrough
+/// Chooses the route to `destination` (the mesh workload at the original
+/// destination, if any).
+pub fn route(destination: Option<&Arc<Workload>>) -> Route {
+    match destination {
+        Some(d) => Route::Hbone(d.clone()),
+        None => Route::Passthrough,
+    }
 }
 
 pub async fn handle(stream: TcpStream, peer: SocketAddr, scope: ListenerScope, ctx: Arc<ProxyContext>) {
@@ -53,13 +69,18 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, scope: ListenerScope, c
     let mut entry = Entry::now("outbound", "passthrough");
     let result = carry(stream, peer, scope, &ctx, &mut entry).await;
     if let Err((failure, error)) = result {
-        entry.decision =
-            if matches!(failure, Failure::Reset | Failure::Io) { entry.decision } else { "deny" };
+        if !matches!(failure, Failure::Reset | Failure::Io) {
+            entry.decision = "deny";
+        }
         entry.reason = failure.reason().to_owned();
         entry.error = Some(error);
+        if let Failure::Hbone(reason) = failure {
+            ctx.metrics.handshake_failed("outbound", reason);
+        }
     }
     entry.duration_ms = started.elapsed().as_millis() as u64;
     ctx.metrics.count_connection(entry.direction, entry.mode, &entry.reason);
+    ctx.metrics.count_tcp(&entry, "source");
     ctx.access_log.log(entry);
 }
 
@@ -99,7 +120,7 @@ async fn carry(
         entry.destination_workload = Some(d.key());
         entry.destination_identity = Some(d.identity.to_string());
     }
-    match route(&state, &source, destination.as_ref()) {
+    match route(destination.as_ref()) {
         Route::Passthrough => {
             let upstream = match dial(&source.netns, captured.original_dst, ctx.connect_timeout).await {
                 Ok(s) => s,
@@ -107,6 +128,29 @@ async fn carry(
             };
             entry.source_address = upstream.local_addr().ok().map(|a| a.to_string());
             relay_tcp(stream, upstream, entry).await
+        }
+        Route::Hbone(destination) => {
+            entry.mode = "hbone";
+            entry.connection_security_policy = "mutual_tls";
+            let credential = match ctx.certs.wait(&source.workload.identity, ctx.cert_wait).await {
+                Ok(c) => c,
+                Err(e) => return refuse(&stream, Failure::NoCertificate, e.to_string()),
+            };
+            let source_ip = source.source_ip_for(captured.original_dst).unwrap_or(peer.ip());
+            let source_addr = SocketAddr::new(source_ip, peer.port());
+            entry.source_address = Some(source_addr.to_string());
+            let key = PoolKey {
+                source_workload: source.id,
+                source_identity: source.workload.identity.clone(),
+                destination_identity: destination.identity.clone(),
+                destination: SocketAddr::new(captured.original_dst.ip(), HBONE_PORT),
+            };
+            let request = connect_request(captured.original_dst, &source.workload, source_addr);
+            let hbone = match ctx.pool.open(&key, &source.netns, &credential, request).await {
+                Ok(s) => s,
+                Err(e) => return refuse(&stream, Failure::Hbone(e.reason()), e.to_string()),
+            };
+            relay_tcp_h2(stream, hbone.reader, hbone.writer, entry).await
         }
     }
 }
@@ -118,7 +162,11 @@ pub(super) async fn relay_tcp(
     entry: &mut Entry,
 ) -> Result<(), (Failure, String)> {
     let transferred = relay::Transferred::default();
-    let result = relay::relay(downstream.split(), upstream.split(), &transferred).await;
+    let result = {
+        let (dr, dw) = downstream.split();
+        let (ur, uw) = upstream.split();
+        relay::relay((BufReader::new(dr), Writer(dw)), (BufReader::new(ur), Writer(uw)), &transferred).await
+    };
     entry.bytes_sent = transferred.sent();
     entry.bytes_received = transferred.received();
     match result {
@@ -129,8 +177,34 @@ pub(super) async fn relay_tcp(
                 relay::Side::Downstream => sockopt::reset_on_close(&upstream),
                 relay::Side::Upstream => sockopt::reset_on_close(&downstream),
             }
-            let failure = if e.is_reset() { Failure::Reset } else { Failure::Io };
-            Err((failure, e.to_string()))
+            Err((if e.is_reset() { Failure::Reset } else { Failure::Io }, e.to_string()))
+        }
+    }
+}
+
+/// Relays a captured TCP connection (downstream) with an HBONE stream
+/// (upstream): a TCP reset becomes RST_STREAM, a reset stream a TCP reset.
+async fn relay_tcp_h2(
+    mut downstream: TcpStream,
+    reader: super::h2::H2Reader,
+    mut writer: super::h2::H2Writer,
+    entry: &mut Entry,
+) -> Result<(), (Failure, String)> {
+    let transferred = relay::Transferred::default();
+    let result = {
+        let (dr, dw) = downstream.split();
+        relay::relay((BufReader::new(dr), Writer(dw)), (reader, &mut writer), &transferred).await
+    };
+    entry.bytes_sent = transferred.sent();
+    entry.bytes_received = transferred.received();
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            match e.side {
+                relay::Side::Downstream => writer.reset(),
+                relay::Side::Upstream => sockopt::reset_on_close(&downstream),
+            }
+            Err((if e.is_reset() { Failure::Reset } else { Failure::Io }, e.to_string()))
         }
     }
 }

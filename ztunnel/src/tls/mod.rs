@@ -32,10 +32,20 @@ use tokio::sync::watch;
 
 use self::verify::{Expect, TrustBundle, verify_peer};
 
-/// The crypto provider every configuration uses (ring).
+/// The crypto provider every configuration uses: ring, with Istio ztunnel's
+/// TLS 1.3 suites (AES-256-GCM, AES-128-GCM; no ChaCha20).
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())).clone()
+    PROVIDER
+        .get_or_init(|| {
+            let mut p = rustls::crypto::ring::default_provider();
+            p.cipher_suites = vec![
+                rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+                rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+            ];
+            Arc::new(p)
+        })
+        .clone()
 }
 
 /// The current trust bundle; replaced as a whole when roots change.

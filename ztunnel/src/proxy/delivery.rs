@@ -1,0 +1,172 @@
+//! Handing a connection to the destination workload with the caller's real
+//! address as its source, so the application sees its true peer (as Istio's
+//! ztunnel does with IP_TRANSPARENT).
+//!
+//! Inside the workload's namespace the tunnel's socket binds the caller's
+//! address (IP_TRANSPARENT) and carries the mark `DELIVERY_MARK`. Three things
+//! make the two directions work:
+//!
+//! * Out: the connection is registered in the `DELIVERIES` map for the length
+//!   of its connect(), so inbound steering (sk_lookup) lets it reach the
+//!   application instead of sending it back to the tunnel.
+//! * Back: `net.ipv4.tcp_fwmark_accept=1` gives the application's accepted
+//!   socket the mark of the SYN that created it, and a policy rule sends
+//!   marked packets to a table whose only route is `local default dev lo`:
+//!   the application's replies to the caller's address come back to the
+//!   tunnel's socket instead of leaving the namespace.
+//! * Nothing else is affected: only sockets whose SYN carried the mark (the
+//!   tunnel's own deliveries) are marked.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{FromRawFd as _, IntoRawFd as _},
+    time::Duration,
+};
+
+use rtnetlink::{
+    RouteMessageBuilder,
+    packet_route::{
+        route::{RouteScope, RouteType},
+        rule::RuleAction,
+    },
+};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpStream;
+
+use super::Failure;
+use crate::{capture::Deliveries, netns::Netns};
+
+/// The mark on the tunnel's delivery sockets (Istio's in-pod mark).
+pub const DELIVERY_MARK: u32 = 0x539;
+/// The routing table holding `local default dev lo`.
+pub const DELIVERY_TABLE: u32 = 15009;
+/// The policy rule's priority: after `local` (0), before `main` (32766).
+pub const DELIVERY_RULE_PRIORITY: u32 = 15009;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("in {netns}: {what}: {error}")]
+    Setup { netns: String, what: &'static str, error: String },
+}
+
+/// Prepares a namespace for transparent delivery: the sysctl, the rules and
+/// routes. Idempotent; run at enrollment.
+pub async fn prepare(netns: &Netns) -> Result<(), DeliveryError> {
+    let err = |what: &'static str| {
+        let name = netns.display();
+        move |e: &dyn std::fmt::Display| DeliveryError::Setup { netns: name, what, error: e.to_string() }
+    };
+    netns
+        .run_async(|| std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1"))
+        .await
+        .map_err(|e| err("net.ipv4.tcp_fwmark_accept=1")(&e))?;
+    let fd = netns
+        .run_async(|| {
+            let mut s = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)?;
+            s.bind_auto()?;
+            s.set_non_blocking(true)?;
+            Ok(s.into_raw_fd())
+        })
+        .await
+        .map_err(|e| err("netlink socket")(&e))?;
+    // SAFETY: `fd` is the netlink socket just created and handed over; nothing
+    // else owns it.
+    let socket = unsafe { netlink_sys::TokioSocket::from_raw_fd(fd) };
+    let (connection, handle, _) = rtnetlink::from_socket(socket);
+    let connection = tokio::spawn(connection);
+    let result = async {
+        for v6 in [false, true] {
+            let rule = handle
+                .rule()
+                .add()
+                .fw_mark(DELIVERY_MARK)
+                .table_id(DELIVERY_TABLE)
+                .priority(DELIVERY_RULE_PRIORITY)
+                .action(RuleAction::ToTable);
+            let added = if v6 { rule.v6().execute().await } else { rule.v4().execute().await };
+            ignore_exists(added).map_err(|e| err("policy rule")(&e))?;
+            let route = if v6 {
+                RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+                    .kind(RouteType::Local)
+                    .scope(RouteScope::Host)
+                    .table_id(DELIVERY_TABLE)
+                    .output_interface(1)
+                    .build()
+            } else {
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+                    .kind(RouteType::Local)
+                    .scope(RouteScope::Host)
+                    .table_id(DELIVERY_TABLE)
+                    .output_interface(1)
+                    .build()
+            };
+            handle.route().add(route).replace().execute().await.map_err(|e| err("local route")(&e))?;
+        }
+        Ok(())
+    }
+    .await;
+    connection.abort();
+    result
+}
+
+fn ignore_exists(r: Result<(), rtnetlink::Error>) -> Result<(), rtnetlink::Error> {
+    match r {
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
+        other => other,
+    }
+}
+
+/// Connects to `dst` inside `netns` with `source` (the caller's address) as
+/// the source, when the families match; otherwise from the workload's own
+/// address.
+pub async fn connect_as(
+    netns: &Netns,
+    source: IpAddr,
+    dst: SocketAddr,
+    deliveries: &Deliveries,
+    timeout: Duration,
+) -> Result<TcpStream, (Failure, String)> {
+    let transparent = source.is_ipv4() == dst.is_ipv4() && source != dst.ip();
+    let socket = netns
+        .run_async(move || {
+            let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+            s.set_nonblocking(true)?;
+            s.set_tcp_nodelay(true)?;
+            if transparent {
+                if dst.is_ipv4() {
+                    s.set_ip_transparent_v4(true)?;
+                } else {
+                    s.set_ip_transparent_v6(true)?;
+                }
+                s.set_mark(DELIVERY_MARK)?;
+                s.bind(&SocketAddr::new(source, 0).into())?;
+            }
+            Ok(s)
+        })
+        .await
+        .map_err(|e| (Failure::Io, format!("delivery socket: {e}")))?;
+    let key = if transparent {
+        let local = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .ok_or_else(|| (Failure::Io, "delivery socket has no address".to_owned()))?;
+        let key = Deliveries::key(dst, local);
+        deliveries.insert(&key).map_err(|e| (Failure::Io, format!("registering the delivery: {e}")))?;
+        Some(key)
+    } else {
+        None
+    };
+    let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+    let result = tokio::time::timeout(timeout, socket.connect(dst)).await;
+    if let Some(key) = key {
+        deliveries.remove(&key);
+    }
+    match result {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err((Failure::DestinationUnreachable, e.to_string())),
+        Err(_) => Err((Failure::ConnectTimeout, format!("no answer from {dst} within {timeout:?}"))),
+    }
+}

@@ -1,0 +1,154 @@
+//! HTTP/2 for HBONE: the settings both sides use (Istio's), and a CONNECT
+//! stream as a chunk reader and writer for the relay.
+//!
+//! * Windows: 4 MiB per stream, 16 MiB per connection, 1 MiB frames. A stream
+//!   whose reader stalls only stops its own window: the others keep flowing.
+//! * A received DATA frame is handed on as is; its window is released only
+//!   after it was written onwards (backpressure end to end).
+//! * Half-close is END_STREAM. A reset of the TCP side becomes
+//!   RST_STREAM(CONNECT_ERROR) (RFC 9113 §8.5) and a reset stream becomes a
+//!   TCP reset; NO_ERROR counts as a clean end.
+//! * Both sides send a PING every 10 s and drop a connection that does not
+//!   answer within 20 s.
+
+use std::{io, time::Duration};
+
+use bytes::Bytes;
+use h2::{Reason, RecvStream, SendStream};
+
+use super::relay::{ChunkRead, ChunkWrite};
+
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub const MAX_FRAME: u32 = 1024 * 1024;
+/// Streams per pooled connection (Istio's default).
+pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
+/// What a server accepts at once on one connection.
+pub const SERVER_MAX_CONCURRENT_STREAMS: u32 = 200;
+pub const PING_INTERVAL: Duration = Duration::from_secs(10);
+pub const PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn client_builder() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .initial_max_send_streams(MAX_STREAMS_PER_CONNECTION)
+        .max_header_list_size(16 * 1024)
+        .max_send_buffer_size(STREAM_WINDOW as usize)
+        .enable_push(false);
+    b
+}
+
+pub fn server_builder() -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(SERVER_MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(64 * 1024)
+        .max_send_buffer_size(400 * 1024);
+    b
+}
+
+/// Keeps a connection alive and notices a dead peer: returns when a PING is
+/// not answered in time (or the connection is gone).
+pub async fn keepalive(mut ping_pong: h2::PingPong) -> io::Error {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + PING_INTERVAL, PING_INTERVAL);
+    loop {
+        tick.tick().await;
+        match tokio::time::timeout(PING_TIMEOUT, ping_pong.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return h2_to_io(e),
+            Err(_) => return io::Error::new(io::ErrorKind::TimedOut, "HTTP/2 PING not answered within 20s"),
+        }
+    }
+}
+
+/// An h2 error as an I/O error: a reset stream is a reset connection.
+pub fn h2_to_io(e: h2::Error) -> io::Error {
+    if let Some(reason) = e.reason() {
+        let kind = match reason {
+            Reason::NO_ERROR => io::ErrorKind::UnexpectedEof,
+            _ => io::ErrorKind::ConnectionReset,
+        };
+        return io::Error::new(kind, format!("HTTP/2 stream reset: {reason}"));
+    }
+    if e.is_io() {
+        return e.into_io().unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
+    }
+    io::Error::other(e.to_string())
+}
+
+/// The receiving half of a CONNECT stream.
+pub struct H2Reader {
+    recv: RecvStream,
+}
+
+impl H2Reader {
+    pub fn new(recv: RecvStream) -> Self {
+        Self { recv }
+    }
+}
+
+impl ChunkRead for H2Reader {
+    async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            match self.recv.data().await {
+                None => return Ok(None),
+                Some(Ok(b)) if b.is_empty() => {}
+                Some(Ok(b)) => return Ok(Some(b)),
+                Some(Err(e)) => {
+                    // A stream the peer ended with NO_ERROR is a clean end.
+                    if e.reason() == Some(Reason::NO_ERROR) {
+                        return Ok(None);
+                    }
+                    return Err(h2_to_io(e));
+                }
+            }
+        }
+    }
+
+    fn consumed(&mut self, n: usize) {
+        let _ = self.recv.flow_control().release_capacity(n);
+    }
+}
+
+/// The sending half of a CONNECT stream.
+pub struct H2Writer {
+    send: SendStream<Bytes>,
+}
+
+impl H2Writer {
+    pub fn new(send: SendStream<Bytes>) -> Self {
+        Self { send }
+    }
+
+    /// Resets the stream: how a TCP reset crosses HBONE.
+    pub fn reset(&mut self) {
+        self.send.send_reset(Reason::CONNECT_ERROR);
+    }
+}
+
+impl ChunkWrite for H2Writer {
+    async fn write_chunk(&mut self, mut chunk: Bytes) -> io::Result<()> {
+        while !chunk.is_empty() {
+            self.send.reserve_capacity(chunk.len());
+            let granted = std::future::poll_fn(|cx| self.send.poll_capacity(cx)).await;
+            let n = match granted {
+                Some(Ok(n)) => n.min(chunk.len()),
+                Some(Err(e)) => return Err(h2_to_io(e)),
+                None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "HTTP/2 stream closed")),
+            };
+            if n == 0 {
+                continue;
+            }
+            self.send.send_data(chunk.split_to(n), false).map_err(h2_to_io)?;
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> io::Result<()> {
+        self.send.send_data(Bytes::new(), true).map_err(h2_to_io)
+    }
+}

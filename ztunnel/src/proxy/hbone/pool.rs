@@ -1,0 +1,338 @@
+//! The HBONE client: streams multiplexed over pooled mutual-TLS HTTP/2
+//! connections.
+//!
+//! One pool entry per (source workload, source identity, destination
+//! identity, destination address): the source workload fixes the namespace
+//! the connection is dialled from and so its source address (Istio keys on the
+//! source IP for the same reason); the destination address is the pod's
+//! `ip:15008`, because with in-pod listeners every pod terminates its own
+//! connections. Each connection carries at most 100 streams at once; more
+//! open another connection. Only one connection per entry is being set up at
+//! a time, so a burst of first streams does not open a connection each. Idle
+//! connections are dropped after `idle_timeout`.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::Request;
+use rustls_pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+
+use super::{ALPN_H2, HboneError};
+use crate::{
+    identity::{cert::Credential, spiffe::SpiffeId},
+    netns::Netns,
+    proxy::h2::{H2Reader, H2Writer, MAX_STREAMS_PER_CONNECTION, client_builder, keepalive},
+    tls::{self, BundleSource, verify::Expect},
+};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub source_workload: u32,
+    pub source_identity: SpiffeId,
+    pub destination_identity: SpiffeId,
+    pub destination: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub max_streams: usize,
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub clock_skew: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_streams: MAX_STREAMS_PER_CONNECTION,
+            idle_timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(10),
+            clock_skew: Duration::from_secs(60),
+        }
+    }
+}
+
+struct Connection {
+    id: u64,
+    sender: SendRequest<Bytes>,
+    /// Streams open now.
+    streams: AtomicUsize,
+    closed: AtomicBool,
+    idle_since: Mutex<Instant>,
+}
+
+impl Connection {
+    /// Takes a stream slot if the connection has one.
+    fn reserve(&self, max: usize) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        self.streams.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
+    }
+
+    fn release(&self) {
+        if self.streams.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Ok(mut t) = self.idle_since.lock()
+        {
+            *t = Instant::now();
+        }
+    }
+}
+
+#[derive(Default)]
+struct Entry {
+    connections: Vec<Arc<Connection>>,
+    /// Held while a connection for this entry is being set up.
+    opening: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A stream slot; dropping it frees the slot.
+struct Slot(Arc<Connection>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// An open CONNECT stream.
+pub struct HboneStream {
+    pub reader: H2Reader,
+    pub writer: H2Writer,
+    /// Which pooled connection carries it (for logs and tests).
+    pub connection_id: u64,
+    _slot: SlotGuard,
+}
+
+/// Keeps the stream's slot taken for as long as the stream lives.
+pub struct SlotGuard(#[allow(dead_code)] Slot);
+
+pub struct Pool {
+    entries: Mutex<HashMap<PoolKey, Entry>>,
+    settings: PoolSettings,
+    bundle: BundleSource,
+    next_id: AtomicUsize,
+}
+
+impl Pool {
+    pub fn new(settings: PoolSettings, bundle: BundleSource) -> Arc<Self> {
+        let pool = Arc::new(Self {
+            entries: Mutex::new(HashMap::new()),
+            settings,
+            bundle,
+            next_id: AtomicUsize::new(1),
+        });
+        let weak = Arc::downgrade(&pool);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                let Some(pool) = weak.upgrade() else { return };
+                pool.reap();
+            }
+        });
+        pool
+    }
+
+    /// Connections open per entry, for tests and the admin endpoint.
+    pub fn connections(&self) -> usize {
+        let entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        entries
+            .values()
+            .map(|e| e.connections.iter().filter(|c| !c.closed.load(Ordering::Acquire)).count())
+            .sum()
+    }
+
+    /// Drops closed connections and idle ones.
+    fn reap(&self) {
+        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for entry in entries.values_mut() {
+            entry.connections.retain(|c| {
+                let idle = c.streams.load(Ordering::Acquire) == 0
+                    && c.idle_since.lock().is_ok_and(|t| t.elapsed() > self.settings.idle_timeout);
+                !c.closed.load(Ordering::Acquire) && !idle
+            });
+        }
+        entries.retain(|_, e| !e.connections.is_empty());
+    }
+
+    fn reserve(&self, key: &PoolKey) -> Option<Slot> {
+        let entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = entries.get(key)?;
+        entry.connections.iter().find(|c| c.reserve(self.settings.max_streams)).map(|c| Slot(c.clone()))
+    }
+
+    fn opening_lock(&self, key: &PoolKey) -> Arc<tokio::sync::Mutex<()>> {
+        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        entries.entry(key.clone()).or_default().opening.clone()
+    }
+
+    /// Opens a CONNECT stream: on a pooled connection with room, or a new one.
+    pub async fn open(
+        &self,
+        key: &PoolKey,
+        netns: &Netns,
+        credential: &Credential,
+        request: Request<()>,
+    ) -> Result<HboneStream, HboneError> {
+        // A connection can die between its last use and this one (GOAWAY,
+        // peer restart): one retry on a fresh connection.
+        for attempt in 0..2 {
+            let slot = match self.reserve(key) {
+                Some(s) => s,
+                None => {
+                    let lock = self.opening_lock(key);
+                    let _opening = lock.lock().await;
+                    match self.reserve(key) {
+                        Some(s) => s,
+                        None => self.open_connection(key, netns, credential).await?,
+                    }
+                }
+            };
+            match send(&slot.0, key.destination, clone_request(&request)).await {
+                Ok((reader, writer)) => {
+                    return Ok(HboneStream {
+                        reader,
+                        writer,
+                        connection_id: slot.0.id,
+                        _slot: SlotGuard(slot),
+                    });
+                }
+                Err(SendError::Status(e)) => return Err(e),
+                Err(SendError::Connection(e)) => {
+                    slot.0.closed.store(true, Ordering::Release);
+                    if attempt == 1 {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Err(HboneError::Protocol { target: key.destination, error: "no usable connection".into() })
+    }
+
+    /// Dials, handshakes mTLS and HTTP/2, and adds the connection to the pool
+    /// with one slot already taken.
+    async fn open_connection(
+        &self,
+        key: &PoolKey,
+        netns: &Netns,
+        credential: &Credential,
+    ) -> Result<Slot, HboneError> {
+        let target = key.destination;
+        let unreachable = |error: String| HboneError::Unreachable { target, error };
+        let setup = async {
+            let socket = netns.tcp_socket(target).await.map_err(|e| unreachable(e.to_string()))?;
+            let tcp = socket.connect(target).await.map_err(|e| unreachable(e.to_string()))?;
+            let config = tls::client_config(
+                credential.certified.clone(),
+                self.bundle.clone(),
+                Expect::Identity(key.destination_identity.clone()),
+                self.settings.clock_skew,
+                &[ALPN_H2],
+            )
+            .map_err(|e| HboneError::Tls {
+                target,
+                reason: "tls_config",
+                error: e.to_string(),
+            })?;
+            // No SNI is sent; the name only satisfies the API.
+            let tls = TlsConnector::from(Arc::new(config))
+                .connect(ServerName::IpAddress(target.ip().into()), tcp)
+                .await
+                .map_err(|e| {
+                    let (reason, error) = e
+                        .get_ref()
+                        .and_then(|i| i.downcast_ref::<rustls::Error>())
+                        .map_or(("tls_error", e.to_string()), tls::verify::handshake_reason);
+                    HboneError::Tls { target, reason, error }
+                })?;
+            client_builder()
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(|e| HboneError::Protocol { target, error: e.to_string() })
+        };
+        let (sender, mut connection) =
+            tokio::time::timeout(self.settings.connect_timeout, setup).await.map_err(|_| {
+                unreachable(format!("no connection within {:?}", self.settings.connect_timeout))
+            })??;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u64;
+        let conn = Arc::new(Connection {
+            id,
+            sender,
+            streams: AtomicUsize::new(1),
+            closed: AtomicBool::new(false),
+            idle_since: Mutex::new(Instant::now()),
+        });
+        let ping_pong = connection.ping_pong();
+        let driven = conn.clone();
+        tokio::spawn(async move {
+            let outcome = match ping_pong {
+                Some(pp) => tokio::select! {
+                    r = &mut connection => r.err().map(|e| e.to_string()),
+                    e = keepalive(pp) => Some(e.to_string()),
+                },
+                None => connection.await.err().map(|e| e.to_string()),
+            };
+            driven.closed.store(true, Ordering::Release);
+            match outcome {
+                Some(e) => tracing::debug!(connection = id, %target, "HBONE connection ended: {e}"),
+                None => tracing::debug!(connection = id, %target, "HBONE connection closed"),
+            }
+        });
+        tracing::debug!(connection = id, %target, identity = %key.destination_identity, "HBONE connection opened");
+        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        entries.entry(key.clone()).or_default().connections.push(conn.clone());
+        Ok(Slot(conn))
+    }
+}
+
+enum SendError {
+    /// The connection failed: worth a retry on a new one.
+    Connection(HboneError),
+    /// The peer answered: final.
+    Status(HboneError),
+}
+
+async fn send(
+    conn: &Connection,
+    target: SocketAddr,
+    request: Request<()>,
+) -> Result<(H2Reader, H2Writer), SendError> {
+    let protocol =
+        |e: h2::Error| SendError::Connection(HboneError::Protocol { target, error: e.to_string() });
+    let mut sender = conn.sender.clone().ready().await.map_err(protocol)?;
+    let (response, send) = sender.send_request(request, false).map_err(protocol)?;
+    let response = response.await.map_err(|e| {
+        if e.is_remote() && e.reason().is_some() {
+            // The peer refused this stream (e.g. REFUSED_STREAM): a new
+            // connection may succeed.
+            protocol(e)
+        } else {
+            SendError::Status(HboneError::Protocol { target, error: e.to_string() })
+        }
+    })?;
+    let status = response.status().as_u16();
+    if status != 200 {
+        return Err(SendError::Status(HboneError::Status { target, status }));
+    }
+    Ok((H2Reader::new(response.into_body()), H2Writer::new(send)))
+}
+
+fn clone_request(r: &Request<()>) -> Request<()> {
+    let mut c = Request::new(());
+    *c.method_mut() = r.method().clone();
+    *c.uri_mut() = r.uri().clone();
+    *c.version_mut() = r.version();
+    *c.headers_mut() = r.headers().clone();
+    c
+}

@@ -1,0 +1,298 @@
+//! The HBONE server: a pod's `:15008` (or the node's, for plain-host
+//! workloads) terminates mutual TLS with the workload's own certificate,
+//! verifies the caller against the trust bundle and trust domain, and serves
+//! CONNECT streams:
+//!
+//! | case | answer |
+//! | --- | --- |
+//! | not CONNECT, or `:authority` not `ip:port` | 400 |
+//! | `:authority` IP is not the address the connection landed on | 400 |
+//! | `:authority` port is one of the tunnel's own (15001, 15006, 15008) | 503 |
+//! | policy denies | 401 |
+//! | the destination cannot be reached | 503 |
+//! | otherwise, once the destination accepted | 200 |
+//!
+//! The workload sees the caller's real address as its peer: the TCP peer of
+//! the HBONE connection (never the `forwarded` header, which the caller
+//! controls).
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use h2::{RecvStream, server::SendResponse};
+use http::{Method, Request, Response, StatusCode};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+use super::{ALPN_H2, RESERVED_PORTS, parse_authority};
+use crate::{
+    access_log::Entry,
+    identity::{node_id::PeerId, spiffe::SpiffeId},
+    proxy::{
+        Failure, ProxyContext, delivery,
+        h2::{H2Reader, H2Writer, keepalive, server_builder},
+        outbound::ListenerScope,
+        relay::{self, BufReader, Writer},
+    },
+    sockopt,
+    tls::{self, CurrentCert, verify::Expect},
+    workload::LocalWorkload,
+};
+
+/// One accepted connection on a `:15008` listener.
+pub async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    scope: ListenerScope,
+    ctx: Arc<ProxyContext>,
+) {
+    let landed = match stream.local_addr() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    let state = ctx.state.borrow().clone();
+    let target = match scope {
+        ListenerScope::Pod(id) => state.local.get(&id).cloned(),
+        ListenerScope::Node => state
+            .local
+            .values()
+            .find(|w| !w.is_pod() && w.workload.addresses.contains(&crate::workload::canonical(landed.ip())))
+            .cloned(),
+    };
+    let Some(target) = target else {
+        sockopt::reset_on_close(&stream);
+        return;
+    };
+    let identity = target.workload.identity.clone();
+    let certs = ctx.certs.clone();
+    let cert = CurrentCert(Box::new(move || certs.credential(&identity).map(|c| c.certified.clone())));
+    let config = match tls::server_config(
+        cert,
+        ctx.certs.bundle(),
+        Expect::TrustDomain(target.workload.identity.trust_domain().clone()),
+        ctx.clock_skew,
+        &[ALPN_H2],
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("HBONE server configuration: {e}");
+            return;
+        }
+    };
+    let accepted =
+        tokio::time::timeout(ctx.connect_timeout, TlsAcceptor::from(Arc::new(config)).accept(stream)).await;
+    let tls = match accepted {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            let (reason, error) = e
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<rustls::Error>())
+                .map_or(("not_tls", e.to_string()), tls::verify::handshake_reason);
+            refused_handshake(&ctx, peer, landed, &target, reason, error);
+            return;
+        }
+        Err(_) => {
+            refused_handshake(
+                &ctx,
+                peer,
+                landed,
+                &target,
+                "handshake_timeout",
+                "no TLS handshake in time".into(),
+            );
+            return;
+        }
+    };
+    let source = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| tls::verify::peer_id(c).ok())
+        .and_then(|p| if let PeerId::Workload(id) = p { Some(id) } else { None });
+    let Some(source) = source else {
+        refused_handshake(
+            &ctx,
+            peer,
+            landed,
+            &target,
+            "no_spiffe_id",
+            "caller has no workload identity".into(),
+        );
+        return;
+    };
+    let mut connection = match server_builder().handshake::<_, Bytes>(tls).await {
+        Ok(c) => c,
+        Err(e) => {
+            refused_handshake(&ctx, peer, landed, &target, "hbone_protocol", e.to_string());
+            return;
+        }
+    };
+    let mut keepalive = connection.ping_pong().map(|pp| Box::pin(keepalive(pp)));
+    let caller = Arc::new(Caller { peer, landed, source, target });
+    loop {
+        let next = tokio::select! {
+            next = connection.accept() => next,
+            e = async { match keepalive.as_mut() { Some(k) => k.await, None => std::future::pending().await } } => {
+                tracing::debug!(%peer, "HBONE connection dropped: {e}");
+                return;
+            }
+            () = ctx.shutdown.cancelled() => {
+                connection.graceful_shutdown();
+                // Keep serving the streams already open until they finish.
+                while let Some(Ok(_)) = connection.accept().await {}
+                return;
+            }
+        };
+        match next {
+            Some(Ok((request, respond))) => {
+                ctx.connections.spawn(handle_stream(request, respond, caller.clone(), ctx.clone()));
+            }
+            Some(Err(e)) => {
+                tracing::debug!(%peer, "HBONE connection error: {e}");
+                return;
+            }
+            None => return,
+        }
+    }
+}
+
+/// Who is calling, on which connection, to which local workload.
+struct Caller {
+    peer: SocketAddr,
+    landed: SocketAddr,
+    source: SpiffeId,
+    target: Arc<LocalWorkload>,
+}
+
+fn refused_handshake(
+    ctx: &ProxyContext,
+    peer: SocketAddr,
+    landed: SocketAddr,
+    target: &LocalWorkload,
+    reason: &str,
+    error: String,
+) {
+    ctx.metrics.handshake_failed("inbound", reason);
+    let mut entry = Entry::now("inbound", "hbone");
+    entry.source_address = Some(peer.to_string());
+    entry.destination_address = landed.to_string();
+    entry.destination_workload = Some(target.workload.key());
+    entry.destination_identity = Some(target.workload.identity.to_string());
+    entry.decision = "deny";
+    entry.reason = reason.to_owned();
+    entry.error = Some(error);
+    ctx.metrics.count_connection(entry.direction, entry.mode, &entry.reason);
+    ctx.access_log.log(entry);
+}
+
+async fn handle_stream(
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    caller: Arc<Caller>,
+    ctx: Arc<ProxyContext>,
+) {
+    let started = Instant::now();
+    let mut entry = Entry::now("inbound", "hbone");
+    entry.source_address = Some(caller.peer.to_string());
+    entry.source_identity = Some(caller.source.to_string());
+    entry.destination_workload = Some(caller.target.workload.key());
+    entry.destination_identity = Some(caller.target.workload.identity.to_string());
+    entry.destination_address = request.uri().to_string();
+    let result = carry(request, &mut respond, &caller, &ctx, &mut entry).await;
+    if let Err((status, failure, error)) = result {
+        if let Some(status) = status {
+            let mut r = Response::new(());
+            *r.status_mut() = status;
+            let _ = respond.send_response(r, true);
+        }
+        if !matches!(failure, Failure::Reset | Failure::Io) {
+            entry.decision = "deny";
+        }
+        entry.reason = failure.reason().to_owned();
+        entry.error = Some(error);
+    }
+    entry.duration_ms = started.elapsed().as_millis() as u64;
+    ctx.metrics.count_connection(entry.direction, entry.mode, &entry.reason);
+    ctx.metrics.count_tcp(&entry, "destination");
+    ctx.access_log.log(entry);
+}
+
+type StreamFailure = (Option<StatusCode>, Failure, String);
+
+async fn carry(
+    request: Request<RecvStream>,
+    respond: &mut SendResponse<Bytes>,
+    caller: &Caller,
+    ctx: &ProxyContext,
+    entry: &mut Entry,
+) -> Result<(), StreamFailure> {
+    let bad = |failure, error: String| Err((Some(StatusCode::BAD_REQUEST), failure, error));
+    if request.method() != Method::CONNECT {
+        return bad(Failure::BadRequest, format!("{} is not CONNECT", request.method()));
+    }
+    let Some(dst) = parse_authority(request.uri().authority()) else {
+        return bad(Failure::BadRequest, format!("`{}` is not ip:port", request.uri()));
+    };
+    entry.destination_address = dst.to_string();
+    if crate::workload::canonical(dst.ip()) != crate::workload::canonical(caller.landed.ip()) {
+        return bad(
+            Failure::AuthorityMismatch,
+            format!("{dst} is not the address this connection reached ({})", caller.landed.ip()),
+        );
+    }
+    if RESERVED_PORTS.contains(&dst.port()) {
+        return Err((
+            Some(StatusCode::SERVICE_UNAVAILABLE),
+            Failure::SelfCall,
+            format!("port {} is the tunnel's own", dst.port()),
+        ));
+    }
+    let upstream = match delivery::connect_as(
+        &caller.target.netns,
+        caller.peer.ip(),
+        dst,
+        &ctx.deliveries,
+        ctx.connect_timeout,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err((failure, error)) => return Err((Some(StatusCode::SERVICE_UNAVAILABLE), failure, error)),
+    };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(s) => s,
+        Err(e) => return Err((None, Failure::Reset, e.to_string())),
+    };
+    let recv = request.into_body();
+    relay_h2_tcp(H2Reader::new(recv), H2Writer::new(send), upstream, entry)
+        .await
+        .map_err(|(f, e)| (None, f, e))
+}
+
+/// Relays an HBONE stream (downstream) with a TCP connection (upstream),
+/// passing resets across: a TCP reset becomes RST_STREAM and the reverse.
+pub async fn relay_h2_tcp(
+    reader: H2Reader,
+    mut writer: H2Writer,
+    mut tcp: TcpStream,
+    entry: &mut Entry,
+) -> Result<(), (Failure, String)> {
+    let transferred = relay::Transferred::default();
+    let result = {
+        let (r, w) = tcp.split();
+        relay::relay((reader, &mut writer), (BufReader::new(r), Writer(w)), &transferred).await
+    };
+    entry.bytes_sent = transferred.sent();
+    entry.bytes_received = transferred.received();
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            match e.side {
+                relay::Side::Downstream => sockopt::reset_on_close(&tcp),
+                relay::Side::Upstream => writer.reset(),
+            }
+            Err((if e.is_reset() { Failure::Reset } else { Failure::Io }, e.to_string()))
+        }
+    }
+}
