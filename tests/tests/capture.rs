@@ -99,6 +99,7 @@ fn ipv6_connections_are_captured_too() -> anyhow::Result<()> {
     let remote = tb.add_pod(&n2, "remote")?;
     let server = Server::start(&tb, &remote.place(), &[remote.addr6(9000)])?;
     let tunnel = tb.start_tunnel(&n1, tb.tunnel_config(&n1, &[&web]))?;
+    let _remote_tunnel = tb.start_tunnel(&n2, tb.tunnel_config(&n2, &[&remote]))?;
 
     let r = agent::connect(&tb, &web.place(), remote.addr6(9000), 2, 2)?;
     assert_eq!(r.ok, 2, "{:?}", r.errors);
@@ -119,11 +120,7 @@ fn inbound_steering_preserves_the_destination_port_and_leaves_15008_alone() -> a
     let n1 = tb.add_node("n1")?;
     let n2 = tb.add_node("n2")?;
     let web = tb.add_pod(&n1, "web")?;
-    let app = Server::start(
-        &tb,
-        &web.place(),
-        &[web.addr4(8080), web.addr4(9443), web.addr6(8080), web.addr4(15008)],
-    )?;
+    let app = Server::start(&tb, &web.place(), &[web.addr4(8080), web.addr4(9443), web.addr6(8080)])?;
     let tunnel = tb.start_tunnel(&n1, tb.tunnel_config(&n1, &[&web]))?;
 
     for dst in [web.addr4(8080), web.addr4(9443), web.addr6(8080)] {
@@ -145,11 +142,14 @@ fn inbound_steering_preserves_the_destination_port_and_leaves_15008_alone() -> a
     );
     assert_eq!(tunnel.capture_counter("inbound_steered")?, 3);
 
-    // 15008 (HBONE) is reached directly, never steered to the plaintext listener.
-    let r = agent::connect(&tb, &n2.unenrolled(), web.addr4(15008), 1, 1)?;
-    assert_eq!(r.ok, 1, "{:?}", r.errors);
+    // 15008 reaches the tunnel's HBONE listener directly, never the plaintext
+    // one: a client that never starts a TLS handshake is dropped there.
+    let r = agent::probe(&tb, &n2.unenrolled(), web.addr4(15008))?;
+    assert_ne!(r["result"], "ok", "{r}");
+    let refused = tunnel.wait_access_log(1, WAIT, |e| e["mode"] == "hbone" && e["decision"] == "deny")?;
+    assert_eq!(field(&refused[0], "reason"), "handshake_timeout", "{}", refused[0]);
     assert_eq!(tunnel.capture_counter("inbound_steered")?, 3);
-    assert_eq!(app.accepted().len(), 4);
+    assert_eq!(app.accepted().len(), 3);
     Ok(())
 }
 
