@@ -84,10 +84,11 @@ pub async fn serve_connection(
     let tls = match accepted {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
+            let fallback = if e.kind() == std::io::ErrorKind::UnexpectedEof { "handshake_eof" } else { "not_tls" };
             let (reason, error) = e
                 .get_ref()
                 .and_then(|i| i.downcast_ref::<rustls::Error>())
-                .map_or(("not_tls", e.to_string()), tls::verify::handshake_reason);
+                .map_or((fallback, e.to_string()), tls::verify::handshake_reason);
             refused_handshake(&ctx, peer, landed, &target, reason, error);
             return;
         }
