@@ -209,3 +209,140 @@ impl Drop for Held {
         let _ = self.child.wait();
     }
 }
+
+/// `tb-agent connect` with a recognisable text payload.
+pub fn connect_text(
+    tb: &Testbed,
+    place: &Place,
+    to: SocketAddr,
+    text: &str,
+    bytes: usize,
+) -> anyhow::Result<Connected> {
+    let out = tb
+        .agent(place)?
+        .args(["connect", "--to", &to.to_string(), "--bytes", &bytes.to_string(), "--payload", text])
+        .output()
+        .context("run tb-agent connect")?;
+    let v = last_json(&out.stdout).with_context(|| {
+        format!("tb-agent connect printed nothing; stderr: {}", String::from_utf8_lossy(&out.stderr))
+    })?;
+    Ok(Connected {
+        ok: v["ok"].as_u64().unwrap_or(0) as usize,
+        failed: v["failed"].as_u64().unwrap_or(0) as usize,
+        errors: v["errors"].clone(),
+        seen: v["seen"].as_array().cloned().unwrap_or_default(),
+    })
+}
+
+/// Streams `bytes` to an echo server and back, checking SHA-256 both ways.
+pub fn transfer(tb: &Testbed, place: &Place, to: SocketAddr, bytes: u64) -> anyhow::Result<Value> {
+    let out = tb
+        .agent(place)?
+        .args(["transfer", "--to", &to.to_string(), "--bytes", &bytes.to_string()])
+        .output()
+        .context("run tb-agent transfer")?;
+    last_json(&out.stdout).with_context(|| {
+        format!("tb-agent transfer printed nothing; stderr: {}", String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+/// Writes `bytes`, half-closes, and reads a reply-after-eof server's answer.
+pub fn half_close(tb: &Testbed, place: &Place, to: SocketAddr, bytes: usize) -> anyhow::Result<Value> {
+    let out = tb
+        .agent(place)?
+        .args(["half-close", "--to", &to.to_string(), "--bytes", &bytes.to_string()])
+        .output()
+        .context("run tb-agent half-close")?;
+    last_json(&out.stdout).with_context(|| {
+        format!("tb-agent half-close printed nothing; stderr: {}", String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+impl Server {
+    /// A server that reads until the client half-closes, then answers how
+    /// many bytes it got.
+    pub fn reply_after_eof(tb: &Testbed, place: &Place, listen: &[SocketAddr]) -> anyhow::Result<Self> {
+        let mut cmd = tb.agent(place)?;
+        cmd.args(["serve", "--reply-after-eof"]);
+        for a in listen {
+            cmd.args(["--listen", &a.to_string()]);
+        }
+        Self::spawn(cmd)
+    }
+}
+
+/// A packet capture (tshark) on an interface inside a namespace.
+pub struct Capture {
+    child: Child,
+    pub file: std::path::PathBuf,
+}
+
+impl Capture {
+    /// Starts capturing TCP on `iface` in `netns`; returns once packets are
+    /// really being recorded (tshark announces itself before it captures, so
+    /// a marker connection is sent until it shows up in the file).
+    pub fn start(tb: &Testbed, netns: &str, iface: &str) -> anyhow::Result<Self> {
+        static CAPTURES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = CAPTURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let file = tb.dir().join(format!("{netns}-{iface}-{n}.pcap"));
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", netns, "tshark", "-q", "-i", iface, "-f", "tcp or arp", "-w"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn tshark")?;
+        let capture = Self { child, file };
+        // A connection attempt to an address on the fabric nobody holds: its
+        // ARP request crosses iface, and once the capture file grows past its
+        // header, capture is live.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let mut attempt = 0u8;
+        loop {
+            // A fresh address each time: a repeated one waits for its failed
+            // neighbour entry to expire before it is asked for again.
+            attempt = attempt.wrapping_add(1);
+            let target = SocketAddr::from(([198, 18, 0, 200 + attempt % 50], 9));
+            let _ = crate::in_netns(netns, move || {
+                let _ = std::net::TcpStream::connect_timeout(&target, Duration::from_millis(50));
+                Ok(())
+            });
+            let size = std::fs::metadata(&capture.file).map(|m| m.len()).unwrap_or(0);
+            if size > 400 {
+                return Ok(capture);
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("tshark did not start capturing on {iface} in {netns}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the capture; returns the raw capture file's bytes.
+    pub fn stop(mut self) -> anyhow::Result<Vec<u8>> {
+        std::thread::sleep(Duration::from_millis(300));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )?;
+        let _ = self.child.wait();
+        Ok(std::fs::read(&self.file)?)
+    }
+
+    /// Field values of packets matching a display filter, read back with tshark.
+    pub fn fields(file: &std::path::Path, filter: &str, field: &str) -> anyhow::Result<Vec<String>> {
+        let out = std::process::Command::new("tshark")
+            .args(["-r"])
+            .arg(file)
+            .args(["-Y", filter, "-T", "fields", "-e", field])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

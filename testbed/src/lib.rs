@@ -41,7 +41,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-pub use crate::tunnel::Tunnel;
+pub use crate::{net::in_netns, tunnel::Tunnel};
 
 /// The testbed's IPv6 /48 (ULA): nodes on subnet 0, node k's pods on subnet k.
 pub const ULA: &str = "fd7a:7e57:7e57";

@@ -49,6 +49,9 @@ pub struct Entry {
     pub reason: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The pooled HBONE connection that carried the stream (outbound).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hbone_connection: Option<u64>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub duration_ms: u64,

@@ -40,6 +40,10 @@ enum Cmd {
     Serve {
         #[arg(long, required = true)]
         listen: Vec<SocketAddr>,
+        /// Instead of echoing, read until the client half-closes, then
+        /// answer `{"received": N}` (proves half-close crossed the path).
+        #[arg(long)]
+        reply_after_eof: bool,
     },
     Connect {
         #[arg(long)]
@@ -52,6 +56,23 @@ enum Cmd {
         bytes: usize,
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
+        /// Send this text (repeated to --bytes) instead of a byte pattern.
+        #[arg(long)]
+        payload: Option<String>,
+    },
+    /// Streams --bytes to an echo server and checks the echo's SHA-256.
+    Transfer {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+    },
+    /// Writes --bytes, half-closes, and expects a reply-after-eof server's answer.
+    HalfClose {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        bytes: usize,
     },
     Probe {
         #[arg(long)]
@@ -77,10 +98,12 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         match cli.command {
-            Cmd::Serve { listen } => serve(listen).await,
-            Cmd::Connect { to, count, concurrency, bytes, timeout_ms } => {
-                connect(to, count, concurrency, bytes, Duration::from_millis(timeout_ms)).await
+            Cmd::Serve { listen, reply_after_eof } => serve(listen, reply_after_eof).await,
+            Cmd::Connect { to, count, concurrency, bytes, timeout_ms, payload } => {
+                connect(to, count, concurrency, bytes, Duration::from_millis(timeout_ms), payload).await
             }
+            Cmd::Transfer { to, bytes } => transfer(to, bytes).await,
+            Cmd::HalfClose { to, bytes } => half_close(to, bytes).await,
             Cmd::Probe { to, timeout_ms } => probe(to, Duration::from_millis(timeout_ms)).await,
             Cmd::Hold { to } => hold(to).await,
             Cmd::Http { listen, name } => http(listen, name).await,
@@ -99,7 +122,7 @@ fn emit(v: Value) {
     println!("{v}");
 }
 
-async fn serve(addrs: Vec<SocketAddr>) -> anyhow::Result<()> {
+async fn serve(addrs: Vec<SocketAddr>, reply_after_eof: bool) -> anyhow::Result<()> {
     let mut listeners = Vec::new();
     for a in &addrs {
         let socket =
@@ -111,7 +134,7 @@ async fn serve(addrs: Vec<SocketAddr>) -> anyhow::Result<()> {
     emit(json!({"event": "listening", "addrs": addrs}));
     let mut tasks = Vec::new();
     for l in listeners {
-        tasks.push(tokio::spawn(accept_loop(l)));
+        tasks.push(tokio::spawn(accept_loop(l, reply_after_eof)));
     }
     for t in tasks {
         t.await??;
@@ -119,15 +142,28 @@ async fn serve(addrs: Vec<SocketAddr>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn accept_loop(l: TcpListener) -> anyhow::Result<()> {
+async fn accept_loop(l: TcpListener, reply_after_eof: bool) -> anyhow::Result<()> {
     loop {
         let (s, peer) = l.accept().await?;
         tokio::spawn(async move {
             let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
             emit(json!({"event": "accepted", "peer": peer, "local": local}));
-            let _ = echo(s, peer, &local).await;
+            let _ = if reply_after_eof {
+                count_then_reply(s, peer, &local).await
+            } else {
+                echo(s, peer, &local).await
+            };
         });
     }
+}
+
+async fn count_then_reply(mut s: TcpStream, peer: SocketAddr, local: &str) -> std::io::Result<()> {
+    let hello = format!("{}\n", json!({"peer": peer, "local": local}));
+    s.write_all(hello.as_bytes()).await?;
+    let mut sink = tokio::io::sink();
+    let received = tokio::io::copy(&mut (&mut s).take(u64::MAX), &mut sink).await?;
+    s.write_all(format!("{}\n", json!({"received": received})).as_bytes()).await?;
+    s.shutdown().await
 }
 
 async fn echo(mut s: TcpStream, peer: SocketAddr, local: &str) -> std::io::Result<()> {
@@ -156,6 +192,7 @@ async fn connect(
     concurrency: usize,
     bytes: usize,
     timeout: Duration,
+    payload: Option<String>,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut results = Vec::new();
@@ -168,7 +205,8 @@ async fn connect(
         let tasks: Vec<_> = (next..next + batch)
             .map(|i| {
                 let barrier = barrier.clone();
-                tokio::spawn(async move { one_exchange(to, i, bytes, timeout, barrier).await })
+                let text = payload.clone();
+                tokio::spawn(async move { one_exchange(to, i, bytes, timeout, barrier, text).await })
             })
             .collect();
         for t in tasks {
@@ -202,6 +240,7 @@ async fn one_exchange(
     bytes: usize,
     timeout: Duration,
     barrier: Arc<tokio::sync::Barrier>,
+    text: Option<String>,
 ) -> Result<Value, Failed> {
     let io = |e: std::io::Error| (classify(&e), e.to_string());
     let connected = tokio::time::timeout(timeout, TcpStream::connect(to)).await;
@@ -231,7 +270,10 @@ async fn one_exchange(
     }
     let mut info: Value = serde_json::from_str(&hello).map_err(|e| ("protocol", e.to_string()))?;
     info["client_local"] = json!(local);
-    let payload: Vec<u8> = (0..bytes).map(|b| ((b + index * 7) % 251) as u8).collect();
+    let payload: Vec<u8> = match &text {
+        Some(t) if !t.is_empty() => t.bytes().cycle().take(bytes.max(t.len())).collect(),
+        _ => (0..bytes).map(|b| ((b + index * 7) % 251) as u8).collect(),
+    };
     let mut s = reader.into_inner();
     let exchange = async {
         let (mut r, mut w) = s.split();
@@ -355,4 +397,100 @@ async fn http_exchange(s: TcpStream, peer: SocketAddr, name: &str) -> std::io::R
     let mut s = reader.into_inner();
     s.write_all(response.as_bytes()).await?;
     s.shutdown().await
+}
+
+/// A deterministic byte stream (xorshift), so both ends can check it.
+struct Stream(u64);
+
+impl Stream {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            let b = self.0.to_le_bytes();
+            chunk.copy_from_slice(&b[..chunk.len()]);
+        }
+    }
+}
+
+async fn transfer(to: SocketAddr, bytes: u64) -> anyhow::Result<()> {
+    use ring::digest::{Context, SHA256};
+    let started = Instant::now();
+    let s = TcpStream::connect(to).await.with_context(|| format!("connect {to}"))?;
+    let (r, mut w) = s.into_split();
+    let mut r = BufReader::new(r);
+    let mut hello = String::new();
+    r.read_line(&mut hello).await?;
+    let send = async {
+        let mut sent = Context::new(&SHA256);
+        let mut stream = Stream(0x9e37_79b9_7f4a_7c15);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            stream.fill(&mut buf[..n]);
+            sent.update(&buf[..n]);
+            w.write_all(&buf[..n]).await?;
+            left -= n as u64;
+        }
+        w.shutdown().await?;
+        Ok::<_, std::io::Error>(sent.finish())
+    };
+    let recv = async {
+        let mut got = Context::new(&SHA256);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = r.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            got.update(&buf[..n]);
+            total += n as u64;
+        }
+        Ok::<_, std::io::Error>((got.finish(), total))
+    };
+    let (sent, received) = tokio::join!(send, recv);
+    let hex = |d: ring::digest::Digest| d.as_ref().iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let elapsed = started.elapsed();
+    let out = match (sent, received) {
+        (Ok(s), Ok((r, total))) => {
+            let (s, r) = (hex(s), hex(r));
+            json!({
+                "ok": s == r && total == bytes,
+                "sent": bytes,
+                "received": total,
+                "sent_sha256": s,
+                "received_sha256": r,
+                "elapsed_ms": elapsed.as_millis() as u64,
+                "gbps": (bytes * 8) as f64 / elapsed.as_secs_f64() / 1e9,
+            })
+        }
+        (s, r) => {
+            json!({"ok": false, "send_error": s.err().map(|e| e.to_string()), "receive_error": r.err().map(|e| e.to_string())})
+        }
+    };
+    emit(out);
+    Ok(())
+}
+
+async fn half_close(to: SocketAddr, bytes: usize) -> anyhow::Result<()> {
+    let s = TcpStream::connect(to).await.with_context(|| format!("connect {to}"))?;
+    let (r, mut w) = s.into_split();
+    let mut r = BufReader::new(r);
+    let mut hello = String::new();
+    r.read_line(&mut hello).await?;
+    w.write_all(&vec![b'x'; bytes]).await?;
+    // Half-close: we are done sending, but keep reading.
+    w.shutdown().await?;
+    let mut reply = String::new();
+    let answered = tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut reply)).await;
+    let reply: Value = serde_json::from_str(reply.trim()).unwrap_or(Value::Null);
+    emit(json!({
+        "ok": answered.is_ok() && reply["received"] == bytes,
+        "reply": reply,
+        "timed_out": answered.is_err(),
+    }));
+    Ok(())
 }

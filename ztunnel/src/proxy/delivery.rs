@@ -13,7 +13,9 @@
 //!   socket the mark of the SYN that created it, and a policy rule sends
 //!   marked packets to a table whose only route is `local default dev lo`:
 //!   the application's replies to the caller's address come back to the
-//!   tunnel's socket instead of leaving the namespace.
+//!   tunnel's socket instead of leaving the namespace. `fwmark_reflect=1`
+//!   does the same for replies the kernel makes itself (the RST of a closed
+//!   port), so an unreachable destination is known at once, not at timeout.
 //! * Nothing else is affected: only sockets whose SYN carried the mark (the
 //!   tunnel's own deliveries) are marked.
 
@@ -56,10 +58,12 @@ pub async fn prepare(netns: &Netns) -> Result<(), DeliveryError> {
         let name = netns.display();
         move |e: &dyn std::fmt::Display| DeliveryError::Setup { netns: name, what, error: e.to_string() }
     };
-    netns
-        .run_async(|| std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1"))
-        .await
-        .map_err(|e| err("net.ipv4.tcp_fwmark_accept=1")(&e))?;
+    for sysctl in ["ipv4/tcp_fwmark_accept", "ipv4/fwmark_reflect", "ipv6/fwmark_reflect"] {
+        netns
+            .run_async(move || std::fs::write(format!("/proc/sys/net/{sysctl}"), "1"))
+            .await
+            .map_err(|e| err("sysctl")(&format!("net.{}=1: {e}", sysctl.replace('/', "."))))?;
+    }
     let fd = netns
         .run_async(|| {
             let mut s = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)?;

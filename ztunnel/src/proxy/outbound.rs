@@ -150,6 +150,7 @@ async fn carry(
                 Ok(s) => s,
                 Err(e) => return refuse(&stream, Failure::Hbone(e.reason()), e.to_string()),
             };
+            entry.hbone_connection = Some(hbone.connection_id);
             relay_tcp_h2(stream, hbone.reader, hbone.writer, entry).await
         }
     }

@@ -84,7 +84,8 @@ pub async fn serve_connection(
     let tls = match accepted {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            let fallback = if e.kind() == std::io::ErrorKind::UnexpectedEof { "handshake_eof" } else { "not_tls" };
+            let fallback =
+                if e.kind() == std::io::ErrorKind::UnexpectedEof { "handshake_eof" } else { "not_tls" };
             let (reason, error) = e
                 .get_ref()
                 .and_then(|i| i.downcast_ref::<rustls::Error>())
