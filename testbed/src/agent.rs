@@ -140,6 +140,16 @@ impl Server {
         Self::spawn(cmd)
     }
 
+    /// A bare echo server (no hello line), for benchmarks.
+    pub fn echo(tb: &Testbed, place: &Place, listen: &[SocketAddr]) -> anyhow::Result<Self> {
+        let mut cmd = tb.agent(place)?;
+        cmd.arg("echo");
+        for a in listen {
+            cmd.args(["--listen", &a.to_string()]);
+        }
+        Self::spawn(cmd)
+    }
+
     /// Every connection accepted so far (`peer`, `local`).
     pub fn accepted(&self) -> Vec<Value> {
         self.lines.rx.try_iter().filter(|v| v["event"] == "accepted").collect()

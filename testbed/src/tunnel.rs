@@ -94,7 +94,9 @@ impl Tunnel {
     fn spawn(&mut self) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
         let child = Command::new(crate::bins::ztunnel()?)
-            .args(["--log-level", "info,ztunnel=debug", "run", "--config"])
+            .arg("--log-level")
+            .arg(std::env::var("ZTB_TUNNEL_LOG").unwrap_or_else(|_| "info,ztunnel=debug".to_owned()))
+            .args(["run", "--config"])
             .arg(&self.config_path)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -8,6 +8,7 @@
 //! | `demo` | setup, build, then the demo on the testbed (root) |
 //! | `bench [--json]` | setup, release build, then the benchmark (root) |
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -44,6 +45,18 @@ enum Task {
     },
     /// Bring up simulated nodes and workloads and show capture at work.
     Demo,
+    /// Measure the same workloads directly and through the tunnels.
+    Bench {
+        /// One flat JSON object on stdout instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Only this measurement: throughput, rr or crr.
+        #[arg(long)]
+        only: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -55,6 +68,9 @@ fn main() -> ExitCode {
             setup::run().and_then(|()| build(false)).and_then(|()| test(test_threads, filter))
         }
         Task::Demo => setup::run().and_then(|()| build(false)).and_then(|()| demo::run()),
+        Task::Bench { json, seconds, only } => setup::run()
+            .and_then(|()| build(true))
+            .and_then(|()| bench::run(&bench::Options { json, seconds, only })),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -67,6 +67,7 @@ pub fn run(config_path: &Path, set_log_level: LogLevelSetter) -> anyhow::Result<
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .worker_threads(config.proxy.worker_threads.max(1))
         .thread_name("ztunnel")
         .build()
         .context("starting the tokio runtime")?;
@@ -122,6 +123,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     let capture = Capture::install(&CaptureSettings {
         pin_dir: config.capture.bpf_pin_dir.clone(),
         cgroup_root: cgroup_root.clone(),
+        tunnel_cgroup: tunnel_cgroup.clone(),
         tunnel_cgroup_id,
         max_connections: config.capture.max_connections,
     })?;
@@ -155,7 +157,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
             },
             identity.manager.bundle(),
         ),
-        deliveries: capture.deliveries(),
+
         cert_wait: config.identity.cert_wait,
         clock_skew: config.identity.clock_skew,
         connect_timeout: config.proxy.connect_timeout,

@@ -47,6 +47,28 @@ struct Inner {
     path: Option<PathBuf>,
     /// Jobs for the thread that lives in the namespace.
     jobs: Option<std::sync::Mutex<mpsc::Sender<Job>>>,
+    /// Sockets made ahead of need (IPv4, IPv6), so that a connection does not
+    /// wait for a trip to the namespace's thread.
+    spare: [std::sync::Mutex<Vec<Socket>>; 2],
+    refilling: [std::sync::atomic::AtomicBool; 2],
+}
+
+/// Sockets made per trip to the namespace's thread.
+const SPARE_BATCH: usize = 16;
+/// Below this many spare sockets, a refill starts in the background.
+const SPARE_LOW: usize = 4;
+
+impl Inner {
+    fn new(path: Option<PathBuf>, jobs: Option<std::sync::Mutex<mpsc::Sender<Job>>>) -> Self {
+        Self { path, jobs, spare: Default::default(), refilling: Default::default() }
+    }
+}
+
+fn new_tcp_socket(domain: Domain) -> io::Result<Socket> {
+    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_nonblocking(true)?;
+    s.set_tcp_nodelay(true)?;
+    Ok(s)
 }
 
 impl std::fmt::Debug for Netns {
@@ -58,7 +80,7 @@ impl std::fmt::Debug for Netns {
 impl Netns {
     /// The namespace the tunnel itself runs in.
     pub fn current() -> Self {
-        Self { inner: Arc::new(Inner { path: None, jobs: None }) }
+        Self { inner: Arc::new(Inner::new(None, None)) }
     }
 
     /// Opens the namespace at `path` (`/var/run/netns/NAME`, `/proc/PID/ns/net`)
@@ -89,7 +111,7 @@ impl Netns {
             }
             Err(_) => return Err(NetnsError::ThreadGone(owned)),
         }
-        Ok(Self { inner: Arc::new(Inner { path: Some(owned), jobs: Some(std::sync::Mutex::new(tx)) }) })
+        Ok(Self { inner: Arc::new(Inner::new(Some(owned), Some(std::sync::Mutex::new(tx)))) })
     }
 
     /// Opens `path`, or the current namespace when there is none.
@@ -172,15 +194,52 @@ impl Netns {
     /// A fresh, unconnected, non-blocking TCP socket of `addr`'s family, made
     /// in the namespace, ready for tokio to connect.
     pub async fn tcp_socket(&self, addr: SocketAddr) -> Result<tokio::net::TcpSocket, NetnsError> {
-        let socket = self
-            .run_async(move || {
-                let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-                s.set_nonblocking(true)?;
-                s.set_tcp_nodelay(true)?;
-                Ok(s)
-            })
-            .await?;
+        let socket = self.socket_for(addr).await?;
         Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+    }
+
+    /// A fresh, non-blocking, no-delay TCP socket of `addr`'s family in the
+    /// namespace, usually from the spare stock (socket options and bind() can
+    /// then be done from any thread: only creation must happen inside).
+    pub async fn socket_for(&self, addr: SocketAddr) -> Result<Socket, NetnsError> {
+        let domain = Domain::for_address(addr);
+        if self.inner.jobs.is_none() {
+            return new_tcp_socket(domain).map_err(|source| self.socket_err(source));
+        }
+        let i = usize::from(addr.is_ipv6());
+        let (taken, left) = {
+            let mut spare = self.inner.spare[i].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            (spare.pop(), spare.len())
+        };
+        if left < SPARE_LOW {
+            self.refill(i, domain);
+        }
+        match taken {
+            Some(s) => Ok(s),
+            None => self.run_async(move || new_tcp_socket(domain)).await,
+        }
+    }
+
+    /// Makes a batch of spare sockets in the background (one at a time per family).
+    fn refill(&self, i: usize, domain: Domain) {
+        use std::sync::atomic::Ordering;
+        if self.inner.refilling[i].swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let made =
+                this.run_async(move || (0..SPARE_BATCH).map(|_| new_tcp_socket(domain)).collect()).await;
+            match made {
+                Ok(sockets) => {
+                    let mut spare =
+                        this.inner.spare[i].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    spare.extend::<Vec<Socket>>(sockets);
+                }
+                Err(e) => tracing::debug!("making spare sockets in {}: {e}", this.display()),
+            }
+            this.inner.refilling[i].store(false, Ordering::Release);
+        });
     }
 }
 

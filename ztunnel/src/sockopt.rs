@@ -40,3 +40,24 @@ pub fn raise_nofile_limit() {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
+
+/// IP_BIND_ADDRESS_NO_PORT: a bind() to an address with port 0 defers the
+/// port choice to connect(), which picks it by the whole 4-tuple (and may
+/// reuse ports other connections hold in TIME_WAIT).
+pub fn bind_address_no_port(socket: &impl AsRawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a live socket fd; the kernel reads sizeof(int) from `on`.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -124,6 +124,10 @@ pub struct DeliveryKey {
     pub family: u32,
 }
 
+/// The mark on the tunnel's delivery sockets (Istio's in-pod mark): the
+/// delivery sockops program registers connections carrying it.
+pub const DELIVERY_MARK: u32 = 0x539;
+
 /// Indexes of the per-CPU `CAPTURE_COUNTERS` array.
 pub mod counter {
     /// Outbound connections redirected to the tunnel.
@@ -145,7 +149,10 @@ pub mod counter {
     pub const INBOUND_UNKNOWN_ADDR: u32 = 6;
     /// Outbound connections left alone because of a port or CIDR exclusion.
     pub const EXCLUDED: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// A delivery could not be registered (map full): it would be steered
+    /// back to the tunnel, which then refuses it.
+    pub const DELIVERY_MAP_FULL: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Names of the maps, shared so that pin paths and lookups cannot drift.
@@ -179,6 +186,7 @@ pub mod program_name {
     pub const CONNECT6: &str = "ztunnel_connect6";
     pub const SOCKOPS: &str = "ztunnel_sockops";
     pub const SK_LOOKUP: &str = "ztunnel_sk_lookup";
+    pub const DELIVERY_SOCKOPS: &str = "ztunnel_delivery_sockops";
 }
 
 /// Names of the globals the loader sets.

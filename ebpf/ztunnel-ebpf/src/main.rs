@@ -34,12 +34,13 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use ztunnel_ebpf_common::{
-    AF_INET, AF_INET6, AddrKey, CIDR_KEY_FIXED_BITS, CaptureRecord, CidrKey, ConnTuple, DIRECTION_INBOUND,
-    DIRECTION_OUTBOUND, DeliveryKey, EnrolledWorkload, INBOUND_HBONE_PORT, MAX_CGROUP_DEPTH, OUTBOUND_PORT,
-    PortKey, WORKLOAD_READY, counter,
+    AF_INET, AF_INET6, AddrKey, CIDR_KEY_FIXED_BITS, CaptureRecord, CidrKey, ConnTuple, DELIVERY_MARK,
+    DIRECTION_INBOUND, DIRECTION_OUTBOUND, DeliveryKey, EnrolledWorkload, INBOUND_HBONE_PORT,
+    MAX_CGROUP_DEPTH, OUTBOUND_PORT, PortKey, WORKLOAD_READY, counter,
 };
 
 const IPPROTO_TCP: u32 = 6;
+const TCP_ESTABLISHED: u32 = 1;
 const TCP_CLOSE: u32 = 7;
 /// cgroup/connect verdicts.
 const CONNECT_ALLOW: i32 = 1;
@@ -81,8 +82,8 @@ static INBOUND_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(16384, 0
 static INBOUND_LISTENERS: SockHash<AddrKey> = SockHash::with_max_entries(16384, 0);
 #[map]
 static CAPTURE_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
-// Connections the tunnel is handing to a workload (the tunnel adds and removes
-// each around its connect()).
+// Connections the tunnel is handing to a workload, registered by
+// ztunnel_delivery_sockops for the length of their handshake.
 #[map]
 static DELIVERIES: HashMap<DeliveryKey, u8> = HashMap::with_max_entries(16384, 0);
 
@@ -245,7 +246,7 @@ fn local_tuple(ctx: &SockOpsContext) -> Option<ConnTuple> {
     let (family, addr) = match ctx.family() {
         f if f == u32::from(AF_INET) => (AF_INET, [ctx.local_ip4(), 0, 0, 0]),
         f if f == u32::from(AF_INET6) => {
-            let ip6 = ctx.local_ip6();
+            let ip6 = sock_ops_ip6(ctx.ops, Field::Local);
             if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_WORD {
                 (AF_INET, [ip6[3], 0, 0, 0])
             } else {
@@ -299,6 +300,67 @@ fn on_tcp_connect(ctx: &SockOpsContext) {
     }
     // Ask for state callbacks so the record goes when the socket closes.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+/// Attached to the tunnel's own cgroup: registers each connection the tunnel
+/// makes to hand a caller to a workload (its socket carries `DELIVERY_MARK`)
+/// before its SYN leaves (TCP_CONNECT_CB, the source port is known), and
+/// forgets it once the connection is established or fails. sk_lookup lets
+/// registered connections through to the workload.
+#[sock_ops]
+pub fn ztunnel_delivery_sockops(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    let registering = op == BPF_SOCK_OPS_TCP_CONNECT_CB;
+    let state = ctx.arg(1);
+    let forgetting = op == BPF_SOCK_OPS_STATE_CB && (state == TCP_ESTABLISHED || state == TCP_CLOSE);
+    if !registering && !forgetting {
+        return 1;
+    }
+    // SAFETY: the context is a valid bpf_sock_ops; `sk` may be null.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() || unsafe { (*sk).mark } != DELIVERY_MARK {
+        return 1;
+    }
+    let Some(key) = delivery_key(&ctx) else { return 1 };
+    if registering {
+        if DELIVERIES.insert(&key, &1, 0).is_err() {
+            count(counter::DELIVERY_MAP_FULL);
+            return 1;
+        }
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    } else {
+        let _ = DELIVERIES.remove(&key);
+    }
+    1
+}
+
+/// The delivery as sk_lookup will see its SYN: local = the workload's end.
+#[inline(always)]
+fn delivery_key(ctx: &SockOpsContext) -> Option<DeliveryKey> {
+    // sock_ops.remote_port is the be16 port in the upper half: from_be
+    // of the u32 yields it.
+    let remote_port = u32::from_be(ctx.remote_port()) as u16;
+    let local_port = ctx.local_port() as u16;
+    let family = ctx.family();
+    if family == u32::from(AF_INET) {
+        Some(DeliveryKey {
+            local_addr: [ctx.remote_ip4(), 0, 0, 0],
+            remote_addr: [ctx.local_ip4(), 0, 0, 0],
+            local_port: remote_port,
+            remote_port: local_port,
+            family,
+        })
+    } else if family == u32::from(AF_INET6) {
+        Some(DeliveryKey {
+            local_addr: sock_ops_ip6(ctx.ops, Field::Remote),
+            remote_addr: sock_ops_ip6(ctx.ops, Field::Local),
+            local_port: remote_port,
+            remote_port: local_port,
+            family,
+        })
+    } else {
+        None
+    }
 }
 
 #[sk_lookup]
@@ -396,6 +458,28 @@ fn sk_lookup_ip6(l: *const aya_ebpf::bindings::bpf_sk_lookup, field: Field) -> [
                 core::ptr::read_volatile(&raw const (*l).remote_ip6[1]),
                 core::ptr::read_volatile(&raw const (*l).remote_ip6[2]),
                 core::ptr::read_volatile(&raw const (*l).remote_ip6[3]),
+            ],
+        }
+    }
+}
+
+/// `bpf_sock_ops.{local,remote}_ip6`, one word at a time (see sk_lookup_ip6).
+#[inline(always)]
+fn sock_ops_ip6(ops: *const aya_ebpf::bindings::bpf_sock_ops, field: Field) -> [u32; 4] {
+    // SAFETY: `ops` is the program's context; each read is a fixed-offset load.
+    unsafe {
+        match field {
+            Field::Local => [
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[0]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[1]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[2]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[3]),
+            ],
+            Field::Remote => [
+                core::ptr::read_volatile(&raw const (*ops).remote_ip6[0]),
+                core::ptr::read_volatile(&raw const (*ops).remote_ip6[1]),
+                core::ptr::read_volatile(&raw const (*ops).remote_ip6[2]),
+                core::ptr::read_volatile(&raw const (*ops).remote_ip6[3]),
             ],
         }
     }

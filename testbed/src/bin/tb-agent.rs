@@ -90,6 +90,31 @@ enum Cmd {
         #[arg(long)]
         name: String,
     },
+    /// A bare echo server for benchmarks (no hello line).
+    Echo {
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
+    },
+    /// Request/response on one connection: --size bytes out, the same back.
+    Rr {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 5000)]
+        duration_ms: u64,
+    },
+    /// Connect, one request/response, close; --concurrency at a time.
+    Crr {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 5000)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -107,6 +132,11 @@ fn main() -> anyhow::Result<()> {
             Cmd::Probe { to, timeout_ms } => probe(to, Duration::from_millis(timeout_ms)).await,
             Cmd::Hold { to } => hold(to).await,
             Cmd::Http { listen, name } => http(listen, name).await,
+            Cmd::Echo { listen } => bare_echo(listen).await,
+            Cmd::Rr { to, size, duration_ms } => rr(to, size, Duration::from_millis(duration_ms)).await,
+            Cmd::Crr { to, size, duration_ms, concurrency } => {
+                crr(to, size, Duration::from_millis(duration_ms), concurrency).await
+            }
         }
     })
 }
@@ -491,6 +521,113 @@ async fn half_close(to: SocketAddr, bytes: usize) -> anyhow::Result<()> {
         "ok": answered.is_ok() && reply["received"] == bytes,
         "reply": reply,
         "timed_out": answered.is_err(),
+    }));
+    Ok(())
+}
+
+async fn bare_echo(addrs: Vec<SocketAddr>) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for a in &addrs {
+        let l = TcpListener::bind(a).await.with_context(|| format!("bind {a}"))?;
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+            #[allow(unreachable_code)]
+            Ok::<_, std::io::Error>(())
+        }));
+    }
+    emit(json!({"event": "listening", "addrs": addrs}));
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+async fn rr(to: SocketAddr, size: usize, duration: Duration) -> anyhow::Result<()> {
+    let mut s = TcpStream::connect(to).await.with_context(|| format!("connect {to}"))?;
+    s.set_nodelay(true)?;
+    let out = vec![7u8; size];
+    let mut back = vec![0u8; size];
+    // Warm up: pooled connections, buffers, caches.
+    for _ in 0..200 {
+        s.write_all(&out).await?;
+        s.read_exact(&mut back).await?;
+    }
+    let mut latencies = Vec::with_capacity(200_000);
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        let t = Instant::now();
+        s.write_all(&out).await?;
+        s.read_exact(&mut back).await?;
+        latencies.push(t.elapsed().as_nanos() as u64);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    emit(json!({
+        "count": latencies.len(),
+        "per_s": latencies.len() as f64 / elapsed,
+        "p50_us": percentile(&latencies, 0.50),
+        "p99_us": percentile(&latencies, 0.99),
+    }));
+    Ok(())
+}
+
+async fn crr(to: SocketAddr, size: usize, duration: Duration, concurrency: usize) -> anyhow::Result<()> {
+    async fn once(to: SocketAddr, out: &[u8], back: &mut [u8]) -> std::io::Result<()> {
+        let mut s = TcpStream::connect(to).await?;
+        s.set_nodelay(true)?;
+        s.write_all(out).await?;
+        s.read_exact(back).await?;
+        Ok(())
+    }
+    let deadline = Instant::now() + duration;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            tokio::spawn(async move {
+                let out = vec![7u8; size];
+                let mut back = vec![0u8; size];
+                let (mut latencies, mut errors) = (Vec::new(), 0u64);
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    match once(to, &out, &mut back).await {
+                        Ok(()) => latencies.push(t.elapsed().as_nanos() as u64),
+                        Err(_) => errors += 1,
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        all.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    emit(json!({
+        "count": all.len(),
+        "errors": errors,
+        "per_s": all.len() as f64 / elapsed,
+        "p50_us": percentile(&all, 0.50),
+        "p99_us": percentile(&all, 0.99),
     }));
     Ok(())
 }

@@ -9,7 +9,7 @@ use aya::maps::{HashMap, MapData, PerCpuArray};
 use ipnet::IpNet;
 use ztunnel_ebpf_common::{
     AF_INET, AF_INET6, AddrKey, CIDR_KEY_FIXED_BITS, CaptureRecord, CidrKey, ConnTuple, DIRECTION_INBOUND,
-    DIRECTION_OUTBOUND, DeliveryKey, EnrolledWorkload, PortKey, WORKLOAD_READY,
+    DIRECTION_OUTBOUND, EnrolledWorkload, PortKey, WORKLOAD_READY,
 };
 
 use super::COUNTER_NAMES;
@@ -46,41 +46,6 @@ impl CaptureRecords {
             cgroup_id: r.cgroup_id,
             pid: r.pid,
         })
-    }
-}
-
-/// Connections the tunnel is handing to workloads with the caller's address
-/// as source: registered around each connect() so inbound steering lets
-/// them through.
-pub struct Deliveries {
-    map: std::sync::Mutex<HashMap<MapData, DeliveryKey, u8>>,
-}
-
-impl Deliveries {
-    pub(super) fn new(map: HashMap<MapData, DeliveryKey, u8>) -> Self {
-        Self { map: std::sync::Mutex::new(map) }
-    }
-
-    pub fn key(local: SocketAddr, remote: SocketAddr) -> DeliveryKey {
-        let (local_addr, family) = addr_words(local.ip());
-        let (remote_addr, _) = addr_words(remote.ip());
-        DeliveryKey {
-            local_addr,
-            remote_addr,
-            local_port: local.port(),
-            remote_port: remote.port(),
-            family: u32::from(family),
-        }
-    }
-
-    pub fn insert(&self, key: &DeliveryKey) -> Result<(), aya::maps::MapError> {
-        let mut map = self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.insert(key, 1, 0)
-    }
-
-    pub fn remove(&self, key: &DeliveryKey) {
-        let mut map = self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let _ = map.remove(key);
     }
 }
 

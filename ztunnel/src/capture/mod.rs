@@ -30,7 +30,7 @@ use ztunnel_ebpf_common::{
 };
 
 pub use self::maps::{
-    CaptureCounters, CaptureRecords, CapturedConnection, Deliveries, DesiredMaps, WorkloadCapture, addr_key,
+    CaptureCounters, CaptureRecords, CapturedConnection, DesiredMaps, WorkloadCapture, addr_key,
 };
 use self::pins::{PinError, Pins};
 use crate::cgroup::Cgroup;
@@ -68,6 +68,9 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub struct CaptureSettings {
     pub pin_dir: PathBuf,
     pub cgroup_root: Cgroup,
+    /// The tunnel's own cgroup: never captured; its delivery connections are
+    /// registered by the delivery sockops program attached to it.
+    pub tunnel_cgroup: Cgroup,
     pub tunnel_cgroup_id: u64,
     pub max_connections: u32,
 }
@@ -83,7 +86,7 @@ pub struct Capture {
     inbound_addrs: HashMap<MapData, AddrKey, u32>,
     inbound_listeners: SockHash<MapData, AddrKey>,
     records: Arc<CaptureRecords>,
-    deliveries: Arc<Deliveries>,
+
     counters: Arc<CaptureCounters>,
 }
 
@@ -136,6 +139,19 @@ impl Capture {
         attach_to_cgroup!(CgroupSockAddr, program_name::CONNECT6);
         attach_to_cgroup!(SockOps, program_name::SOCKOPS);
         {
+            let name = program_name::DELIVERY_SOCKOPS;
+            let err = |source| CaptureError::Program { name, source };
+            let tunnel = File::open(settings.tunnel_cgroup.path()).map_err(|source| {
+                CaptureError::Cgroup { path: settings.tunnel_cgroup.path().to_owned(), source }
+            })?;
+            let program: &mut SockOps = program_mut(&mut ebpf, name)?;
+            program.load().map_err(err)?;
+            let id = program.attach(tunnel.as_fd(), CgroupAttachMode::Single).map_err(err)?;
+            let link = FdLink::try_from(program.take_link(id).map_err(err)?)
+                .map_err(|source| CaptureError::Link { name, source })?;
+            pins.replace_link(&pins.link(name), link)?;
+        }
+        {
             let name = program_name::SK_LOOKUP;
             let program: &mut SkLookup = program_mut(&mut ebpf, name)?;
             program.load().map_err(|source| CaptureError::Program { name, source })?;
@@ -154,7 +170,7 @@ impl Capture {
             inbound_addrs: take_map(&mut ebpf, map_name::INBOUND_ADDRS)?,
             inbound_listeners: take_map(&mut ebpf, map_name::INBOUND_LISTENERS)?,
             records: Arc::new(CaptureRecords::new(take_map(&mut ebpf, map_name::CAPTURED_BY_TUPLE)?)),
-            deliveries: Arc::new(Deliveries::new(take_map(&mut ebpf, map_name::DELIVERIES)?)),
+
             counters: Arc::new(CaptureCounters::new(take_map(&mut ebpf, map_name::CAPTURE_COUNTERS)?)),
             pins,
             ebpf,
@@ -172,11 +188,6 @@ impl Capture {
     /// tunnel's, after a restart).
     pub fn enrolled_ids(&self) -> StdHashMap<u64, u32> {
         self.enrolled.iter().filter_map(Result::ok).map(|(k, v)| (k, v.workload_id)).collect()
-    }
-
-    /// Connections being handed to workloads, shared with the proxies.
-    pub fn deliveries(&self) -> Arc<Deliveries> {
-        self.deliveries.clone()
     }
 
     /// Capture records, shared with the proxies that look them up.
@@ -483,4 +494,5 @@ pub const COUNTER_NAMES: [(u32, &str); counter::COUNT as usize] = [
     (counter::INBOUND_NO_LISTENER, "inbound_no_listener"),
     (counter::INBOUND_UNKNOWN_ADDR, "inbound_unknown_address"),
     (counter::EXCLUDED, "excluded"),
+    (counter::DELIVERY_MAP_FULL, "delivery_map_full"),
 ];

@@ -6,8 +6,9 @@
 //! address (IP_TRANSPARENT) and carries the mark `DELIVERY_MARK`. Three things
 //! make the two directions work:
 //!
-//! * Out: the connection is registered in the `DELIVERIES` map for the length
-//!   of its connect(), so inbound steering (sk_lookup) lets it reach the
+//! * Out: a sockops program on the tunnel's own cgroup registers the marked
+//!   connection in the `DELIVERIES` map before its SYN leaves (and forgets it
+//!   once established), so inbound steering (sk_lookup) lets it reach the
 //!   application instead of sending it back to the tunnel.
 //! * Back: `net.ipv4.tcp_fwmark_accept=1` gives the application's accepted
 //!   socket the mark of the SYN that created it, and a policy rule sends
@@ -32,14 +33,12 @@ use rtnetlink::{
         rule::RuleAction,
     },
 };
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpStream;
 
 use super::Failure;
-use crate::{capture::Deliveries, netns::Netns};
+use crate::netns::Netns;
 
-/// The mark on the tunnel's delivery sockets (Istio's in-pod mark).
-pub const DELIVERY_MARK: u32 = 0x539;
+pub use ztunnel_ebpf_common::DELIVERY_MARK;
 /// The routing table holding `local default dev lo`.
 pub const DELIVERY_TABLE: u32 = 15009;
 /// The policy rule's priority: after `local` (0), before `main` (32766).
@@ -124,51 +123,33 @@ fn ignore_exists(r: Result<(), rtnetlink::Error>) -> Result<(), rtnetlink::Error
 
 /// Connects to `dst` inside `netns` with `source` (the caller's address) as
 /// the source, when the families match; otherwise from the workload's own
-/// address.
+/// address. The source port is picked at connect() from the whole 4-tuple
+/// (IP_BIND_ADDRESS_NO_PORT), so ports in TIME_WAIT toward other
+/// destinations are not lost; the delivery sockops program registers the
+/// connection before its SYN leaves.
 pub async fn connect_as(
     netns: &Netns,
     source: IpAddr,
     dst: SocketAddr,
-    deliveries: &Deliveries,
     timeout: Duration,
 ) -> Result<TcpStream, (Failure, String)> {
     let transparent = source.is_ipv4() == dst.is_ipv4() && source != dst.ip();
-    let socket = netns
-        .run_async(move || {
-            let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
-            s.set_nonblocking(true)?;
-            s.set_tcp_nodelay(true)?;
-            if transparent {
-                if dst.is_ipv4() {
-                    s.set_ip_transparent_v4(true)?;
-                } else {
-                    s.set_ip_transparent_v6(true)?;
-                }
-                s.set_mark(DELIVERY_MARK)?;
-                s.bind(&SocketAddr::new(source, 0).into())?;
+    let socket = netns.socket_for(dst).await.map_err(|e| (Failure::Io, format!("delivery socket: {e}")))?;
+    if transparent {
+        let configure = || -> std::io::Result<()> {
+            if dst.is_ipv4() {
+                socket.set_ip_transparent_v4(true)?;
+            } else {
+                socket.set_ip_transparent_v6(true)?;
             }
-            Ok(s)
-        })
-        .await
-        .map_err(|e| (Failure::Io, format!("delivery socket: {e}")))?;
-    let key = if transparent {
-        let local = socket
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_socket())
-            .ok_or_else(|| (Failure::Io, "delivery socket has no address".to_owned()))?;
-        let key = Deliveries::key(dst, local);
-        deliveries.insert(&key).map_err(|e| (Failure::Io, format!("registering the delivery: {e}")))?;
-        Some(key)
-    } else {
-        None
-    };
-    let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
-    let result = tokio::time::timeout(timeout, socket.connect(dst)).await;
-    if let Some(key) = key {
-        deliveries.remove(&key);
+            socket.set_mark(DELIVERY_MARK)?;
+            crate::sockopt::bind_address_no_port(&socket)?;
+            socket.bind(&SocketAddr::new(source, 0).into())
+        };
+        configure().map_err(|e| (Failure::Io, format!("delivery socket as {source}: {e}")))?;
     }
-    match result {
+    let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+    match tokio::time::timeout(timeout, socket.connect(dst)).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) => Err((Failure::DestinationUnreachable, e.to_string())),
         Err(_) => Err((Failure::ConnectTimeout, format!("no answer from {dst} within {timeout:?}"))),

@@ -82,19 +82,54 @@ pub fn h2_to_io(e: h2::Error) -> io::Error {
 
 /// The receiving half of a CONNECT stream.
 pub struct H2Reader {
-    recv: RecvStream,
+    state: ReaderState,
+}
+
+enum ReaderState {
+    /// A client stream whose response has not arrived: data may already be
+    /// flowing the other way (the server buffers it until it is connected).
+    Awaiting(h2::client::ResponseFuture),
+    Body(RecvStream),
+}
+
+/// A CONNECT answered with something else than 200, seen by the first read.
+#[derive(Debug, thiserror::Error)]
+#[error("CONNECT answered {status}")]
+pub struct ConnectRefused {
+    pub status: u16,
 }
 
 impl H2Reader {
     pub fn new(recv: RecvStream) -> Self {
-        Self { recv }
+        Self { state: ReaderState::Body(recv) }
+    }
+
+    /// The response side of a client stream whose CONNECT is still pending.
+    pub fn awaiting(response: h2::client::ResponseFuture) -> Self {
+        Self { state: ReaderState::Awaiting(response) }
+    }
+
+    async fn body(&mut self) -> io::Result<&mut RecvStream> {
+        if let ReaderState::Awaiting(response) = &mut self.state {
+            let response = response.await.map_err(h2_to_io)?;
+            let status = response.status().as_u16();
+            if status != 200 {
+                return Err(io::Error::new(io::ErrorKind::ConnectionRefused, ConnectRefused { status }));
+            }
+            self.state = ReaderState::Body(response.into_body());
+        }
+        match &mut self.state {
+            ReaderState::Body(recv) => Ok(recv),
+            ReaderState::Awaiting(_) => Err(io::Error::other("HTTP/2 response missing")),
+        }
     }
 }
 
 impl ChunkRead for H2Reader {
     async fn read_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        let recv = self.body().await?;
         loop {
-            match self.recv.data().await {
+            match recv.data().await {
                 None => return Ok(None),
                 Some(Ok(b)) if b.is_empty() => {}
                 Some(Ok(b)) => return Ok(Some(b)),
@@ -110,7 +145,9 @@ impl ChunkRead for H2Reader {
     }
 
     fn consumed(&mut self, n: usize) {
-        let _ = self.recv.flow_control().release_capacity(n);
+        if let ReaderState::Body(recv) = &mut self.state {
+            let _ = recv.flow_control().release_capacity(n);
+        }
     }
 }
 

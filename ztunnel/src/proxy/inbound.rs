@@ -59,17 +59,10 @@ async fn carry(
             format!("{} is in strict mTLS mode: plaintext from {peer} refused", workload.workload.key()),
         );
     }
-    let upstream = match delivery::connect_as(
-        &workload.netns,
-        peer.ip(),
-        original_dst,
-        &ctx.deliveries,
-        ctx.connect_timeout,
-    )
-    .await
-    {
-        Ok(s) => s,
-        Err((failure, error)) => return refuse(&stream, failure, error),
-    };
+    let upstream =
+        match delivery::connect_as(&workload.netns, peer.ip(), original_dst, ctx.connect_timeout).await {
+            Ok(s) => s,
+            Err((failure, error)) => return refuse(&stream, failure, error),
+        };
     relay_tcp(stream, upstream, entry).await
 }

@@ -21,12 +21,8 @@ use tokio::net::TcpStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    access_log::AccessLog,
-    capture::{CaptureRecords, Deliveries},
-    identity::manager::CertManager,
-    metrics::Metrics,
-    netns::Netns,
-    state::StateWatch,
+    access_log::AccessLog, capture::CaptureRecords, identity::manager::CertManager, metrics::Metrics,
+    netns::Netns, state::StateWatch,
 };
 
 /// What every connection handler needs.
@@ -37,7 +33,7 @@ pub struct ProxyContext {
     pub metrics: Arc<Metrics>,
     pub certs: CertManager,
     pub pool: Arc<hbone::pool::Pool>,
-    pub deliveries: Arc<Deliveries>,
+
     pub connect_timeout: Duration,
     /// How long a connection waits for its workload's first certificate.
     pub cert_wait: Duration,

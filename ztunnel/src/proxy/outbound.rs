@@ -205,6 +205,11 @@ async fn relay_tcp_h2(
                 relay::Side::Downstream => writer.reset(),
                 relay::Side::Upstream => sockopt::reset_on_close(&downstream),
             }
+            // The callee's tunnel answered the CONNECT with a refusal.
+            let refused = e.source.get_ref().and_then(|i| i.downcast_ref::<super::h2::ConnectRefused>());
+            if let Some(r) = refused {
+                return Err((Failure::Hbone(super::hbone::status_reason(r.status)), e.to_string()));
+            }
             Err((if e.is_reset() { Failure::Reset } else { Failure::Io }, e.to_string()))
         }
     }

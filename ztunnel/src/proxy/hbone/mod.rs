@@ -37,11 +37,18 @@ impl HboneError {
             HboneError::Unreachable { .. } => "destination_unreachable",
             HboneError::Tls { reason, .. } => reason,
             HboneError::Protocol { .. } => "hbone_protocol",
-            HboneError::Status { status: 401, .. } => "policy_denied",
-            HboneError::Status { status: 400, .. } => "bad_request",
-            HboneError::Status { status: 503, .. } => "destination_unreachable",
-            HboneError::Status { .. } => "hbone_status",
+            HboneError::Status { status, .. } => status_reason(*status),
         }
+    }
+}
+
+/// The access log's reason for a CONNECT answered with `status`.
+pub fn status_reason(status: u16) -> &'static str {
+    match status {
+        401 => "policy_denied",
+        400 => "bad_request",
+        503 => "destination_unreachable",
+        _ => "hbone_status",
     }
 }
 

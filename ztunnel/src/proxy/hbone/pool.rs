@@ -208,7 +208,6 @@ impl Pool {
                         _slot: SlotGuard(slot),
                     });
                 }
-                Err(SendError::Status(e)) => return Err(e),
                 Err(SendError::Connection(e)) => {
                     slot.0.closed.store(true, Ordering::Release);
                     if attempt == 1 {
@@ -297,10 +296,9 @@ impl Pool {
 }
 
 enum SendError {
-    /// The connection failed: worth a retry on a new one.
+    /// The connection failed before the request left: worth a retry on a
+    /// new one.
     Connection(HboneError),
-    /// The peer answered: final.
-    Status(HboneError),
 }
 
 async fn send(
@@ -312,20 +310,10 @@ async fn send(
         |e: h2::Error| SendError::Connection(HboneError::Protocol { target, error: e.to_string() });
     let mut sender = conn.sender.clone().ready().await.map_err(protocol)?;
     let (response, send) = sender.send_request(request, false).map_err(protocol)?;
-    let response = response.await.map_err(|e| {
-        if e.is_remote() && e.reason().is_some() {
-            // The peer refused this stream (e.g. REFUSED_STREAM): a new
-            // connection may succeed.
-            protocol(e)
-        } else {
-            SendError::Status(HboneError::Protocol { target, error: e.to_string() })
-        }
-    })?;
-    let status = response.status().as_u16();
-    if status != 200 {
-        return Err(SendError::Status(HboneError::Status { target, status }));
-    }
-    Ok((H2Reader::new(response.into_body()), H2Writer::new(send)))
+    // The caller's bytes may follow the CONNECT at once: the server buffers
+    // them until it has reached the destination. The answer is awaited by
+    // the first read; a refusal (401, 503, ...) surfaces there.
+    Ok((H2Reader::awaiting(response), H2Writer::new(send)))
 }
 
 fn clone_request(r: &Request<()>) -> Request<()> {

@@ -250,18 +250,11 @@ async fn carry(
             format!("port {} is the tunnel's own", dst.port()),
         ));
     }
-    let upstream = match delivery::connect_as(
-        &caller.target.netns,
-        caller.peer.ip(),
-        dst,
-        &ctx.deliveries,
-        ctx.connect_timeout,
-    )
-    .await
-    {
-        Ok(s) => s,
-        Err((failure, error)) => return Err((Some(StatusCode::SERVICE_UNAVAILABLE), failure, error)),
-    };
+    let upstream =
+        match delivery::connect_as(&caller.target.netns, caller.peer.ip(), dst, ctx.connect_timeout).await {
+            Ok(s) => s,
+            Err((failure, error)) => return Err((Some(StatusCode::SERVICE_UNAVAILABLE), failure, error)),
+        };
     let send = match respond.send_response(Response::new(()), false) {
         Ok(s) => s,
         Err(e) => return Err((None, Failure::Reset, e.to_string())),
