@@ -356,3 +356,37 @@ impl Drop for Capture {
         let _ = self.child.wait();
     }
 }
+
+/// `tb-agent steady` running in the background; `finish` waits for its report.
+pub struct Steady {
+    child: Child,
+}
+
+impl Steady {
+    pub fn start(
+        tb: &Testbed,
+        place: &Place,
+        to: SocketAddr,
+        interval: Duration,
+        duration: Duration,
+    ) -> anyhow::Result<Self> {
+        let child = tb
+            .agent(place)?
+            .args(["steady", "--to", &to.to_string()])
+            .args(["--interval-ms", &interval.as_millis().to_string()])
+            .args(["--duration-ms", &duration.as_millis().to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawn tb-agent steady")?;
+        Ok(Self { child })
+    }
+
+    /// Waits for the end; returns `{attempts, ok, failures}`.
+    pub fn finish(self) -> anyhow::Result<Value> {
+        let out = self.child.wait_with_output()?;
+        last_json(&out.stdout).with_context(|| {
+            format!("tb-agent steady printed nothing; stderr: {}", String::from_utf8_lossy(&out.stderr))
+        })
+    }
+}

@@ -24,6 +24,7 @@
 //!   died are swept by the next run.
 
 pub mod agent;
+pub mod ca;
 mod cgroup;
 pub mod http;
 mod net;

@@ -295,3 +295,25 @@ fn write_config(path: &std::path::Path, config: &Value) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path)?;
     Ok(())
 }
+
+impl Tunnel {
+    /// What `ztunnel certs --json` prints for this tunnel (run in its node's
+    /// namespace, as an operator would).
+    pub fn certs(&self, tb: &Testbed) -> anyhow::Result<Value> {
+        let out = tb
+            .command(&self.node.unenrolled(), crate::bins::ztunnel()?)?
+            .args(["certs", "--json"])
+            .output()?;
+        anyhow::ensure!(out.status.success(), "ztunnel certs: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// The `ztunnel certs` status of one identity.
+    pub fn cert_status(&self, tb: &Testbed, identity: &str) -> anyhow::Result<Value> {
+        let certs = self.certs(tb)?;
+        certs["identities"]
+            .as_array()
+            .and_then(|ids| ids.iter().find(|c| c["identity"] == identity).cloned())
+            .with_context(|| format!("{identity} not in ztunnel certs: {certs}"))
+    }
+}

@@ -68,8 +68,6 @@ pub enum CaCommand {
     },
     /// Root rotation, one step at a time (see docs/runbook.md).
     Rotate {
-        #[arg(long)]
-        dir: PathBuf,
         #[command(subcommand)]
         step: RotateStep,
     },
@@ -80,16 +78,22 @@ pub enum CaCommand {
     },
 }
 
-#[derive(Subcommand, Clone, Copy)]
+#[derive(Subcommand, Clone)]
 pub enum RotateStep {
     /// Step 1: make a new root (and intermediate) and add the root to the
     /// trust bundle. Wait until every node reports it (`ztunnel certs`).
-    Begin,
+    Begin(CaDirArg),
     /// Step 2: sign with the new intermediate. Nodes re-issue under the new
     /// root within seconds; wait until every certificate shows it.
-    Activate,
+    Activate(CaDirArg),
     /// Step 3: drop the old root from the trust bundle.
-    Finish,
+    Finish(CaDirArg),
+}
+
+#[derive(clap::Args, Clone)]
+pub struct CaDirArg {
+    #[arg(long)]
+    pub dir: PathBuf,
 }
 
 pub fn ca(cmd: CaCommand) -> anyhow::Result<()> {
@@ -133,10 +137,11 @@ pub fn ca(cmd: CaCommand) -> anyhow::Result<()> {
             println!("node credential for {node} written to {}", out.display());
             Ok(())
         }
-        CaCommand::Rotate { dir, step } => {
-            let ca = CaDir::new(&dir);
+        CaCommand::Rotate { step } => {
+            let (RotateStep::Begin(d) | RotateStep::Activate(d) | RotateStep::Finish(d)) = &step;
+            let ca = CaDir::new(&d.dir);
             match step {
-                RotateStep::Begin => {
+                RotateStep::Begin(_) => {
                     let g = ca.rotate_begin(CaLifetimes::default())?;
                     println!(
                         "generation {g} created; its root is now in the trust bundle (still signing with {})",
@@ -147,7 +152,7 @@ pub fn ca(cmd: CaCommand) -> anyhow::Result<()> {
                         ca.bundle()?.roots().len()
                     );
                 }
-                RotateStep::Activate => {
+                RotateStep::Activate(_) => {
                     let g = ca.rotate_activate()?;
                     println!(
                         "generation {g} signs now; nodes re-issue their certificates under it within seconds"
@@ -156,7 +161,7 @@ pub fn ca(cmd: CaCommand) -> anyhow::Result<()> {
                         "next: wait until every certificate in `ztunnel certs` shows the new root, then `rotate finish`"
                     );
                 }
-                RotateStep::Finish => {
+                RotateStep::Finish(_) => {
                     let removed = ca.rotate_finish()?;
                     println!(
                         "{removed} old root(s) removed from the trust bundle; generation {} is the only root",

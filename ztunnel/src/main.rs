@@ -116,10 +116,12 @@ fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<ztunnel::admi
     let filter = EnvFilter::try_new(filter).map_err(|e| anyhow::anyhow!("--log-level {filter}: {e}"))?;
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
+    // Colour only for a person at a terminal, never into files or journald.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     match format {
-        LogFormat::Text => {
-            registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).init()
-        }
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
+            .init(),
         LogFormat::Json => {
             registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).init()
         }
@@ -128,4 +130,14 @@ fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<ztunnel::admi
         let f = EnvFilter::try_new(level).map_err(|e| format!("invalid filter `{level}`: {e}"))?;
         handle.reload(f).map_err(|e| e.to_string())
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
 }

@@ -90,6 +90,16 @@ enum Cmd {
         #[arg(long)]
         name: String,
     },
+    /// One echo exchange every --interval-ms for --duration-ms; reports
+    /// every failure with when it happened.
+    Steady {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+        #[arg(long)]
+        duration_ms: u64,
+    },
     /// A bare echo server for benchmarks (no hello line).
     Echo {
         #[arg(long, required = true)]
@@ -133,6 +143,9 @@ fn main() -> anyhow::Result<()> {
             Cmd::Hold { to } => hold(to).await,
             Cmd::Http { listen, name } => http(listen, name).await,
             Cmd::Echo { listen } => bare_echo(listen).await,
+            Cmd::Steady { to, interval_ms, duration_ms } => {
+                steady(to, Duration::from_millis(interval_ms), Duration::from_millis(duration_ms)).await
+            }
             Cmd::Rr { to, size, duration_ms } => rr(to, size, Duration::from_millis(duration_ms)).await,
             Cmd::Crr { to, size, duration_ms, concurrency } => {
                 crr(to, size, Duration::from_millis(duration_ms), concurrency).await
@@ -629,5 +642,28 @@ async fn crr(to: SocketAddr, size: usize, duration: Duration, concurrency: usize
         "p50_us": percentile(&all, 0.50),
         "p99_us": percentile(&all, 0.99),
     }));
+    Ok(())
+}
+
+async fn steady(to: SocketAddr, interval: Duration, duration: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut attempts, mut ok) = (0u64, 0u64);
+    let mut failures = Vec::new();
+    while started.elapsed() < duration {
+        tick.tick().await;
+        attempts += 1;
+        let barrier = Arc::new(tokio::sync::Barrier::new(1));
+        match one_exchange(to, attempts as usize, 64, Duration::from_secs(5), barrier, None).await {
+            Ok(_) => ok += 1,
+            Err((kind, error)) => failures.push(json!({
+                "at_ms": started.elapsed().as_millis() as u64,
+                "kind": kind,
+                "error": error,
+            })),
+        }
+    }
+    emit(json!({"attempts": attempts, "ok": ok, "failures": failures}));
     Ok(())
 }

@@ -239,7 +239,9 @@ impl Signer {
         let not_after = now + lifetime;
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new();
-        p.not_before = (now - self.policy.backdate).into();
+        // Backdating absorbs clock differences, but must not dominate a short
+        // certificate (10 s certificates would otherwise renew every 35 s).
+        p.not_before = (now - self.policy.backdate.min(lifetime / 10)).into();
         p.not_after = not_after.into();
         p.serial_number = Some(random_serial());
         let uri =

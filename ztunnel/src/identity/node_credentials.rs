@@ -47,13 +47,15 @@ impl NodeCredentialFiles {
         let bundle = TrustBundle::from_pem(&self.read("trust-bundle.pem")?)
             .map_err(|e| NodeCredentialError::Invalid { path: bundle_path, reason: e.to_string() })?;
         let cert_path = self.dir.join("node-cert.pem");
-        let cred = Credential::from_pem(
-            identity,
-            &self.read("node-key.pem")?,
-            &self.read("node-cert.pem")?,
-            String::new(),
-        )
-        .map_err(|e| NodeCredentialError::Invalid { path: cert_path, reason: e.to_string() })?;
+        let chain_pem = self.read("node-cert.pem")?;
+        let invalid = |reason: String| NodeCredentialError::Invalid { path: cert_path.clone(), reason };
+        let chain = crate::identity::cert::certs_from_pem(&chain_pem).map_err(invalid)?;
+        // Which root it leads to matters in a rotation: a credential under a
+        // root that no longer signs is renewed early.
+        let root = crate::tls::verify::root_of(&chain, &bundle)
+            .ok_or_else(|| invalid("the credential does not lead to a root of the trust bundle".into()))?;
+        let cred = Credential::from_pem(identity, &self.read("node-key.pem")?, &chain_pem, root)
+            .map_err(|e| invalid(e.to_string()))?;
         Ok((cred, bundle))
     }
 

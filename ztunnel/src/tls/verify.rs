@@ -231,6 +231,21 @@ fn from_webpki(e: webpki::Error, cert: &CertificateDer<'_>, now: UnixTime) -> Ve
     }
 }
 
+/// The fingerprint of the root in `bundle` that `chain` leads to, if any.
+pub fn root_of(chain: &[CertificateDer<'_>], bundle: &TrustBundle) -> Option<String> {
+    let (leaf, intermediates) = chain.split_first()?;
+    let cert = webpki::EndEntityCert::try_from(leaf).ok()?;
+    let (not_before, _) = validity(leaf)?;
+    let at = UnixTime::since_unix_epoch(Duration::from_secs(not_before + 1));
+    bundle.roots.iter().zip(&bundle.anchors).find_map(|(root, anchor)| {
+        let anchors = [anchor.clone()];
+        let usage = webpki::KeyUsage::client_auth();
+        cert.verify_for_usage(webpki::ALL_VERIFICATION_ALGS, &anchors, intermediates, at, usage, None, None)
+            .ok()
+            .map(|_| crate::identity::cert::fingerprint(root))
+    })
+}
+
 /// (not_before, not_after) as Unix seconds.
 pub fn validity(cert: &CertificateDer<'_>) -> Option<(u64, u64)> {
     let (_, x) = X509Certificate::from_der(cert).ok()?;

@@ -1,0 +1,300 @@
+//! Workload identity end to end, on the production path: `ztunnel ca serve`
+//! as its own process, node tunnels that reach it over mutual TLS with their
+//! node credentials, real certificates, real handshakes between tunnels, and
+//! steady traffic through it all.
+
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use ztunnel_testbed::{
+    Node, Testbed, Tunnel, Workload,
+    agent::{Server, Steady},
+    bins,
+    ca::CaServer,
+};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// Two nodes, web on n1 calling db on n2, both tunnels on the signing
+/// service; certificates of `lifetime`.
+struct Mesh {
+    tb: Testbed,
+    n1: Node,
+    n2: Node,
+    web: Workload,
+    db: Workload,
+    ca: CaServer,
+    t1: Tunnel,
+    t2: Tunnel,
+    _db_server: Server,
+}
+
+fn mesh(tag: &str, lifetime: &str) -> anyhow::Result<Mesh> {
+    let mut tb = Testbed::new(tag)?;
+    let n1 = tb.add_node("n1")?;
+    let n2 = tb.add_node("n2")?;
+    let web = tb.add_pod(&n1, "web")?;
+    let db = tb.add_pod(&n2, "db")?;
+    let db_server = Server::start(&tb, &db.place(), &[db.addr4(5432)])?;
+    let ca = tb.start_ca(&n1, &["--max-lifetime", lifetime])?;
+    let config = |node: &Node, w: &Workload| -> anyhow::Result<Value> {
+        let mut c = tb.tunnel_config(node, &[w]);
+        tb.use_remote_ca(&mut c, &ca, node)?;
+        c["identity"]["cert_lifetime"] = json!(lifetime);
+        c["identity"]["bundle_refresh"] = json!("1s");
+        c["identity"]["retry_initial"] = json!("200ms");
+        c["identity"]["retry_max"] = json!("2s");
+        // Strict about validity: an expired certificate must fail.
+        c["identity"]["clock_skew"] = json!("1s");
+        Ok(c)
+    };
+    let t1 = tb.start_tunnel(&n1, config(&n1, &web)?)?;
+    let t2 = tb.start_tunnel(&n2, config(&n2, &db)?)?;
+    Ok(Mesh { tb, n1, n2, web, db, ca, t1, t2, _db_server: db_server })
+}
+
+fn until(limit: Duration, what: &str, mut f: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if f()? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("not within {limit:?}: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn assert_no_failures(report: &Value) {
+    let failures = report["failures"].as_array().map_or(0, Vec::len);
+    assert!(report["attempts"].as_u64().unwrap_or(0) > 0, "{report}");
+    assert_eq!(failures, 0, "connections failed: {report}");
+}
+
+#[test]
+fn a_node_gets_its_own_workloads_certificates_and_is_refused_another_nodes() -> anyhow::Result<()> {
+    let mut tb = Testbed::new("nodeauth")?;
+    let n1 = tb.add_node("n1")?;
+    let n2 = tb.add_node("n2")?;
+    let web = tb.add_pod(&n1, "web")?;
+    let db = tb.add_pod(&n2, "db")?;
+    let ca = tb.start_ca(&n1, &[])?;
+    // n1's configuration claims db too, which the registry places on n2.
+    let mut config = tb.tunnel_config(&n1, &[&web]);
+    tb.use_remote_ca(&mut config, &ca, &n1)?;
+    for w in config["workloads"].as_array_mut().into_iter().flatten() {
+        if w["name"] == "db" {
+            w["node"] = json!("n1");
+            w["cgroup"] = json!(n1.cgroup.join("db-claimed"));
+            w.as_object_mut().map(|o| o.remove("addresses"));
+        }
+    }
+    std::fs::create_dir_all(n1.cgroup.join("db-claimed"))?;
+    let t1 = tb.start_tunnel(&n1, config)?;
+
+    until(WAIT, "web's certificate is valid", || {
+        Ok(t1.cert_status(&tb, &web.identity())?["state"] == "valid")
+    })?;
+    until(WAIT, "db's request is refused", || {
+        let s = t1.cert_status(&tb, &db.identity())?;
+        Ok(s["state"] == "pending" && s["last_error"].as_str().is_some_and(|e| e.contains("not_authorized")))
+    })?;
+    let log = ca.log();
+    assert!(log.contains("certificate issued") && log.contains(&web.identity()), "{log}");
+    assert!(log.contains("certificate refused"), "{log}");
+    assert!(log.contains("node=\"n1\""), "{log}");
+    assert!(log.contains("no workload with this identity is placed on the node"), "{log}");
+    // The node's own credential is held too, and no key material is printed.
+    let certs = t1.certs(&tb)?;
+    assert!(
+        certs["identities"].as_array().is_some_and(|ids| ids.iter().any(|c| c["kind"] == "node")),
+        "{certs}"
+    );
+    for text in [certs.to_string(), t1.log(), log] {
+        assert!(!text.contains("PRIVATE KEY"), "key material in output");
+    }
+    Ok(())
+}
+
+#[test]
+fn ten_second_certificates_renew_under_steady_traffic_without_a_single_failure() -> anyhow::Result<()> {
+    let m = mesh("renew", "10s")?;
+    let steady = Steady::start(
+        &m.tb,
+        &m.web.place(),
+        m.db.addr4(5432),
+        Duration::from_millis(100),
+        Duration::from_secs(60),
+    )?;
+    let report = steady.finish()?;
+    assert_no_failures(&report);
+    assert!(report["attempts"].as_u64().unwrap_or(0) >= 500, "{report}");
+    for (tunnel, w) in [(&m.t1, &m.web), (&m.t2, &m.db)] {
+        let s = tunnel.cert_status(&m.tb, &w.identity())?;
+        assert!(s["issued"].as_u64().unwrap_or(0) >= 8, "{} renewed only {} times: {s}", w.name, s["issued"]);
+        assert_eq!(s["state"], "valid");
+    }
+    drop((m.n1, m.n2, m.ca, m.t1, m.t2));
+    Ok(())
+}
+
+#[test]
+fn a_ca_outage_longer_than_a_renewal_period_does_not_stop_traffic() -> anyhow::Result<()> {
+    let mut m = mesh("outage", "30s")?;
+    let steady = Steady::start(
+        &m.tb,
+        &m.web.place(),
+        m.db.addr4(5432),
+        Duration::from_millis(200),
+        Duration::from_secs(40),
+    )?;
+    until(
+        WAIT,
+        "first certificates",
+        || Ok(m.t1.cert_status(&m.tb, &m.web.identity())?["state"] == "valid"),
+    )?;
+    let before = m.t1.cert_status(&m.tb, &m.web.identity())?;
+
+    m.ca.stop();
+    let outage = Instant::now();
+    // Renewal is due at about half the lifetime: it fails, and keeps failing.
+    until(Duration::from_secs(25), "renewal failures are visible", || {
+        let s = m.t1.cert_status(&m.tb, &m.web.identity())?;
+        Ok(s["consecutive_failures"].as_u64().unwrap_or(0) >= 2 && s["last_error"].is_string())
+    })?;
+    let during = m.t1.cert_status(&m.tb, &m.web.identity())?;
+    assert_eq!(during["serial"], before["serial"], "the still-valid certificate stays in service");
+    assert_eq!(during["state"], "valid");
+    assert!(m.t1.metrics()?.contains("ztunnel_certificate_renewals_total{result=\"error\"}"));
+    // Down for longer than a renewal period (15 s).
+    let down_for = Duration::from_secs(18);
+    if let Some(left) = down_for.checked_sub(outage.elapsed()) {
+        std::thread::sleep(left);
+    }
+    m.ca.start_again(&m.tb)?;
+    until(Duration::from_secs(10), "renewal succeeds once the CA is back", || {
+        let s = m.t1.cert_status(&m.tb, &m.web.identity())?;
+        Ok(s["serial"] != before["serial"] && s["last_error"].is_null())
+    })?;
+    assert_no_failures(&steady.finish()?);
+    drop((m.n1, m.n2, m.t2));
+    Ok(())
+}
+
+#[test]
+fn the_root_rotation_drill_drops_no_connection() -> anyhow::Result<()> {
+    let m = mesh("rotate", "30s")?;
+    let steady = Steady::start(
+        &m.tb,
+        &m.web.place(),
+        m.db.addr4(5432),
+        Duration::from_millis(100),
+        Duration::from_secs(45),
+    )?;
+    let tunnels = [&m.t1, &m.t2];
+    let rotate = |step: &str| -> anyhow::Result<()> {
+        let out = Command::new(bins::ztunnel()?)
+            .args(["ca", "rotate", step, "--dir"])
+            .arg(m.tb.ca_dir())
+            .output()?;
+        anyhow::ensure!(out.status.success(), "ca rotate {step}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    };
+    let roots = |t: &Tunnel| -> anyhow::Result<usize> {
+        Ok(t.certs(&m.tb)?["trust_bundle"].as_array().map_or(0, Vec::len))
+    };
+    until(
+        WAIT,
+        "first certificates",
+        || Ok(m.t1.cert_status(&m.tb, &m.web.identity())?["state"] == "valid"),
+    )?;
+    std::thread::sleep(Duration::from_secs(3));
+
+    // 1. The new root joins every node's trust bundle.
+    rotate("begin")?;
+    until(WAIT, "every node trusts both roots", || {
+        Ok(tunnels.iter().all(|t| roots(t).is_ok_and(|n| n == 2)))
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+
+    // 2. The new generation signs; every certificate is re-issued under it.
+    // "It" is the CA's active root (ztunnel ca status), never a node's view,
+    // which can lag a refresh behind.
+    rotate("activate")?;
+    let status =
+        Command::new(bins::ztunnel()?).args(["ca", "status", "--dir"]).arg(m.tb.ca_dir()).output()?;
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    let new_root = status
+        .split("(root ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("no active root in `ztunnel ca status`: {status}"))?;
+    until(Duration::from_secs(30), "every certificate leads to the new root", || {
+        let mut all = true;
+        for t in tunnels {
+            let ids = t.certs(&m.tb)?["identities"].as_array().cloned().unwrap_or_default();
+            all &= !ids.is_empty() && ids.iter().all(|c| c["root"].as_str() == Some(new_root.as_str()));
+        }
+        Ok(all)
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+
+    // 3. The old root leaves the bundle.
+    rotate("finish")?;
+    until(WAIT, "every node trusts only the new root", || {
+        Ok(tunnels.iter().all(|t| roots(t).is_ok_and(|n| n == 1)))
+    })
+    .map_err(|e| e.context(format!("n1:\n{}\nCA:\n{}", m.t1.log_tail(30), m.ca.log())))?;
+
+    let report = steady.finish()?;
+    assert_no_failures(&report);
+    // Renewals after the drill work: the node credentials moved too.
+    for t in tunnels {
+        for c in t.certs(&m.tb)?["identities"].as_array().cloned().unwrap_or_default() {
+            assert_eq!(c["state"], "valid", "{c}");
+            assert!(c["last_error"].is_null(), "{c}");
+        }
+    }
+    drop((m.n1, m.n2, m.ca));
+    Ok(())
+}
+
+#[test]
+fn ca_init_refuses_to_overwrite_and_writes_private_keys_0600() -> anyhow::Result<()> {
+    let dir = tempfile_dir()?;
+    let init = |force: bool| {
+        let mut c = Command::new(bins::ztunnel().expect("ztunnel"));
+        c.args(["ca", "init", "--trust-domain", "mesh.example", "--dir"]).arg(dir.join("ca"));
+        if force {
+            c.arg("--force");
+        }
+        c.output()
+    };
+    let first = init(false)?;
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let key = dir.join("ca/gen-1/root-key.pem");
+    let before = std::fs::read(&key)?;
+    for k in ["gen-1/root-key.pem", "gen-1/intermediate-key.pem"] {
+        assert_eq!(std::fs::metadata(dir.join("ca").join(k))?.permissions().mode() & 0o777, 0o600, "{k}");
+    }
+    let again = init(false)?;
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    assert_eq!(std::fs::read(&key)?, before, "an existing CA is never overwritten");
+    assert!(init(true)?.status.success());
+    assert_ne!(std::fs::read(&key)?, before);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("ztunnel-ca-init-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
