@@ -45,12 +45,23 @@ pub struct Entry {
     pub destination_identity: Option<String>,
     /// `mutual_tls` or `none` (Istio's connection_security_policy).
     pub connection_security_policy: &'static str,
-    /// `allow` or `deny`.
+    /// `allow`, `deny`, or `would_deny` (audit mode: allowed, policy would deny).
     pub decision: &'static str,
     /// Why the connection ended the way it did (`ok`, or a failure reason).
     pub reason: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The policy (`namespace/name`) that decided, and its matching rule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<usize>,
+    /// An emergency allow's reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_note: Option<String>,
+    /// What dry-run policies would have done.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dry_run: Vec<String>,
     /// The pooled HBONE connection that carried the stream (outbound).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hbone_connection: Option<u64>,

@@ -24,7 +24,7 @@ use crate::{
     admin::{Admin, AdminView, LogLevelSetter},
     capture::{Capture, CaptureSettings},
     cgroup::{Cgroup, cgroup2_mount},
-    config::Config,
+    config::{Config, OnPolicyChange},
     enrollment::Enrollment,
     http,
     identity::runtime::IdentityRuntime,
@@ -158,6 +158,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
             identity.manager.bundle(),
         ),
 
+        open: Arc::default(),
         cert_wait: config.identity.cert_wait,
         clock_skew: config.identity.clock_skew,
         connect_timeout: config.proxy.connect_timeout,
@@ -204,6 +205,9 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     );
     let statuses = tokio::task::block_in_place(|| enrollment.apply(&config));
     publish_status(&admin, &metrics, &enrollment, statuses, false);
+    for warning in config.warnings() {
+        tracing::warn!("configuration: {warning}");
+    }
     admin.set_ready(true);
     tracing::info!(node = %config.node.name, "ztunnel ready");
 
@@ -214,6 +218,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(current.proxy.reload_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_lapse_check = std::time::SystemTime::now();
     loop {
         let forced = tokio::select! {
             _ = sigterm.recv() => break,
@@ -238,11 +243,29 @@ async fn serve(start: Start) -> anyhow::Result<()> {
                 identity.update_placement(&new);
                 let statuses = tokio::task::block_in_place(|| enrollment.apply(&new));
                 publish_status(&admin, &metrics, &enrollment, statuses, true);
+                for warning in new.warnings() {
+                    tracing::warn!("configuration: {warning}");
+                }
+                if new.authorization.on_policy_change == OnPolicyChange::Close {
+                    revalidate(&ctx, "the new configuration");
+                }
                 metrics.config_reloads.get_or_create(&result("applied")).inc();
                 tracing::info!(generation = enrollment.generation(), "configuration reloaded");
                 current = new;
             }
         }
+        // An emergency allow that lapsed takes the connections it admitted
+        // with it, as a policy change would.
+        let now = std::time::SystemTime::now();
+        if let Some(lapsed) =
+            current.emergency_allows.iter().find(|e| e.expires > last_lapse_check && e.expires <= now)
+        {
+            tracing::warn!(emergency_allow = %lapsed.key(), "emergency allow expired: it admits nothing any more");
+            if current.authorization.on_policy_change == OnPolicyChange::Close {
+                revalidate(&ctx, "an expired emergency allow");
+            }
+        }
+        last_lapse_check = now;
     }
 
     tracing::info!(drain = ?current.proxy.drain_timeout, "shutting down: no new connections, draining open ones");
@@ -260,6 +283,15 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     drop(enrollment);
     tracing::info!("stopped; capture stays installed (`ztunnel uninstall` removes it)");
     Ok(())
+}
+
+/// Closes the open connections that the state now in force denies.
+fn revalidate(ctx: &ProxyContext, why: &str) {
+    let state = ctx.state.borrow().clone();
+    let closed = ctx.open.revalidate(&state);
+    if closed > 0 {
+        tracing::info!(closed, "open connections that {why} denies were closed");
+    }
 }
 
 fn result(r: &str) -> crate::metrics::ResultLabels {

@@ -24,6 +24,7 @@ pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod netns;
+pub mod policy;
 pub mod proxy;
 pub mod sockopt;
 pub mod state;

@@ -37,6 +37,11 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Authorization policy: explain one decision, or print who may call what.
+    Policy {
+        #[command(subcommand)]
+        command: ztunnel::cli::PolicyCommand,
+    },
     /// The certificate authority.
     Ca {
         #[command(subcommand)]
@@ -75,6 +80,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => ztunnel::app::run(&config, set_log_level),
         Command::Validate { config } => Config::load(&config)
+            .inspect(|c| {
+                for w in c.warnings() {
+                    eprintln!("warning: {w}");
+                }
+            })
             .map(|c| {
                 println!(
                     "{}: valid ({} workloads, {} on node {})",
@@ -87,6 +97,15 @@ fn main() -> ExitCode {
             .map_err(Into::into),
         Command::Uninstall { config, pin_dir } => uninstall(config, pin_dir),
         Command::Ca { command } => ztunnel::cli::ca(command),
+        Command::Policy { command } => {
+            return match ztunnel::cli::policy(command) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("ztunnel: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Command::Certs { admin, json } => ztunnel::cli::certs(admin, json),
     };
     match result {

@@ -55,8 +55,15 @@ pub struct TcpLabels {
     pub connection_security_policy: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub decision: String,
+    pub reason: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub policy_decisions: Family<DecisionLabels, Counter>,
     pub tcp_opened: Family<TcpLabels, Counter>,
     pub tcp_closed: Family<TcpLabels, Counter>,
     pub tcp_sent_bytes: Family<TcpLabels, Counter>,
@@ -133,7 +140,14 @@ impl Metrics {
             "Bytes received from the caller (source to destination)",
             tcp_received_bytes.clone(),
         );
+        let policy_decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "ztunnel_policy_decisions",
+            "Authorization decisions, by decision (allow, deny, would_deny) and reason",
+            policy_decisions.clone(),
+        );
         Self {
+            policy_decisions,
             capture,
             registry,
             tcp_opened,
@@ -166,7 +180,9 @@ impl Metrics {
     /// Counts a finished connection in Istio's TCP metrics, as seen by
     /// `reporter` (`source` for outbound, `destination` for inbound).
     pub fn count_tcp(&self, entry: &crate::access_log::Entry, reporter: &str) {
-        if entry.decision != "allow" {
+        // Refused connections carried nothing; would-deny ones (audit mode)
+        // carried traffic and count like any other.
+        if entry.decision == "deny" {
             return;
         }
         let split = |w: &Option<String>| {
@@ -195,6 +211,12 @@ impl Metrics {
         self.tcp_closed.get_or_create(&labels).inc();
         self.tcp_received_bytes.get_or_create(&labels).inc_by(entry.bytes_sent);
         self.tcp_sent_bytes.get_or_create(&labels).inc_by(entry.bytes_received);
+    }
+
+    pub fn policy_decided(&self, decision: &str, reason: &str) {
+        self.policy_decisions
+            .get_or_create(&DecisionLabels { decision: decision.to_owned(), reason: reason.to_owned() })
+            .inc();
     }
 
     pub fn handshake_failed(&self, direction: &str, reason: &str) {

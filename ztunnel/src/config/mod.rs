@@ -18,7 +18,13 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize};
 
 pub use self::locate::Step;
-use crate::identity::spiffe::{SpiffeError, SpiffeId, TrustDomain, validate_segment};
+use crate::{
+    identity::spiffe::{SpiffeError, SpiffeId, TrustDomain, validate_segment},
+    policy::{
+        Modes, PolicySet,
+        model::{EmergencyAllow, Policy},
+    },
+};
 
 /// A configuration that could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +62,14 @@ pub struct Config {
     /// Modes per namespace (a workload may override them).
     #[serde(default)]
     pub namespaces: BTreeMap<String, NamespaceConfig>,
+    #[serde(default)]
+    pub authorization: AuthorizationConfig,
+    /// Authorization policies (Istio's L4 AuthorizationPolicy shape).
+    #[serde(default)]
+    pub policies: Vec<Policy>,
+    /// Time-bounded, logged exceptions.
+    #[serde(default)]
+    pub emergency_allows: Vec<EmergencyAllow>,
     /// The workloads of the mesh this node knows: its own (placed on this
     /// node), which it captures, and other nodes', which it can reach.
     #[serde(default)]
@@ -308,6 +322,46 @@ pub struct WorkloadConfig {
     /// Overrides the namespace's mTLS mode for this workload.
     #[serde(default)]
     pub mtls: Option<MtlsMode>,
+    /// Overrides the namespace's authorization mode for this workload.
+    #[serde(default)]
+    pub authorization: Option<AuthorizationMode>,
+}
+
+/// Whether policy decisions are enforced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthorizationMode {
+    /// Decisions are computed and logged; a deny is a would-deny and the
+    /// connection goes through.
+    Audit,
+    #[default]
+    Enforce,
+}
+
+/// What happens to open connections that a new policy denies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnPolicyChange {
+    /// They are closed (reset), and the close is logged with the policy.
+    #[default]
+    Close,
+    /// They may finish; only new connections see the new policy.
+    Finish,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthorizationConfig {
+    /// Policies in this namespace apply to the whole mesh (Istio's root
+    /// namespace).
+    pub root_namespace: String,
+    pub on_policy_change: OnPolicyChange,
+}
+
+impl Default for AuthorizationConfig {
+    fn default() -> Self {
+        Self { root_namespace: "ztunnel-system".to_owned(), on_policy_change: OnPolicyChange::Close }
+    }
 }
 
 /// Whether a workload accepts plaintext callers.
@@ -326,6 +380,10 @@ pub enum MtlsMode {
 #[serde(deny_unknown_fields, default)]
 pub struct NamespaceConfig {
     pub mtls: MtlsMode,
+    pub authorization: AuthorizationMode,
+    /// In enforce mode, deny what no ALLOW policy admits, even with no
+    /// policy at all.
+    pub default_deny: bool,
 }
 
 fn default_segment() -> String {
@@ -375,6 +433,42 @@ impl Config {
     /// The mTLS mode in force for a workload: its own, else its namespace's.
     pub fn mtls_mode(&self, w: &WorkloadConfig) -> MtlsMode {
         w.mtls.or_else(|| self.namespaces.get(&w.namespace).map(|n| n.mtls)).unwrap_or_default()
+    }
+
+    /// The authorization modes in force for a workload.
+    pub fn authorization_modes(&self, w: &WorkloadConfig) -> Modes {
+        let ns = self.namespaces.get(&w.namespace);
+        let mode = w.authorization.or(ns.map(|n| n.authorization)).unwrap_or_default();
+        Modes {
+            enforce: mode == AuthorizationMode::Enforce,
+            default_deny: ns.is_some_and(|n| n.default_deny),
+        }
+    }
+
+    /// The policies in force, ready to evaluate.
+    pub fn policy_set(&self) -> PolicySet {
+        PolicySet {
+            root_namespace: self.authorization.root_namespace.clone(),
+            policies: self.policies.clone(),
+            emergency_allows: self.emergency_allows.clone(),
+        }
+    }
+
+    /// Likely mistakes that still load (logged at start and reload, printed
+    /// by `ztunnel validate`).
+    pub fn warnings(&self) -> Vec<String> {
+        let workloads: Vec<crate::workload::Workload> = self
+            .workloads
+            .iter()
+            .filter_map(|w| crate::workload::Workload::from_config(self, w).ok())
+            .collect();
+        crate::policy::validate::warnings(
+            &self.policies,
+            &self.emergency_allows,
+            &self.authorization.root_namespace,
+            &workloads,
+            std::time::SystemTime::now(),
+        )
     }
 
     /// The workloads placed on this node.
@@ -438,7 +532,14 @@ impl Config {
                 ));
             }
         }
-        self.validate_addresses()
+        self.validate_addresses()?;
+        if let Some((i, field, message)) = crate::policy::validate::policy_errors(&self.policies) {
+            return Err(Invalid::at([key("policies"), Step::Index(i), key(field)], message));
+        }
+        if let Some((i, field, message)) = crate::policy::validate::emergency_errors(&self.emergency_allows) {
+            return Err(Invalid::at([key("emergency_allows"), Step::Index(i), key(field)], message));
+        }
+        Ok(())
     }
 
     /// Two workloads may share an address only when both name their ports and

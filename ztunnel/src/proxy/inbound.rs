@@ -9,7 +9,7 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::TcpStream;
 
-use super::{Failure, ProxyContext, delivery, outbound::relay_tcp};
+use super::{Failure, ProxyContext, authz, delivery, outbound::relay_tcp};
 use crate::{access_log::Entry, config::MtlsMode, sockopt};
 
 pub async fn handle_plaintext(stream: TcpStream, peer: SocketAddr, workload_id: u32, ctx: Arc<ProxyContext>) {
@@ -59,10 +59,15 @@ async fn carry(
             format!("{} is in strict mTLS mode: plaintext from {peer} refused", workload.workload.key()),
         );
     }
+    let decision = authz::decide(ctx, &state, None, &workload, original_dst.port(), entry);
+    if !decision.verdict.admits() {
+        return refuse(&stream, Failure::PolicyDenied(decision.reason), decision.explain());
+    }
+    let registration = ctx.open.register(None, workload.id, original_dst.port());
     let upstream =
         match delivery::connect_as(&workload.netns, peer.ip(), original_dst, ctx.connect_timeout).await {
             Ok(s) => s,
             Err((failure, error)) => return refuse(&stream, failure, error),
         };
-    relay_tcp(stream, upstream, entry).await
+    relay_tcp(stream, upstream, entry, Some(&registration)).await
 }

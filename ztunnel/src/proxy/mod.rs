@@ -8,6 +8,7 @@
 //! * `delivery`: handing connections to workloads with the caller's address.
 //! * `relay`, `h2`: the bidirectional copy every path ends in.
 
+pub mod authz;
 pub mod delivery;
 pub mod h2;
 pub mod hbone;
@@ -33,6 +34,8 @@ pub struct ProxyContext {
     pub metrics: Arc<Metrics>,
     pub certs: CertManager,
     pub pool: Arc<hbone::pool::Pool>,
+    /// Admitted inbound connections, re-decided when policy changes.
+    pub open: Arc<authz::OpenConnections>,
 
     pub connect_timeout: Duration,
     /// How long a connection waits for its workload's first certificate.
@@ -71,6 +74,11 @@ pub enum Failure {
     Hbone(&'static str),
     /// Plaintext refused by a strict workload.
     PlaintextRefused,
+    /// Authorization denied it; the reason is the decision's
+    /// (denied_by_policy, no_allow_matched, default_deny).
+    PolicyDenied(&'static str),
+    /// A policy change closed it while open.
+    RevokedByPolicy,
 }
 
 impl Failure {
@@ -89,6 +97,8 @@ impl Failure {
             Failure::SelfCall => "self_call",
             Failure::Hbone(reason) => reason,
             Failure::PlaintextRefused => "plaintext_refused",
+            Failure::PolicyDenied(reason) => reason,
+            Failure::RevokedByPolicy => "revoked_by_policy",
         }
     }
 }

@@ -127,7 +127,7 @@ async fn carry(
                 Err((failure, error)) => return refuse(&stream, failure, error),
             };
             entry.source_address = upstream.local_addr().ok().map(|a| a.to_string());
-            relay_tcp(stream, upstream, entry).await
+            relay_tcp(stream, upstream, entry, None).await
         }
         Route::Hbone(destination) => {
             entry.mode = "hbone";
@@ -161,18 +161,26 @@ pub(super) async fn relay_tcp(
     mut downstream: TcpStream,
     mut upstream: TcpStream,
     entry: &mut Entry,
+    registration: Option<&super::authz::Registration>,
 ) -> Result<(), (Failure, String)> {
     let transferred = relay::Transferred::default();
     let result = {
         let (dr, dw) = downstream.split();
         let (ur, uw) = upstream.split();
-        relay::relay((BufReader::new(dr), Writer(dw)), (BufReader::new(ur), Writer(uw)), &transferred).await
+        let relay =
+            relay::relay((BufReader::new(dr), Writer(dw)), (BufReader::new(ur), Writer(uw)), &transferred);
+        super::authz::unless_revoked(relay, registration).await
     };
     entry.bytes_sent = transferred.sent();
     entry.bytes_received = transferred.received();
     match result {
-        Ok(()) => Ok(()),
-        Err(e) => {
+        None => {
+            sockopt::reset_on_close(&downstream);
+            sockopt::reset_on_close(&upstream);
+            Err(super::authz::revoked(registration, entry))
+        }
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => {
             // The side that did not fail learns of it the way TCP says.
             match e.side {
                 relay::Side::Downstream => sockopt::reset_on_close(&upstream),

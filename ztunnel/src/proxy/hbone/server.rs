@@ -29,7 +29,7 @@ use crate::{
     access_log::Entry,
     identity::{node_id::PeerId, spiffe::SpiffeId},
     proxy::{
-        Failure, ProxyContext, delivery,
+        Failure, ProxyContext, authz, delivery,
         h2::{H2Reader, H2Writer, keepalive, server_builder},
         outbound::ListenerScope,
         relay::{self, BufReader, Writer},
@@ -250,6 +250,16 @@ async fn carry(
             format!("port {} is the tunnel's own", dst.port()),
         ));
     }
+    let state = ctx.state.borrow().clone();
+    let decision = authz::decide(ctx, &state, Some(&caller.source), &caller.target, dst.port(), entry);
+    if !decision.verdict.admits() {
+        return Err((
+            Some(StatusCode::UNAUTHORIZED),
+            Failure::PolicyDenied(decision.reason),
+            decision.explain(),
+        ));
+    }
+    let registration = ctx.open.register(Some(caller.source.clone()), caller.target.id, dst.port());
     let upstream =
         match delivery::connect_as(&caller.target.netns, caller.peer.ip(), dst, ctx.connect_timeout).await {
             Ok(s) => s,
@@ -260,7 +270,7 @@ async fn carry(
         Err(e) => return Err((None, Failure::Reset, e.to_string())),
     };
     let recv = request.into_body();
-    relay_h2_tcp(H2Reader::new(recv), H2Writer::new(send), upstream, entry)
+    relay_h2_tcp(H2Reader::new(recv), H2Writer::new(send), upstream, entry, Some(&registration))
         .await
         .map_err(|(f, e)| (None, f, e))
 }
@@ -272,17 +282,24 @@ pub async fn relay_h2_tcp(
     mut writer: H2Writer,
     mut tcp: TcpStream,
     entry: &mut Entry,
+    registration: Option<&authz::Registration>,
 ) -> Result<(), (Failure, String)> {
     let transferred = relay::Transferred::default();
     let result = {
         let (r, w) = tcp.split();
-        relay::relay((reader, &mut writer), (BufReader::new(r), Writer(w)), &transferred).await
+        let relay = relay::relay((reader, &mut writer), (BufReader::new(r), Writer(w)), &transferred);
+        authz::unless_revoked(relay, registration).await
     };
     entry.bytes_sent = transferred.sent();
     entry.bytes_received = transferred.received();
     match result {
-        Ok(()) => Ok(()),
-        Err(e) => {
+        None => {
+            sockopt::reset_on_close(&tcp);
+            writer.reset();
+            Err(authz::revoked(registration, entry))
+        }
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => {
             match e.side {
                 relay::Side::Downstream => sockopt::reset_on_close(&tcp),
                 relay::Side::Upstream => writer.reset(),

@@ -1,4 +1,9 @@
-//! The subcommands that are not `run`: the CA's, and `certs`.
+//! The subcommands that are not `run`: the CA's, `certs`, and `policy`
+//! (in `policy`).
+
+mod policy;
+
+pub use self::policy::{PolicyCommand, policy};
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
