@@ -250,8 +250,20 @@ async fn carry(
             format!("port {} is the tunnel's own", dst.port()),
         ));
     }
+    // The workload as it is now: a pooled connection outlives reloads that
+    // change its labels or modes, and each stream is decided on the current.
     let state = ctx.state.borrow().clone();
-    let decision = authz::decide(ctx, &state, Some(&caller.source), &caller.target, dst.port(), entry);
+    let target = match state.local.get(&caller.target.id) {
+        Some(t) if t.workload.identity == caller.target.workload.identity => t.clone(),
+        _ => {
+            return Err((
+                Some(StatusCode::SERVICE_UNAVAILABLE),
+                Failure::UnknownWorkload,
+                format!("{} is no longer enrolled under this identity", caller.target.workload.key()),
+            ));
+        }
+    };
+    let decision = authz::decide(ctx, &state, Some(&caller.source), &target, dst.port(), entry);
     if !decision.verdict.admits() {
         return Err((
             Some(StatusCode::UNAUTHORIZED),
@@ -259,12 +271,12 @@ async fn carry(
             decision.explain(),
         ));
     }
-    let registration = ctx.open.register(Some(caller.source.clone()), caller.target.id, dst.port());
-    let upstream =
-        match delivery::connect_as(&caller.target.netns, caller.peer.ip(), dst, ctx.connect_timeout).await {
-            Ok(s) => s,
-            Err((failure, error)) => return Err((Some(StatusCode::SERVICE_UNAVAILABLE), failure, error)),
-        };
+    let registration = ctx.open.register(Some(caller.source.clone()), target.id, dst.port());
+    let upstream = match delivery::connect_as(&target.netns, caller.peer.ip(), dst, ctx.connect_timeout).await
+    {
+        Ok(s) => s,
+        Err((failure, error)) => return Err((Some(StatusCode::SERVICE_UNAVAILABLE), failure, error)),
+    };
     let send = match respond.send_response(Response::new(()), false) {
         Ok(s) => s,
         Err(e) => return Err((None, Failure::Reset, e.to_string())),
