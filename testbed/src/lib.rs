@@ -254,8 +254,18 @@ impl Testbed {
         Ok(node)
     }
 
-    /// Adds a pod (own namespace and address, routed via its node).
+    /// Adds a pod in the `default` namespace (own network namespace and
+    /// address, routed via its node).
     pub fn add_pod(&mut self, node: &Node, name: &str) -> anyhow::Result<Workload> {
+        self.add_pod_in(node, "default", name)
+    }
+
+    /// Adds a pod in Kubernetes namespace `namespace` (service account: its
+    /// name). Pod names are unique per node, whatever their namespace.
+    pub fn add_pod_in(&mut self, node: &Node, namespace: &str, name: &str) -> anyhow::Result<Workload> {
+        if self.workloads.iter().any(|w| w.node == node.name && w.name == name) {
+            bail!("node {} already has a workload named {name}", node.name);
+        }
         let on_node = self.workloads.iter().filter(|w| w.node == node.name && w.pod_netns.is_some()).count();
         let host =
             u8::try_from(11 + on_node).ok().filter(|h| *h < 250).context("too many pods on the node")?;
@@ -263,7 +273,7 @@ impl Testbed {
         let netns = format!("{}-{}-{name}", self.id, node.name);
         let w = Workload {
             name: name.to_owned(),
-            namespace: "default".into(),
+            namespace: namespace.to_owned(),
             service_account: name.to_owned(),
             node: node.name.clone(),
             cgroup: node.cgroup.join(name),

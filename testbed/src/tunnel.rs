@@ -25,6 +25,8 @@ pub fn config(tb: &Testbed, node: &Node, enrolled: &[&Workload]) -> Value {
             "namespace": w.namespace,
             "service_account": w.service_account,
             "node": w.node,
+            // As a Deployment would label its pods: policies select by it.
+            "labels": { "app": w.name },
         });
         if w.pod_netns.is_some() {
             entry["addresses"] = json!([w.ip4.to_string(), w.ip6.to_string()]);
