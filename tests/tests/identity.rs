@@ -121,6 +121,13 @@ fn a_node_gets_its_own_workloads_certificates_and_is_refused_another_nodes() -> 
     Ok(())
 }
 
+/// How many pooled HBONE connections carried a tunnel's outbound streams.
+fn pooled_connections(t: &Tunnel) -> usize {
+    let ids: std::collections::BTreeSet<u64> =
+        t.access_log().iter().filter_map(|e| e["hbone_connection"].as_u64()).collect();
+    ids.len()
+}
+
 #[test]
 fn ten_second_certificates_renew_under_steady_traffic_without_a_single_failure() -> anyhow::Result<()> {
     let m = mesh("renew", "10s")?;
@@ -139,6 +146,10 @@ fn ten_second_certificates_renew_under_steady_traffic_without_a_single_failure()
         assert!(s["issued"].as_u64().unwrap_or(0) >= 8, "{} renewed only {} times: {s}", w.name, s["issued"]);
         assert_eq!(s["state"], "valid");
     }
+    // Renewed certificates are really presented: each renewal retires the
+    // pooled connection, and new streams ride a fresh handshake.
+    let handshakes = pooled_connections(&m.t1);
+    assert!(handshakes >= 6, "only {handshakes} pooled connections carried 60 s of 10 s certificates");
     drop((m.n1, m.n2, m.ca, m.t1, m.t2));
     Ok(())
 }
@@ -254,6 +265,10 @@ fn the_root_rotation_drill_drops_no_connection() -> anyhow::Result<()> {
 
     let report = steady.finish()?;
     assert_no_failures(&report);
+    // Every step changed the bundle or the certificates, and the pooled
+    // connection was re-established under it.
+    let handshakes = pooled_connections(&m.t1);
+    assert!(handshakes >= 3, "only {handshakes} pooled connections across the three steps");
     // Renewals after the drill work: the node credentials moved too.
     for t in tunnels {
         for c in t.certs(&m.tb)?["identities"].as_array().cloned().unwrap_or_default() {

@@ -8,8 +8,15 @@
 //! `ip:15008`, because with in-pod listeners every pod terminates its own
 //! connections. Each connection carries at most 100 streams at once; more
 //! open another connection. Only one connection per entry is being set up at
-//! a time, so a burst of first streams does not open a connection each. Idle
-//! connections are dropped after `idle_timeout`.
+//! a time, so a burst of first streams does not open a connection each, and
+//! when that setup fails the streams that waited for it fail with it instead
+//! of each trying again. Idle connections are dropped after `idle_timeout`.
+//!
+//! A connection takes new streams only while the handshake it was made with
+//! still holds: the source certificate it presented is the current one, the
+//! peer's certificate has not expired, and the trust bundle has not changed
+//! since. Otherwise it is retired: its open streams finish on it, new streams
+//! go to a fresh handshake, and it closes once its last stream ends.
 
 use std::{
     collections::HashMap,
@@ -18,7 +25,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -67,14 +74,39 @@ struct Connection {
     sender: SendRequest<Bytes>,
     /// Streams open now.
     streams: AtomicUsize,
+    /// No new streams: the connection died, or was retired.
     closed: AtomicBool,
     idle_since: Mutex<Instant>,
+    /// Serial of the source certificate the handshake presented.
+    serial: String,
+    /// When the peer's certificate expires.
+    peer_not_after: SystemTime,
+    /// The trust bundle as of the handshake: a change retires the connection.
+    bundle: BundleSource,
 }
 
 impl Connection {
-    /// Takes a stream slot if the connection has one.
-    fn reserve(&self, max: usize) -> bool {
+    /// Takes a stream slot if the connection has one and its handshake still
+    /// holds for `credential`; retires it otherwise.
+    fn reserve(&self, max: usize, credential: &Credential) -> bool {
         if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        let stale = if self.serial != credential.serial {
+            Some("the source certificate was renewed")
+        } else if SystemTime::now() >= self.peer_not_after {
+            Some("the peer's certificate expired")
+        } else if self.bundle.has_changed().unwrap_or(true) {
+            Some("the trust bundle changed")
+        } else {
+            None
+        };
+        if let Some(why) = stale {
+            self.closed.store(true, Ordering::Release);
+            tracing::debug!(
+                connection = self.id,
+                "HBONE connection retired ({why}); open streams finish on it"
+            );
             return false;
         }
         self.streams.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
@@ -92,8 +124,9 @@ impl Connection {
 #[derive(Default)]
 struct Entry {
     connections: Vec<Arc<Connection>>,
-    /// Held while a connection for this entry is being set up.
-    opening: Arc<tokio::sync::Mutex<()>>,
+    /// Held while a connection for this entry is being set up; holds the
+    /// last setup failure and when it happened.
+    opening: Arc<tokio::sync::Mutex<Option<(Instant, HboneError)>>>,
 }
 
 /// A stream slot; dropping it frees the slot.
@@ -133,8 +166,10 @@ impl Pool {
             next_id: AtomicUsize::new(1),
         });
         let weak = Arc::downgrade(&pool);
+        let every =
+            (pool.settings.idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(10));
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
                 let Some(pool) = weak.upgrade() else { return };
@@ -166,13 +201,17 @@ impl Pool {
         entries.retain(|_, e| !e.connections.is_empty());
     }
 
-    fn reserve(&self, key: &PoolKey) -> Option<Slot> {
+    fn reserve(&self, key: &PoolKey, credential: &Credential) -> Option<Slot> {
         let entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let entry = entries.get(key)?;
-        entry.connections.iter().find(|c| c.reserve(self.settings.max_streams)).map(|c| Slot(c.clone()))
+        entry
+            .connections
+            .iter()
+            .find(|c| c.reserve(self.settings.max_streams, credential))
+            .map(|c| Slot(c.clone()))
     }
 
-    fn opening_lock(&self, key: &PoolKey) -> Arc<tokio::sync::Mutex<()>> {
+    fn opening_lock(&self, key: &PoolKey) -> Arc<tokio::sync::Mutex<Option<(Instant, HboneError)>>> {
         let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         entries.entry(key.clone()).or_default().opening.clone()
     }
@@ -188,14 +227,27 @@ impl Pool {
         // A connection can die between its last use and this one (GOAWAY,
         // peer restart): one retry on a fresh connection.
         for attempt in 0..2 {
-            let slot = match self.reserve(key) {
+            let slot = match self.reserve(key, credential) {
                 Some(s) => s,
                 None => {
                     let lock = self.opening_lock(key);
-                    let _opening = lock.lock().await;
-                    match self.reserve(key) {
+                    let waited_from = Instant::now();
+                    let mut opening = lock.lock().await;
+                    // The setup this stream waited for failed: so does it.
+                    if let Some((at, e)) = opening.as_ref()
+                        && *at >= waited_from
+                    {
+                        return Err(e.clone());
+                    }
+                    match self.reserve(key, credential) {
                         Some(s) => s,
-                        None => self.open_connection(key, netns, credential).await?,
+                        None => match self.open_connection(key, netns, credential).await {
+                            Ok(s) => s,
+                            Err(e) => {
+                                *opening = Some((Instant::now(), e.clone()));
+                                return Err(e);
+                            }
+                        },
                     }
                 }
             };
@@ -255,12 +307,26 @@ impl Pool {
                         .map_or(("tls_error", e.to_string()), tls::verify::handshake_reason);
                     HboneError::Tls { target, reason, error }
                 })?;
-            client_builder()
-                .handshake::<_, Bytes>(tls)
-                .await
-                .map_err(|e| HboneError::Protocol { target, error: e.to_string() })
+            let (_, session) = tls.get_ref();
+            let peer_not_after = session
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(tls::verify::validity)
+                .map(|(_, not_after)| SystemTime::UNIX_EPOCH + Duration::from_secs(not_after))
+                .ok_or_else(|| HboneError::Tls {
+                    target,
+                    reason: "bad_certificate",
+                    error: "the peer's certificate has no readable validity".into(),
+                })?;
+            let (sender, connection) =
+                client_builder().handshake::<_, Bytes>(tls).await.map_err(|e| h2_failure(target, &e))?;
+            Ok::<_, HboneError>((sender, connection, peer_not_after))
         };
-        let (sender, mut connection) =
+        // The bundle as the handshake saw it (or newer: then the connection
+        // is retired at its first use, which is only cautious).
+        let mut bundle = self.bundle.clone();
+        bundle.borrow_and_update();
+        let (sender, mut connection, peer_not_after) =
             tokio::time::timeout(self.settings.connect_timeout, setup).await.map_err(|_| {
                 unreachable(format!("no connection within {:?}", self.settings.connect_timeout))
             })??;
@@ -271,9 +337,14 @@ impl Pool {
             streams: AtomicUsize::new(1),
             closed: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
+            serial: credential.serial.clone(),
+            peer_not_after,
+            bundle,
         });
         let ping_pong = connection.ping_pong();
-        let driven = conn.clone();
+        // Only a weak reference: the connection must close once the pool and
+        // its streams let go of it (h2 closes when no sender is left).
+        let driven = Arc::downgrade(&conn);
         tokio::spawn(async move {
             let outcome = match ping_pong {
                 Some(pp) => tokio::select! {
@@ -282,7 +353,9 @@ impl Pool {
                 },
                 None => connection.await.err().map(|e| e.to_string()),
             };
-            driven.closed.store(true, Ordering::Release);
+            if let Some(c) = driven.upgrade() {
+                c.closed.store(true, Ordering::Release);
+            }
             match outcome {
                 Some(e) => tracing::debug!(connection = id, %target, "HBONE connection ended: {e}"),
                 None => tracing::debug!(connection = id, %target, "HBONE connection closed"),
@@ -306,14 +379,27 @@ async fn send(
     target: SocketAddr,
     request: Request<()>,
 ) -> Result<(H2Reader, H2Writer), SendError> {
-    let protocol =
-        |e: h2::Error| SendError::Connection(HboneError::Protocol { target, error: e.to_string() });
+    let protocol = |e: h2::Error| SendError::Connection(h2_failure(target, &e));
     let mut sender = conn.sender.clone().ready().await.map_err(protocol)?;
     let (response, send) = sender.send_request(request, false).map_err(protocol)?;
     // The caller's bytes may follow the CONNECT at once: the server buffers
     // them until it has reached the destination. The answer is awaited by
     // the first read; a refusal (401, 503, ...) surfaces there.
     Ok((H2Reader::awaiting(response), H2Writer::new(send)))
+}
+
+/// An HTTP/2 failure, with the TLS reason when the peer's TLS refused us:
+/// in TLS 1.3 a client learns that its certificate was refused only after
+/// its side of the handshake, from the alert that ends the first read.
+fn h2_failure(target: SocketAddr, e: &h2::Error) -> HboneError {
+    let tls = e.get_io().and_then(|io| io.get_ref()).and_then(|i| i.downcast_ref::<rustls::Error>());
+    match tls {
+        Some(t) => {
+            let (reason, error) = tls::verify::handshake_reason(t);
+            HboneError::Tls { target, reason, error }
+        }
+        None => HboneError::Protocol { target, error: e.to_string() },
+    }
 }
 
 fn clone_request(r: &Request<()>) -> Request<()> {

@@ -16,7 +16,11 @@
 //! the HBONE connection (never the `forwarded` header, which the caller
 //! controls).
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
 
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
@@ -64,6 +68,13 @@ pub async fn serve_connection(
         return;
     };
     let identity = target.workload.identity.clone();
+    // A workload enrolled a moment ago may still be fetching its first
+    // certificate: the caller waits for it (bounded) instead of failing.
+    if let Err(e) = ctx.certs.wait(&identity, ctx.cert_wait).await {
+        refused_handshake(&ctx, peer, landed, &target, "no_certificate", e.to_string());
+        sockopt::reset_on_close(&stream);
+        return;
+    }
     let certs = ctx.certs.clone();
     let cert = CurrentCert(Box::new(move || certs.credential(&identity).map(|c| c.certified.clone())));
     let config = match tls::server_config(
@@ -105,13 +116,17 @@ pub async fn serve_connection(
             return;
         }
     };
-    let source = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
+    let peer_cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+    let source = peer_cert
         .and_then(|c| tls::verify::peer_id(c).ok())
         .and_then(|p| if let PeerId::Workload(id) = p { Some(id) } else { None });
+    // When the caller's certificate expires the connection takes no new
+    // streams (a well-behaved caller moved to a renewed one long before).
+    let expires_in = peer_cert
+        .and_then(tls::verify::validity)
+        .map(|(_, not_after)| UNIX_EPOCH + Duration::from_secs(not_after) + ctx.clock_skew)
+        .and_then(|t| t.duration_since(SystemTime::now()).ok())
+        .unwrap_or_default();
     let Some(source) = source else {
         refused_handshake(
             &ctx,
@@ -123,18 +138,33 @@ pub async fn serve_connection(
         );
         return;
     };
-    let mut connection = match server_builder().handshake::<_, Bytes>(tls).await {
-        Ok(c) => c,
-        Err(e) => {
+    let handshake = tokio::time::timeout(ctx.connect_timeout, server_builder().handshake::<_, Bytes>(tls));
+    let mut connection = match handshake.await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             refused_handshake(&ctx, peer, landed, &target, "hbone_protocol", e.to_string());
+            return;
+        }
+        Err(_) => {
+            let error = "no HTTP/2 preface in time after TLS".to_owned();
+            refused_handshake(&ctx, peer, landed, &target, "handshake_timeout", error);
             return;
         }
     };
     let mut keepalive = connection.ping_pong().map(|pp| Box::pin(keepalive(pp)));
     let caller = Arc::new(Caller { peer, landed, source, target });
+    let expiry = tokio::time::sleep(expires_in);
+    tokio::pin!(expiry);
+    let mut expired = false;
     loop {
         let next = tokio::select! {
             next = connection.accept() => next,
+            () = &mut expiry, if !expired => {
+                tracing::debug!(%peer, "the caller's certificate expired: no new streams on this connection");
+                expired = true;
+                connection.graceful_shutdown();
+                continue;
+            }
             e = async { match keepalive.as_mut() { Some(k) => k.await, None => std::future::pending().await } } => {
                 tracing::debug!(%peer, "HBONE connection dropped: {e}");
                 return;
