@@ -321,3 +321,69 @@ fn an_unreachable_destination_is_reported_as_such_and_the_caller_is_reset() -> a
     assert_eq!(field(line, "reason"), "destination_unreachable", "{line}");
     Ok(())
 }
+
+/// Established TCP connections from `netns` to port `port`.
+fn established_to(netns: &str, port: u16) -> anyhow::Result<usize> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "ss", "-Htn", "state", "established"])
+        .arg(format!("( dport = :{port} )"))
+        .output()?;
+    anyhow::ensure!(out.status.success(), "ss: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.trim().is_empty()).count())
+}
+
+#[test]
+fn an_idle_pooled_connection_is_closed_after_the_idle_timeout() -> anyhow::Result<()> {
+    let mut tb = Testbed::new("idle")?;
+    let n1 = tb.add_node("n1")?;
+    let n2 = tb.add_node("n2")?;
+    let web = tb.add_pod(&n1, "web")?;
+    let db = tb.add_pod(&n2, "db")?;
+    let _server = Server::start(&tb, &db.place(), &[db.addr4(5432)])?;
+    let mut c1 = tb.tunnel_config(&n1, &[&web]);
+    c1["proxy"]["pool_idle_timeout"] = serde_json::json!("1s");
+    let _t1 = tb.start_tunnel(&n1, c1)?;
+    let _t2 = tb.start_tunnel(&n2, tb.tunnel_config(&n2, &[&db]))?;
+    assert_eq!(agent::connect(&tb, &web.place(), db.addr4(5432), 3, 3)?.ok, 3);
+    assert!(established_to(&web.netns, 15008)? >= 1, "no pooled connection to db:15008");
+    // Idle: the pool lets go, and the TLS connection really closes (on both
+    // ends), instead of being kept alive by its keepalive pings.
+    assert!(
+        ztunnel_tests::eventually(Duration::from_secs(10), || established_to(&web.netns, 15008)
+            .is_ok_and(|n| n == 0)),
+        "the idle pooled connection is still open"
+    );
+    // The next call opens a fresh one.
+    assert_eq!(agent::connect(&tb, &web.place(), db.addr4(5432), 1, 1)?.ok, 1);
+    Ok(())
+}
+
+#[test]
+fn a_workload_that_may_not_leave_the_mesh_is_refused_passthrough() -> anyhow::Result<()> {
+    let mut tb = Testbed::new("passthru")?;
+    let n1 = tb.add_node("n1")?;
+    let n2 = tb.add_node("n2")?;
+    let web = tb.add_pod(&n1, "web")?;
+    let api = tb.add_pod(&n1, "api")?;
+    let db = tb.add_pod(&n2, "db")?;
+    let _db_server = Server::start(&tb, &db.place(), &[db.addr4(5432)])?;
+    let _outside = ztunnel_tests::node_server(&tb, &n2, &[9999])?;
+    let mut c1 = tb.tunnel_config(&n1, &[&web, &api]);
+    for w in c1["workloads"].as_array_mut().into_iter().flatten() {
+        if w["name"] == "web" {
+            w["outbound_passthrough"] = serde_json::json!("refuse");
+        }
+    }
+    let t1 = tb.start_tunnel(&n1, c1)?;
+    let _t2 = tb.start_tunnel(&n2, tb.tunnel_config(&n2, &[&db]))?;
+    let outside = SocketAddr::from((n2.ip4, 9999));
+
+    let out = agent::probe(&tb, &web.place(), outside)?;
+    assert_eq!(out["result"], "reset", "{out}");
+    let e = &t1.wait_access_log(1, WAIT, |e| e["reason"] == "passthrough_refused")?[0];
+    assert_eq!((field(e, "source_workload"), field(e, "decision")), (web.key().as_str(), "deny"), "{e}");
+    // The mesh is still reachable, and another workload may still leave it.
+    assert_eq!(agent::connect(&tb, &web.place(), db.addr4(5432), 1, 1)?.ok, 1);
+    assert_eq!(agent::connect(&tb, &api.place(), outside, 1, 1)?.ok, 1);
+    Ok(())
+}

@@ -2,7 +2,8 @@
 //!
 //! Lines go through a bounded queue to a writer task so that a slow disk or a
 //! blocked stdout never stalls the data path; if the queue is full the line is
-//! dropped and counted rather than buffered without bound.
+//! dropped and counted (`ztunnel_access_log_dropped_total`) rather than
+//! buffered without bound.
 
 use std::{
     fs::OpenOptions,
@@ -11,6 +12,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -90,7 +92,8 @@ pub struct AccessLog {
     tx: Option<mpsc::Sender<Entry>>,
     queued: AtomicU64,
     written: std::sync::Arc<AtomicU64>,
-    dropped: AtomicU64,
+    /// `ztunnel_access_log_dropped_total`.
+    dropped: Counter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,14 +105,14 @@ pub struct AccessLogError {
 
 impl AccessLog {
     /// Opens the target and starts the writer task (inside a tokio runtime).
-    pub fn start(target: &AccessLogTarget) -> Result<Self, AccessLogError> {
+    pub fn start(target: &AccessLogTarget, dropped: Counter) -> Result<Self, AccessLogError> {
         let out: Box<dyn io::Write + Send> = match target {
             AccessLogTarget::Off => {
                 return Ok(Self {
                     tx: None,
                     queued: AtomicU64::new(0),
                     written: Default::default(),
-                    dropped: AtomicU64::new(0),
+                    dropped,
                 });
             }
             AccessLogTarget::Stdout => Box::new(io::stdout()),
@@ -149,7 +152,7 @@ impl AccessLog {
                 std::thread::sleep(BATCH_PAUSE);
             }
         });
-        Ok(Self { tx: Some(tx), queued: AtomicU64::new(0), written, dropped: AtomicU64::new(0) })
+        Ok(Self { tx: Some(tx), queued: AtomicU64::new(0), written, dropped })
     }
 
     pub fn log(&self, entry: Entry) {
@@ -159,7 +162,7 @@ impl AccessLog {
                 self.queued.fetch_add(1, Ordering::Relaxed);
             }
             Err(_) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.dropped.inc();
             }
         }
     }
@@ -172,10 +175,5 @@ impl AccessLog {
         {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-    }
-
-    /// Lines dropped because the writer could not keep up.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
     }
 }

@@ -113,9 +113,9 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     let node_hbone_v6 = bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, HBONE_PORT)), "HBONE")
         .map_err(|e| tracing::warn!("no IPv6 HBONE listener on the node: {e:#}"))
         .ok();
-    let access_log = Arc::new(AccessLog::start(&config.access_log)?);
-    let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
+    let access_log = Arc::new(AccessLog::start(&config.access_log, metrics.access_log_dropped.clone())?);
+    let shutdown = CancellationToken::new();
     // Identity before capture: a CA or credential problem must stop the start
     // while the node is still untouched.
     let identity = IdentityRuntime::start(&config, &node_netns, metrics.clone(), shutdown.clone())?;

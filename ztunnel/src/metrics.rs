@@ -74,6 +74,8 @@ pub struct Metrics {
     pub certificate_expiry: Family<IdentityLabels, Gauge>,
     pub certificate_renewals: Family<ResultLabels, Counter>,
     pub handshake_failures: Family<HandshakeLabels, Counter>,
+    /// Access log lines lost because the writer could not keep up.
+    pub access_log_dropped: Counter,
     capture: CaptureCollector,
 }
 
@@ -146,7 +148,14 @@ impl Metrics {
             "Authorization decisions, by decision (allow, deny, would_deny) and reason",
             policy_decisions.clone(),
         );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "ztunnel_access_log_dropped",
+            "Access log lines dropped because the log could not be written fast enough",
+            access_log_dropped.clone(),
+        );
         Self {
+            access_log_dropped,
             policy_decisions,
             capture,
             registry,

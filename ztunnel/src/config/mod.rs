@@ -325,6 +325,22 @@ pub struct WorkloadConfig {
     /// Overrides the namespace's authorization mode for this workload.
     #[serde(default)]
     pub authorization: Option<AuthorizationMode>,
+    /// Overrides the namespace's choice for outbound connections to
+    /// destinations outside the mesh.
+    #[serde(default)]
+    pub outbound_passthrough: Option<Passthrough>,
+}
+
+/// What a workload's outbound connection to a destination outside the mesh
+/// (no workload of the registry at that address) does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Passthrough {
+    /// It goes to the destination in plaintext, as without the mesh.
+    #[default]
+    Allow,
+    /// It is refused (reset): the workload may only talk to the mesh.
+    Refuse,
 }
 
 /// Whether policy decisions are enforced.
@@ -384,6 +400,7 @@ pub struct NamespaceConfig {
     /// In enforce mode, deny what no ALLOW policy admits, even with no
     /// policy at all.
     pub default_deny: bool,
+    pub outbound_passthrough: Passthrough,
 }
 
 fn default_segment() -> String {
@@ -433,6 +450,13 @@ impl Config {
     /// The mTLS mode in force for a workload: its own, else its namespace's.
     pub fn mtls_mode(&self, w: &WorkloadConfig) -> MtlsMode {
         w.mtls.or_else(|| self.namespaces.get(&w.namespace).map(|n| n.mtls)).unwrap_or_default()
+    }
+
+    /// Whether a workload may reach destinations outside the mesh.
+    pub fn passthrough(&self, w: &WorkloadConfig) -> Passthrough {
+        w.outbound_passthrough
+            .or_else(|| self.namespaces.get(&w.namespace).map(|n| n.outbound_passthrough))
+            .unwrap_or_default()
     }
 
     /// The authorization modes in force for a workload.

@@ -79,6 +79,8 @@ pub enum Failure {
     PolicyDenied(&'static str),
     /// A policy change closed it while open.
     RevokedByPolicy,
+    /// A destination outside the mesh, for a workload that may not leave it.
+    PassthroughRefused,
 }
 
 impl Failure {
@@ -99,6 +101,7 @@ impl Failure {
             Failure::PlaintextRefused => "plaintext_refused",
             Failure::PolicyDenied(reason) => reason,
             Failure::RevokedByPolicy => "revoked_by_policy",
+            Failure::PassthroughRefused => "passthrough_refused",
         }
     }
 }

@@ -7,7 +7,8 @@
 //!   presenting the source workload's certificate and requiring the
 //!   destination workload's identity;
 //! * elsewhere: straight to the original destination in plaintext, from the
-//!   source workload's namespace.
+//!   source workload's namespace, unless the workload's `outbound_passthrough`
+//!   is `refuse`.
 //!
 //! Anything that cannot be attributed is refused with a reset: a connection
 //! the tunnel cannot name is a connection it must not carry.
@@ -23,6 +24,7 @@ use super::{
 };
 use crate::{
     access_log::Entry,
+    config::Passthrough,
     sockopt,
     workload::{LocalWorkload, Workload},
 };
@@ -122,6 +124,17 @@ async fn carry(
     }
     match route(destination.as_ref()) {
         Route::Passthrough => {
+            if state.config.passthrough(&source.config) == Passthrough::Refuse {
+                return refuse(
+                    &stream,
+                    Failure::PassthroughRefused,
+                    format!(
+                        "{} may not reach {} outside the mesh",
+                        source.workload.key(),
+                        captured.original_dst
+                    ),
+                );
+            }
             let upstream = match dial(&source.netns, captured.original_dst, ctx.connect_timeout).await {
                 Ok(s) => s,
                 Err((failure, error)) => return refuse(&stream, failure, error),
