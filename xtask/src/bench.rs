@@ -296,8 +296,20 @@ impl Iperf {
             .stderr(std::process::Stdio::null())
             .spawn()
             .context("iperf3 -s")?;
-        std::thread::sleep(Duration::from_millis(300));
-        Ok(Self(child))
+        let server = Self(child);
+        // Measure only once it listens (it takes a moment to bind).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", &place.netns, "ss", "-Htln", "( sport = :5201 )"])
+                .output()
+                .context("ss")?;
+            if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+                return Ok(server);
+            }
+            anyhow::ensure!(std::time::Instant::now() < deadline, "iperf3 -s is not listening after 5 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 

@@ -1,22 +1,31 @@
 //! `cargo xtask demo`: two simulated nodes with a few workloads, a tunnel per
-//! node with real eBPF capture, and real clients (curl) calling small HTTP
-//! servers. Prints who called whom and how, with the access log lines, and
-//! fails if anything it expects did not happen. Everything is removed at the
-//! end, also on failure.
+//! node with real eBPF capture and an embedded CA, and real clients (curl)
+//! calling small HTTP servers. Prints who called whom, under which
+//! identities, encrypted or not, with the access log lines of both tunnels,
+//! and fails if anything it expects did not happen. Everything is removed at
+//! the end, also on failure.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, bail};
-use serde_json::Value;
+use serde_json::{Value, json};
 use ztunnel_testbed::{Place, Testbed, Tunnel, agent::Server};
 
+/// What one call must produce.
 struct Call<'a> {
     what: &'a str,
     from: Place,
     to: SocketAddr,
-    /// Which tunnel must log the call, as (tunnel index, source workload;
-    /// empty for an inbound call). None: no tunnel may capture it outbound.
-    captured_by: Option<(usize, String)>,
+    /// Whether curl gets an answer.
+    answered: bool,
+    /// The line the caller's tunnel (index) logs for the captured connection:
+    /// source workload and mode. None: the caller is not captured at all.
+    outbound: Option<(usize, String, &'a str)>,
+    /// The line the callee's tunnel logs: mode and reason.
+    inbound: (usize, &'a str, &'a str),
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -26,62 +35,94 @@ pub fn run() -> anyhow::Result<()> {
     let mut tb = Testbed::new("demo")?;
     let n1 = tb.add_node("n1")?;
     let n2 = tb.add_node("n2")?;
-    let web = tb.add_pod(&n1, "web")?;
+    let web = tb.add_pod_in(&n1, "shop", "web")?;
+    let batch = tb.add_pod_in(&n1, "ops", "batch")?;
     let backup = tb.add_host_workload(&n1, "backup")?;
-    let db = tb.add_pod(&n2, "db")?;
+    let db = tb.add_pod_in(&n2, "shop", "db")?;
     println!("testbed {}", tb.id);
     for n in [&n1, &n2] {
         println!("  node {} {} {}", n.name, n.ip4, n.ip6);
     }
-    for w in [&web, &backup, &db] {
+    for w in [&web, &batch, &backup, &db] {
         let kind = if w.pod_netns.is_some() { "pod" } else { "plain-host workload" };
-        println!("  {kind} {} on {} at {} as {}", w.name, w.node, w.ip4, w.identity());
+        println!("  {kind} {} on {} at {} as {}", w.key(), w.node, w.ip4, w.identity());
     }
 
     let _db_http = Server::http(&tb, &db.place(), &[db.addr4(8080), db.addr6(8080)], "db")?;
     let _web_http = Server::http(&tb, &web.place(), &[web.addr4(8080)], "web")?;
-    let tunnels = [
-        tb.start_tunnel(&n1, tb.tunnel_config(&n1, &[&web, &backup]))?,
-        tb.start_tunnel(&n2, tb.tunnel_config(&n2, &[&db]))?,
-    ];
-    println!("tunnels ready on n1 and n2 (capture attached to their cgroup subtrees)\n");
+    // On n2: db is strict (mTLS only), and only web and backup may call it.
+    let mut c2 = tb.tunnel_config(&n2, &[&db]);
+    c2["namespaces"] = json!({"shop": {"mtls": "strict"}});
+    c2["policies"] = json!([{
+        "name": "db-callers", "namespace": "shop",
+        "selector": {"matchLabels": {"app": "db"}},
+        "action": "ALLOW",
+        "rules": [{
+            "from": [{"source": {"principals": [principal(&web.identity()), principal(&backup.identity())]}}],
+            "to": [{"operation": {"ports": ["8080"]}}],
+        }],
+    }]);
+    let tunnels =
+        [tb.start_tunnel(&n1, tb.tunnel_config(&n1, &[&web, &batch, &backup]))?, tb.start_tunnel(&n2, c2)?];
+    println!("tunnels ready on n1 and n2 (capture attached to their cgroup subtrees, certificates issued)");
+    println!("n2: namespace shop is strict; policy shop/db-callers lets only web and backup call db:8080\n");
 
     let calls = [
         Call {
             what: "pod web -> pod db (another node)",
             from: web.place(),
             to: db.addr4(8080),
-            captured_by: Some((0, web.key())),
+            answered: true,
+            outbound: Some((0, web.key(), "hbone")),
+            inbound: (1, "hbone", "ok"),
         },
         Call {
             what: "pod web -> pod db over IPv6",
             from: web.place(),
             to: db.addr6(8080),
-            captured_by: Some((0, web.key())),
+            answered: true,
+            outbound: Some((0, web.key(), "hbone")),
+            inbound: (1, "hbone", "ok"),
         },
         Call {
             what: "plain-host workload backup -> pod db",
             from: backup.place(),
             to: db.addr4(8080),
-            captured_by: Some((0, backup.key())),
+            answered: true,
+            outbound: Some((0, backup.key(), "hbone")),
+            inbound: (1, "hbone", "ok"),
         },
         Call {
             what: "container of pod web -> pod db",
             from: web.child("app")?,
             to: db.addr4(8080),
-            captured_by: Some((0, web.key())),
+            answered: true,
+            outbound: Some((0, web.key(), "hbone")),
+            inbound: (1, "hbone", "ok"),
         },
         Call {
-            what: "process outside any workload on n1 -> pod db",
+            what: "pod batch (namespace ops) -> pod db: no policy allows it",
+            from: batch.place(),
+            to: db.addr4(8080),
+            answered: false,
+            outbound: Some((0, batch.key(), "hbone")),
+            inbound: (1, "hbone", "no_allow_matched"),
+        },
+        Call {
+            what: "process outside any workload on n1 -> pod db: plaintext, and db is strict",
             from: n1.unenrolled(),
             to: db.addr4(8080),
-            captured_by: None,
+            answered: false,
+            outbound: None,
+            inbound: (1, "plaintext", "plaintext_refused"),
         },
         Call {
-            what: "outside caller on n2 -> pod web (inbound steering)",
+            what: "process outside any workload on n2 -> pod web: plaintext, web is permissive",
             from: n2.unenrolled(),
             to: web.addr4(8080),
-            captured_by: Some((0, String::new())),
+            answered: true,
+            outbound: None,
+            inbound: (0, "plaintext", "ok"),
         },
     ];
     let mut failures = Vec::new();
@@ -93,47 +134,68 @@ pub fn run() -> anyhow::Result<()> {
             i + 1,
             call.what,
             call.to,
-            body.as_deref().unwrap_or("FAILED")
+            body.as_deref().unwrap_or("no answer (connection reset)")
         );
-        std::thread::sleep(Duration::from_millis(150));
-        let mut logged = Vec::new();
+        let new_lines =
+            |t: usize| -> Vec<Value> { tunnels[t].access_log().into_iter().skip(seen_before[t]).collect() };
+        let outbound_ok = |l: &Value, source: &str, mode: &str| {
+            l["direction"] == "outbound" && l["source_workload"] == source && l["mode"] == mode
+        };
+        let (it, imode, ireason) = call.inbound;
+        let inbound_ok =
+            |l: &Value| l["direction"] == "inbound" && l["mode"] == imode && l["reason"] == ireason;
+        // Lines are written when a connection ends: wait for them.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let outbound_seen = match &call.outbound {
+                Some((t, source, mode)) => new_lines(*t).iter().any(|l| outbound_ok(l, source, mode)),
+                None => true,
+            };
+            if (outbound_seen && new_lines(it).iter().any(inbound_ok)) || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         for (t, tunnel) in tunnels.iter().enumerate() {
-            for line in tunnel.access_log().into_iter().skip(seen_before[t]) {
-                println!("    {} access log: {}", tunnel.node.name, summarize(&line));
-                logged.push((t, line));
+            for line in new_lines(t) {
+                println!("    {} {}", tunnel.node.name, summarize(&line));
             }
         }
-        if body.is_none() {
-            failures.push(format!("[{}] {}: the call failed", i + 1, call.what));
+        let mut fail = |why: String| failures.push(format!("[{}] {}: {why}", i + 1, call.what));
+        if body.is_some() != call.answered {
+            fail(if call.answered { "the call failed".into() } else { "the call got through".into() });
         }
-        match &call.captured_by {
-            None if logged.iter().any(|(_, l)| l["direction"] == "outbound") => {
-                failures.push(format!("[{}] {}: captured, but must not be", i + 1, call.what));
+        match &call.outbound {
+            Some((t, source, mode)) if !new_lines(*t).iter().any(|l| outbound_ok(l, source, mode)) => {
+                fail(format!("no {mode} line from {source} on {}", tunnels[*t].node.name));
+            }
+            None if tunnels
+                .iter()
+                .enumerate()
+                .any(|(t, _)| new_lines(t).iter().any(|l| l["direction"] == "outbound")) =>
+            {
+                fail("captured on its way out, but the caller is in no enrolled workload".into());
             }
             None => println!("    not captured on its way out: the caller belongs to no enrolled workload"),
-            Some((t, source)) => {
-                let found = logged.iter().any(|(lt, l)| {
-                    lt == t && (source.is_empty() || l["source_workload"] == *source) && l["reason"] == "ok"
-                });
-                if !found {
-                    failures.push(format!(
-                        "[{}] {}: no access log line on {}",
-                        i + 1,
-                        call.what,
-                        tunnels[*t].node.name
-                    ));
-                }
-            }
+            Some(_) => {}
+        }
+        if !new_lines(it).iter().any(inbound_ok) {
+            fail(format!("no inbound {imode} line with reason {ireason} on {}", tunnels[it].node.name));
         }
         println!();
     }
-    print_capture_counters(&tunnels)?;
+    print_counters(&tunnels)?;
     if failures.is_empty() {
         println!("demo: all {} calls behaved as expected", calls.len());
         Ok(())
     } else {
         bail!("demo: {} unexpected:\n  {}", failures.len(), failures.join("\n  "))
     }
+}
+
+/// Istio's principal form of a SPIFFE ID.
+fn principal(id: &str) -> String {
+    id.trim_start_matches("spiffe://").to_owned()
 }
 
 /// curl inside `from`; the response body, or None when the call failed.
@@ -148,24 +210,31 @@ fn curl(tb: &Testbed, from: &Place, to: SocketAddr) -> anyhow::Result<Option<Str
 
 fn summarize(l: &Value) -> String {
     let s = |k: &str| l[k].as_str().unwrap_or("-").to_owned();
-    format!(
-        "{} {} {} -> {} ({}) {} {} sent={} received={}",
+    let security = if l["connection_security_policy"] == "mutual_tls" { "mTLS" } else { "plaintext" };
+    let mut out = format!(
+        "{} {security}: {} -> {} ({}) {} {}",
         s("direction"),
-        s("mode"),
-        if l["source_workload"].is_string() { s("source_workload") } else { s("source_address") },
+        if l["source_identity"].is_string() { s("source_identity") } else { s("source_address") },
         s("destination_address"),
-        s("destination_workload"),
+        s("destination_identity"),
         s("decision"),
         s("reason"),
-        l["bytes_sent"],
-        l["bytes_received"],
-    )
+    );
+    if let Some(p) = l["policy"].as_str() {
+        out.push_str(&format!(" by {p}"));
+    }
+    out.push_str(&format!(" sent={} received={}", l["bytes_sent"], l["bytes_received"]));
+    out
 }
 
-fn print_capture_counters(tunnels: &[Tunnel]) -> anyhow::Result<()> {
+fn print_counters(tunnels: &[Tunnel]) -> anyhow::Result<()> {
     for t in tunnels {
         let dump = t.config_dump()?;
         println!("{} capture counters: {}", t.node.name, dump["capture_counters"]);
+        let metrics = t.metrics()?;
+        for line in metrics.lines().filter(|l| l.starts_with("ztunnel_policy_decisions_total")) {
+            println!("{} {line}", t.node.name);
+        }
     }
     Ok(())
 }

@@ -88,9 +88,14 @@ pub fn cargo() -> Command {
     cmd
 }
 
+/// Runs `cmd`, its output on stderr: stdout is kept for what xtask itself
+/// prints (`bench --json` prints one JSON object there, nothing else).
 pub fn status(cmd: &mut Command) -> anyhow::Result<()> {
     let what = format!("{cmd:?}");
-    let s = cmd.status().with_context(|| format!("cannot run {what}"))?;
+    let s = cmd
+        .stdout(std::process::Stdio::from(std::io::stderr()))
+        .status()
+        .with_context(|| format!("cannot run {what}"))?;
     if !s.success() {
         bail!("{what} failed ({s})");
     }
