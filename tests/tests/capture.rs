@@ -499,3 +499,35 @@ fn netns_links(netns_ino: u64) -> anyhow::Result<Vec<serde_json::Value>> {
         .filter(|l| l["type"] == "netns" && l["netns_ino"].as_u64() == Some(netns_ino))
         .collect())
 }
+
+#[test]
+fn an_outbound_exclusion_cannot_bypass_a_neighbours_inbound_steering() -> anyhow::Result<()> {
+    let mut tb = Testbed::new("neighbr")?;
+    let n1 = tb.add_node("n1")?;
+    let web = tb.add_pod(&n1, "web")?;
+    let db = tb.add_pod(&n1, "db")?;
+    let server = Server::start(&tb, &db.place(), &[db.addr4(5432), db.addr6(5432)])?;
+    let mut config = tb.tunnel_config(&n1, &[&web, &db]);
+    for w in config["workloads"].as_array_mut().into_iter().flatten() {
+        if w["name"] == "web" {
+            // web dials db directly, past its own tunnel...
+            w["capture"] =
+                json!({"exclude_outbound_cidrs": [format!("{}/32", db.ip4), format!("{}/128", db.ip6)]});
+        }
+        if w["name"] == "db" {
+            // ...but db accepts mTLS only.
+            w["mtls"] = json!("strict");
+        }
+    }
+    let tunnel = tb.start_tunnel(&n1, config)?;
+    for dst in [db.addr4(5432), db.addr6(5432)] {
+        let out = agent::probe(&tb, &web.place(), dst)?;
+        assert_ne!(out["result"], "ok", "{dst}: web's plaintext reached strict db: {out}");
+    }
+    let refused = tunnel.wait_access_log(2, WAIT, |e| e["reason"] == "plaintext_refused")?;
+    assert!(refused.iter().all(|e| e["destination_workload"] == db.key()), "{refused:?}");
+    assert!(server.accepted().is_empty());
+    // db calling itself at its own address is still its own business.
+    assert_eq!(agent::connect(&tb, &db.place(), db.addr4(5432), 1, 1)?.ok, 1);
+    Ok(())
+}

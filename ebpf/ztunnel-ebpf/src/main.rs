@@ -388,13 +388,21 @@ pub fn ztunnel_sk_lookup(ctx: SkLookupContext) -> u32 {
     } else {
         return SK_PASS;
     };
-    // A connection from one of the workload's own addresses was made inside
-    // the namespace (the workload calling itself, or the tunnel handing it a
-    // connection). It travels over loopback, but the kernel reports the
-    // address's device as its ingress, so the source is what tells. (IPv4
-    // packets from outside with a local source are dropped as martians first.)
-    // SAFETY: only presence is read.
-    if unsafe { INBOUND_ADDRS.get(&source) }.is_some() {
+    // SAFETY: the value is copied out.
+    let destination = unsafe { INBOUND_ADDRS.get(&key) }.copied();
+    // A connection from one of this workload's own addresses was made inside
+    // the namespace (the workload calling itself). It travels over loopback,
+    // but the kernel reports the address's device as its ingress, so the
+    // source is what tells. Only the workload's own addresses count: another
+    // pod's source address (a pod whose outbound exclusions let it dial
+    // directly) is steered like any caller. (IPv4 packets from outside with
+    // a local source are dropped as martians; an IPv6 one could not complete
+    // its handshake, whose replies stay inside the namespace.)
+    // SAFETY: the value is copied out.
+    let source_workload = unsafe { INBOUND_ADDRS.get(&source) }.copied();
+    if let (Some(s), Some(d)) = (source_workload, destination)
+        && s == d
+    {
         return SK_PASS;
     }
     // The tunnel handing a connection to the workload with the caller's own
@@ -410,8 +418,7 @@ pub fn ztunnel_sk_lookup(ctx: SkLookupContext) -> u32 {
     if unsafe { DELIVERIES.get(&delivery) }.is_some() {
         return SK_PASS;
     }
-    // SAFETY: the value is copied out.
-    let Some(workload_id) = (unsafe { INBOUND_ADDRS.get(&key) }).copied() else {
+    let Some(workload_id) = destination else {
         // This program runs only in enrolled namespaces: an address the tunnel
         // does not know is refused rather than let through in the clear.
         count(counter::INBOUND_UNKNOWN_ADDR);
