@@ -531,3 +531,35 @@ fn an_outbound_exclusion_cannot_bypass_a_neighbours_inbound_steering() -> anyhow
     assert_eq!(agent::connect(&tb, &db.place(), db.addr4(5432), 1, 1)?.ok, 1);
     Ok(())
 }
+
+#[test]
+fn a_workload_whose_cgroup_is_made_again_is_captured_again() -> anyhow::Result<()> {
+    let mut tb = Testbed::new("recgrp")?;
+    let n1 = tb.add_node("n1")?;
+    let n2 = tb.add_node("n2")?;
+    let backup = tb.add_host_workload(&n1, "backup")?;
+    let _server = node_server(&tb, &n2, &[8080])?;
+    let tunnel = tb.start_tunnel(&n1, tb.tunnel_config(&n1, &[&backup]))?;
+    let outside = SocketAddr::from((n2.ip4, 8080));
+    assert_eq!(agent::connect(&tb, &backup.place(), outside, 1, 1)?.ok, 1);
+    tunnel.wait_access_log(1, WAIT, |e| e["source_workload"] == backup.key())?;
+
+    // What systemd does when it restarts a unit: the cgroup goes away and
+    // comes back as a new directory, with a new id.
+    let before = cgroup_id(&backup.cgroup);
+    std::fs::remove_dir(&backup.cgroup)?;
+    std::fs::create_dir(&backup.cgroup)?;
+    let after = cgroup_id(&backup.cgroup);
+    assert_ne!(before, after);
+    assert!(
+        eventually(WAIT, || tunnel
+            .workload_status(&backup)
+            .is_ok_and(|s| s["cgroup_id"].as_u64() == Some(after) && s["state"] == "enrolled")),
+        "the new cgroup was not enrolled: {:?}",
+        tunnel.workload_status(&backup)
+    );
+    assert_eq!(agent::connect(&tb, &backup.place(), outside, 1, 1)?.ok, 1);
+    let lines = tunnel.wait_access_log(2, WAIT, |e| e["source_workload"] == backup.key())?;
+    assert_eq!(lines[1]["source_cgroup_id"].as_u64(), Some(after), "{}", lines[1]);
+    Ok(())
+}

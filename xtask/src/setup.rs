@@ -27,6 +27,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run() -> anyhow::Result<()> {
     debian_packages()?;
+    nightly()?;
     rust_src()?;
     bpf_linker()?;
     Ok(())
@@ -72,6 +73,29 @@ fn debian_packages() -> anyhow::Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// The nightly toolchain builds the eBPF programs (-Z build-std). A machine
+/// that has one keeps it: bpf-linker is built against its LLVM, and
+/// replacing it would break that match. One without gets the current one.
+fn nightly() -> anyhow::Result<()> {
+    let present = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return Ok(());
+    }
+    eprintln!("setup: installing the nightly toolchain (the eBPF programs are built with it)");
+    status(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        "nightly",
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]))
 }
 
 fn nightly_sysroot() -> anyhow::Result<PathBuf> {

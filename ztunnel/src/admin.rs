@@ -33,6 +33,9 @@ pub struct AdminView {
     pub generation: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_reload_error: Option<String>,
+    /// The capture maps could not be updated (retried every tick).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capture_error: Option<String>,
     pub workloads: Vec<WorkloadStatus>,
 }
 

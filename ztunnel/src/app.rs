@@ -197,6 +197,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     let mut enrollment = Enrollment::new(
         capture,
         mount,
+        cgroup_root,
         tunnel_cgroup,
         node_netns,
         ctx.clone(),
@@ -314,6 +315,7 @@ fn publish_status(
     }
     admin.update(|v| {
         v.generation = enrollment.generation();
+        v.capture_error = enrollment.sync_error().map(str::to_owned);
         v.workloads = statuses;
         if reloaded {
             v.last_reload_error = None;

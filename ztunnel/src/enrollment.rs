@@ -59,6 +59,15 @@ struct Enrolled {
     listeners: PodListeners,
 }
 
+impl Enrolled {
+    /// Whether the workload's cgroup directory is no longer the one enrolled:
+    /// removed, or removed and made again (a systemd unit's restart), which
+    /// gives it a new id the programs do not know.
+    fn cgroup_replaced(&self) -> bool {
+        self.local.cgroup.id().ok() != Some(self.local.cgroup_id)
+    }
+}
+
 /// A pod's in-pod listeners. Dropping this closes them.
 #[derive(Default)]
 struct PodListeners {
@@ -103,6 +112,11 @@ pub struct Enrollment {
     published: Option<Arc<Config>>,
     /// Identities whose certificates are held for enrolled workloads.
     certificates: HashMap<String, SpiffeId>,
+    /// The capture maps could not be brought in line with the configuration
+    /// (a kernel error): retried on every tick until it succeeds.
+    sync_error: Option<String>,
+    /// The cgroup the programs are attached to: every workload is below it.
+    cgroup_root: Cgroup,
 }
 
 impl Enrollment {
@@ -110,6 +124,7 @@ impl Enrollment {
     pub fn new(
         capture: Capture,
         cgroup_mount: PathBuf,
+        cgroup_root: Cgroup,
         tunnel_cgroup: Cgroup,
         node_netns: Netns,
         ctx: Arc<ProxyContext>,
@@ -133,6 +148,8 @@ impl Enrollment {
             generation: 0,
             published: None,
             certificates: HashMap::new(),
+            sync_error: None,
+            cgroup_root,
         }
     }
 
@@ -160,7 +177,14 @@ impl Enrollment {
     /// Whether some workload still waits for its cgroup, namespace or
     /// listeners: the controller retries those on every tick.
     pub fn has_pending(&self) -> bool {
-        !self.failed.is_empty() || self.enrolled.values().any(|e| !e.capture.ready)
+        !self.failed.is_empty()
+            || self.sync_error.is_some()
+            || self.enrolled.values().any(|e| !e.capture.ready || e.cgroup_replaced())
+    }
+
+    /// Why the capture maps do not match the configuration, if they do not.
+    pub fn sync_error(&self) -> Option<&str> {
+        self.sync_error.as_deref()
     }
 
     /// Makes capture match `config`. Returns the status of every local workload.
@@ -186,16 +210,19 @@ impl Enrollment {
         changed |= self.failed.len() != failed_before;
 
         for (key, wc) in &desired {
-            let unchanged = self.enrolled.get(key).is_some_and(|e| e.local.config == **wc && e.capture.ready);
+            let unchanged = self
+                .enrolled
+                .get(key)
+                .is_some_and(|e| e.local.config == **wc && e.capture.ready && !e.cgroup_replaced());
             if unchanged {
                 continue;
             }
             let previous = self.enrolled.remove(key);
-            let before = previous.as_ref().map(|p| (p.capture.ready, p.error.clone()));
+            let before = previous.as_ref().map(|p| (p.capture.ready, p.error.clone(), p.local.cgroup_id));
             match self.enroll(config, wc, previous) {
                 Ok(e) => {
                     changed |= self.failed.remove(key).is_some()
-                        || before != Some((e.capture.ready, e.error.clone()));
+                        || before != Some((e.capture.ready, e.error.clone(), e.local.cgroup_id));
                     self.enrolled.insert(key.clone(), e);
                 }
                 Err(status) => {
@@ -206,7 +233,7 @@ impl Enrollment {
         }
         self.hold_certificates();
         let new_config = self.published.as_ref().is_none_or(|p| !Arc::ptr_eq(p, config));
-        if !changed && !new_config {
+        if !changed && !new_config && self.sync_error.is_none() {
             return self.statuses();
         }
 
@@ -214,8 +241,16 @@ impl Enrollment {
         for e in self.enrolled.values() {
             desired_maps.add(&e.capture);
         }
-        if let Err(e) = self.capture.sync(&desired_maps) {
-            tracing::error!("updating capture maps: {e}");
+        match self.capture.sync(&desired_maps) {
+            Ok(()) => {
+                if self.sync_error.take().is_some() {
+                    tracing::info!("capture maps match the configuration again");
+                }
+            }
+            Err(e) => {
+                tracing::error!("updating capture maps (retried every tick): {e}");
+                self.sync_error = Some(e.to_string());
+            }
         }
         let keep: Vec<(String, String)> = self
             .enrolled
@@ -312,6 +347,12 @@ impl Enrollment {
         let cgroup = Cgroup::resolve(&self.cgroup_mount, cgroup_path).map_err(|e| failed(e.to_string()))?;
         if !cgroup.exists() {
             return Err(failed(format!("cgroup {cgroup} does not exist (yet)")));
+        }
+        if !self.cgroup_root.contains(&cgroup) {
+            return Err(failed(format!(
+                "cgroup {cgroup} is outside capture.cgroup_root {}: its connections could not be captured",
+                self.cgroup_root
+            )));
         }
         let cgroup_id = cgroup.id().map_err(|e| failed(e.to_string()))?;
         if cgroup.contains(&self.tunnel_cgroup) {

@@ -21,6 +21,14 @@ pub const AF_INET6: u16 = 10;
 /// ancestor of a task's cgroup. Kubernetes pods sit at depth 4-6.
 pub const MAX_CGROUP_DEPTH: u32 = 24;
 
+/// Capacities of the maps enrollment fills. The configuration is checked
+/// against them when it is loaded, so a file that loads always fits and
+/// enrollment never meets a full map.
+pub const MAX_ENROLLED_CGROUPS: u32 = 16384;
+pub const MAX_EXCLUDED_PORTS: u32 = 16384;
+pub const MAX_EXCLUDED_CIDRS: u32 = 16384;
+pub const MAX_INBOUND_ADDRS: u32 = 16384;
+
 /// Bumped whenever a map's key or value layout changes: maps are pinned under a
 /// directory named after it, so an upgraded tunnel never reinterprets the bytes
 /// of a map pinned by an older one.

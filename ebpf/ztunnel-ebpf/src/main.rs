@@ -36,7 +36,8 @@ use aya_log_ebpf::warn;
 use ztunnel_ebpf_common::{
     AF_INET, AF_INET6, AddrKey, CIDR_KEY_FIXED_BITS, CaptureRecord, CidrKey, ConnTuple, DELIVERY_MARK,
     DIRECTION_INBOUND, DIRECTION_OUTBOUND, DeliveryKey, EnrolledWorkload, INBOUND_HBONE_PORT,
-    MAX_CGROUP_DEPTH, OUTBOUND_PORT, PortKey, WORKLOAD_READY, counter,
+    MAX_CGROUP_DEPTH, MAX_ENROLLED_CGROUPS, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, MAX_INBOUND_ADDRS,
+    OUTBOUND_PORT, PortKey, WORKLOAD_READY, counter,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -63,7 +64,7 @@ static TUNNEL_CGROUP_ID: Global<u64> = Global::new(0);
 
 // Sizes are defaults; the loader may override them from configuration.
 #[map]
-static ENROLLED_CGROUPS: HashMap<u64, EnrolledWorkload> = HashMap::with_max_entries(16384, 0);
+static ENROLLED_CGROUPS: HashMap<u64, EnrolledWorkload> = HashMap::with_max_entries(MAX_ENROLLED_CGROUPS, 0);
 // LRU: a record lives here only between connect() and TCP_CONNECT_CB; one whose
 // connect() fails in between is never moved, and must age out, not pile up.
 #[map]
@@ -73,13 +74,13 @@ static CAPTURED_BY_COOKIE: LruHashMap<u64, CaptureRecord> = LruHashMap::with_max
 #[map]
 static CAPTURED_BY_TUPLE: HashMap<ConnTuple, CaptureRecord> = HashMap::with_max_entries(65536, 0);
 #[map]
-static EXCLUDED_CIDRS: LpmTrie<CidrKey, u8> = LpmTrie::with_max_entries(16384, 0);
+static EXCLUDED_CIDRS: LpmTrie<CidrKey, u8> = LpmTrie::with_max_entries(MAX_EXCLUDED_CIDRS, 0);
 #[map]
-static EXCLUDED_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(16384, 0);
+static EXCLUDED_PORTS: HashMap<PortKey, u8> = HashMap::with_max_entries(MAX_EXCLUDED_PORTS, 0);
 #[map]
-static INBOUND_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(16384, 0);
+static INBOUND_ADDRS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_INBOUND_ADDRS, 0);
 #[map]
-static INBOUND_LISTENERS: SockHash<AddrKey> = SockHash::with_max_entries(16384, 0);
+static INBOUND_LISTENERS: SockHash<AddrKey> = SockHash::with_max_entries(MAX_INBOUND_ADDRS, 0);
 #[map]
 static CAPTURE_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 // Connections the tunnel is handing to a workload, registered by

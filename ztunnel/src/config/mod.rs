@@ -509,9 +509,8 @@ impl Config {
         let mut cgroups: HashMap<&Path, usize> = HashMap::new();
         for (i, w) in self.workloads.iter().enumerate() {
             let at = |field: &str| [key("workloads"), Step::Index(i), key(field)];
-            if w.name.is_empty() {
-                return Err(Invalid::at(at("name"), "must not be empty"));
-            }
+            // The name becomes part of pin paths and log keys.
+            validate_segment("workload name", &w.name).map_err(|e| Invalid::at(at("name"), e.to_string()))?;
             if let Some(first) = names.insert((&w.namespace, &w.name), i) {
                 return Err(Invalid::at(
                     at("name"),
@@ -557,11 +556,102 @@ impl Config {
             }
         }
         self.validate_addresses()?;
+        self.validate_settings()?;
+        self.validate_capacity()?;
         if let Some((i, field, message)) = crate::policy::validate::policy_errors(&self.policies) {
             return Err(Invalid::at([key("policies"), Step::Index(i), key(field)], message));
         }
         if let Some((i, field, message)) = crate::policy::validate::emergency_errors(&self.emergency_allows) {
             return Err(Invalid::at([key("emergency_allows"), Step::Index(i), key(field)], message));
+        }
+        Ok(())
+    }
+
+    /// Durations and counts the tunnel divides by, waits on or sizes with:
+    /// zero is never meant (and would spin, or panic a timer).
+    fn validate_settings(&self) -> Result<(), Invalid> {
+        let zero = Duration::ZERO;
+        let durations = [
+            ("proxy", "connect_timeout", self.proxy.connect_timeout),
+            ("proxy", "reload_interval", self.proxy.reload_interval),
+            ("proxy", "pool_idle_timeout", self.proxy.pool_idle_timeout),
+            ("identity", "cert_lifetime", self.identity.cert_lifetime),
+            ("identity", "retry_initial", self.identity.retry_initial),
+            ("identity", "retry_max", self.identity.retry_max),
+            ("identity", "bundle_refresh", self.identity.bundle_refresh),
+        ];
+        for (section, field, d) in durations {
+            if d == zero {
+                return Err(Invalid::at(
+                    [Step::Key(section.into()), Step::Key(field.into())],
+                    "must be more than 0s",
+                ));
+            }
+        }
+        if self.identity.retry_initial > self.identity.retry_max {
+            return Err(Invalid::at(
+                [Step::Key("identity".into()), Step::Key("retry_initial".into())],
+                "must not be longer than identity.retry_max",
+            ));
+        }
+        let counts = [
+            ("capture", "max_connections", self.capture.max_connections as usize),
+            ("identity", "max_concurrent_requests", self.identity.max_concurrent_requests),
+            ("proxy", "worker_threads", self.proxy.worker_threads),
+        ];
+        for (section, field, n) in counts {
+            if n == 0 {
+                return Err(Invalid::at(
+                    [Step::Key(section.into()), Step::Key(field.into())],
+                    "must be at least 1",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The node's workloads must fit the capture maps: a workload that did
+    /// not fit would not be captured, which is never acceptable.
+    fn validate_capacity(&self) -> Result<(), Invalid> {
+        use ztunnel_ebpf_common::{
+            MAX_ENROLLED_CGROUPS, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, MAX_INBOUND_ADDRS,
+        };
+        let local: Vec<&WorkloadConfig> = self.local_workloads().collect();
+        let addresses = |w: &WorkloadConfig| {
+            if w.addresses.is_empty() && w.netns.is_none() {
+                self.node.addresses.len()
+            } else {
+                w.addresses.len()
+            }
+        };
+        let used = [
+            ("local workloads", local.len(), MAX_ENROLLED_CGROUPS),
+            (
+                "port exclusions",
+                local
+                    .iter()
+                    .map(|w| w.capture.exclude_outbound_ports.len() + w.capture.exclude_inbound_ports.len())
+                    .sum(),
+                MAX_EXCLUDED_PORTS,
+            ),
+            (
+                "outbound CIDR exclusions (each workload's own addresses count)",
+                local.iter().map(|w| w.capture.exclude_outbound_cidrs.len() + addresses(w)).sum(),
+                MAX_EXCLUDED_CIDRS,
+            ),
+            (
+                "pod addresses",
+                local.iter().filter(|w| w.netns.is_some()).map(|w| w.addresses.len()).sum(),
+                MAX_INBOUND_ADDRS,
+            ),
+        ];
+        for (what, n, max) in used {
+            if n > max as usize {
+                return Err(Invalid::at(
+                    [Step::Key("workloads".into())],
+                    format!("{n} {what} on node {}; capture holds at most {max}", self.node.name),
+                ));
+            }
         }
         Ok(())
     }
@@ -762,6 +852,22 @@ workloads:
                 "outside capture.cgroup_root",
             ),
             ("node:\n\tname: a\n", "node.yaml:2:", "cannot start any token"),
+            (
+                "node:\n  name: a\nproxy:\n  reload_interval: 0s\n",
+                "node.yaml:4:",
+                "proxy.reload_interval: must be more than 0s",
+            ),
+            (
+                "node:\n  name: a\nidentity:\n  retry_initial: 1m\n  retry_max: 10s\n",
+                "node.yaml:4:",
+                "must not be longer than identity.retry_max",
+            ),
+            ("node:\n  name: a\ncapture:\n  max_connections: 0\n", "node.yaml:4:", "must be at least 1"),
+            (
+                "node:\n  name: a\nworkloads:\n  - name: 'w/../x'\n    cgroup: /x\n",
+                "node.yaml:4:",
+                "workloads[0].name: workload name `w/../x` may contain only",
+            ),
             ("{}", "node.yaml", "missing field `node`"),
         ];
         for (text, at, want) in cases {
