@@ -310,6 +310,13 @@ impl Tunnel {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
+    /// What `ztunnel certs` prints for a person.
+    pub fn certs_text(&self, tb: &Testbed) -> anyhow::Result<String> {
+        let out = tb.command(&self.node.unenrolled(), crate::bins::ztunnel()?)?.arg("certs").output()?;
+        anyhow::ensure!(out.status.success(), "ztunnel certs: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// The `ztunnel certs` status of one identity.
     pub fn cert_status(&self, tb: &Testbed, identity: &str) -> anyhow::Result<Value> {
         let certs = self.certs(tb)?;

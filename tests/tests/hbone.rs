@@ -226,6 +226,16 @@ fn a_callee_with_the_wrong_identity_an_unknown_ca_or_a_bad_validity_is_refused_w
             ours.leaf("spiffe://evil.example/ns/default/sa/db", -60, 3600),
             "wrong_trust_domain",
         ),
+        (
+            "no SPIFFE ID (a DNS name only)",
+            ours.leaf_with(vec![rcgen::SanType::DnsName("db.example".try_into()?)], -60, 3600),
+            "no_spiffe_id",
+        ),
+        (
+            "a SPIFFE ID that names no workload",
+            ours.leaf("spiffe://cluster.local/db", -60, 3600),
+            "invalid_spiffe_id",
+        ),
     ];
     for (what, cert, reason) in cases {
         let _rogue = RogueServer::start(&db.netns, db.addr4(15008), cert, ours.bundle());
@@ -235,7 +245,15 @@ fn a_callee_with_the_wrong_identity_an_unknown_ca_or_a_bad_validity_is_refused_w
         assert_eq!(line[0]["decision"], "deny", "{what}: {}", line[0]);
     }
     let metrics = t1.metrics()?;
-    for reason in ["wrong_identity", "unknown_ca", "expired", "not_yet_valid"] {
+    for reason in [
+        "wrong_identity",
+        "unknown_ca",
+        "expired",
+        "not_yet_valid",
+        "wrong_trust_domain",
+        "no_spiffe_id",
+        "invalid_spiffe_id",
+    ] {
         assert!(
             metrics.contains(&format!(
                 "ztunnel_handshake_failures_total{{direction=\"outbound\",reason=\"{reason}\"}} 1"

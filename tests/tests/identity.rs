@@ -115,7 +115,19 @@ fn a_node_gets_its_own_workloads_certificates_and_is_refused_another_nodes() -> 
         certs["identities"].as_array().is_some_and(|ids| ids.iter().any(|c| c["kind"] == "node")),
         "{certs}"
     );
-    for text in [certs.to_string(), t1.log(), log] {
+    // The text form carries what an operator needs, whole.
+    let text = t1.certs_text(&tb)?;
+    let web_status = t1.cert_status(&tb, &web.identity())?;
+    for want in [
+        &web.identity(),
+        web_status["serial"].as_str().unwrap_or("?"),
+        "not after",
+        "next request",
+        "not_authorized",
+    ] {
+        assert!(text.contains(want), "`{want}` missing from ztunnel certs:\n{text}");
+    }
+    for text in [certs.to_string(), text, t1.log(), log] {
         assert!(!text.contains("PRIVATE KEY"), "key material in output");
     }
     Ok(())

@@ -39,6 +39,11 @@ impl Crafter {
 
     /// A leaf for `uri`, valid from `from` to `to` seconds relative to now.
     pub fn leaf(&self, uri: &str, from: i64, to: i64) -> Arc<CertifiedKey> {
+        self.leaf_with(vec![SanType::URI(uri.try_into().expect("uri"))], from, to)
+    }
+
+    /// A leaf with exactly these subject alternative names.
+    pub fn leaf_with(&self, sans: Vec<SanType>, from: i64, to: i64) -> Arc<CertifiedKey> {
         let key = new_key().expect("key");
         let now = SystemTime::now();
         let at = |s: i64| {
@@ -48,7 +53,7 @@ impl Crafter {
         p.distinguished_name = DistinguishedName::new();
         p.not_before = at(from).into();
         p.not_after = at(to).into();
-        p.subject_alt_names = vec![SanType::URI(uri.try_into().expect("uri"))];
+        p.subject_alt_names = sans;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages =
             vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
@@ -78,7 +83,19 @@ impl RogueServer {
             nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind(addr).await.expect("bind rogue server");
+                // The previous rogue on this address may still be letting go
+                // of it on a loaded machine.
+                let mut attempts = 0;
+                let listener = loop {
+                    match tokio::net::TcpListener::bind(addr).await {
+                        Ok(l) => break l,
+                        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempts < 40 => {
+                            attempts += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(e) => panic!("bind rogue server {addr}: {e}"),
+                    }
+                };
                 let _ = ready_tx.send(());
                 let (_bundle_tx, bundle_rx) = watch::channel(Arc::new(bundle));
                 let config = tls::server_config(

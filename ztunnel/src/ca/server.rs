@@ -43,6 +43,11 @@ pub struct ServeSettings {
 }
 
 /// Runs the signing service until `shutdown`.
+/// Connections the signing service holds open at once.
+const MAX_CONNECTIONS: usize = 1024;
+/// How long a client may take to send a request's headers.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub async fn serve(settings: ServeSettings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let dir = CaDir::new(&settings.dir);
     let state = dir.load().with_context(|| format!("loading the CA in {}", settings.dir.display()))?;
@@ -75,6 +80,7 @@ pub async fn serve(settings: ServeSettings, shutdown: CancellationToken) -> anyh
         server_cert,
         shutdown.clone(),
     ));
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -87,12 +93,19 @@ pub async fn serve(settings: ServeSettings, shutdown: CancellationToken) -> anyh
             },
             () = shutdown.cancelled() => break,
         };
+        // Bounded: a flood of connections (or slow clients) cannot exhaust
+        // the service's file descriptors.
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(target: "ca", %peer, "refused connection: {MAX_CONNECTIONS} connections already open");
+            continue;
+        };
         let acceptor = acceptor.clone();
         let signer = signer.clone();
         tokio::spawn(async move {
             if let Err(e) = connection(acceptor, stream, signer).await {
                 tracing::warn!(target: "ca", %peer, "refused connection: {e}");
             }
+            drop(permit);
         });
     }
     reload.abort();
@@ -136,7 +149,13 @@ async fn connection(
         let node = node.clone();
         async move { Ok::<_, Infallible>(handle(req, &node, &signer).await) }
     });
-    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).await?;
+    // A client that sends no complete request within the timeout (after
+    // connecting, or between requests) is disconnected.
+    hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(REQUEST_TIMEOUT)
+        .serve_connection(TokioIo::new(tls), service)
+        .await?;
     Ok(())
 }
 
@@ -151,7 +170,10 @@ async fn handle(req: Request<Incoming>, node: &str, signer: &Signer) -> Response
             };
             let request: SignRequest = match serde_json::from_slice(&body) {
                 Ok(r) => r,
-                Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
+                Err(e) => {
+                    tracing::warn!(target: "ca", node, "certificate refused: malformed request: {e}");
+                    return error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string());
+                }
             };
             match signer.sign(node, &request.csr, Duration::from_secs(request.ttl_seconds)) {
                 Ok(issued) => json(

@@ -236,14 +236,16 @@ impl Signer {
         lifetime: Duration,
     ) -> Result<(Vec<CertificateDer<'static>>, SystemTime), SignError> {
         let now = SystemTime::now();
-        let not_after = now + lifetime;
+        let not_after = now
+            .checked_add(lifetime)
+            .ok_or_else(|| SignError::Internal(format!("a lifetime of {lifetime:?} is not a time")))?;
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new();
         // Backdating absorbs clock differences, but must not dominate a short
         // certificate (10 s certificates would otherwise renew every 35 s).
         p.not_before = (now - self.policy.backdate.min(lifetime / 10)).into();
         p.not_after = not_after.into();
-        p.serial_number = Some(random_serial());
+        p.serial_number = Some(random_serial().map_err(SignError::Internal)?);
         let uri =
             identity.to_string().try_into().map_err(|e: rcgen::Error| SignError::Internal(e.to_string()))?;
         p.subject_alt_names = vec![SanType::URI(uri)];

@@ -41,7 +41,7 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
     #[error(
-        "{path} already holds a CA; pass --force to replace it (every issued certificate stops being trusted)"
+        "{path} is not empty (it holds a CA, or other files); pass --force to replace the CA (every issued certificate stops being trusted)"
     )]
     Exists { path: PathBuf },
     #[error("{path}: {source}")]
@@ -90,7 +90,7 @@ impl CaState {
         let now = SystemTime::now();
         let lifetimes = CaLifetimes::default();
         let root_key = new_key().map_err(|e| CaError::Rotation(e.to_string()))?;
-        let mut root = ca_params(&format!("ztunnel ephemeral root CA {trust_domain}"), now, lifetimes.root);
+        let mut root = ca_params(&format!("ztunnel ephemeral root CA {trust_domain}"), now, lifetimes.root)?;
         root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let root_cert = root.self_signed(&root_key)?;
         let root_issuer = Issuer::new(root, root_key);
@@ -99,7 +99,7 @@ impl CaState {
             &format!("ztunnel ephemeral intermediate CA {trust_domain}"),
             now,
             lifetimes.intermediate,
-        );
+        )?;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.use_authority_key_identifier_extension = true;
         let intermediate = params.signed_by(&key, &root_issuer)?;
@@ -141,7 +141,10 @@ impl CaDir {
         lifetimes: CaLifetimes,
     ) -> Result<(), CaError> {
         let active = self.path.join("active");
-        if active.exists() && !force {
+        // Anything already there (even a half-made CA without `active`) is
+        // kept unless --force says otherwise.
+        let occupied = fs::read_dir(&self.path).is_ok_and(|mut d| d.next().is_some());
+        if occupied && !force {
             return Err(CaError::Exists { path: self.path.clone() });
         }
         if force && self.path.exists() {
@@ -173,7 +176,7 @@ impl CaDir {
         create_private_dir(&dir)?;
         let now = SystemTime::now();
         let root_key = new_key().map_err(|e| CaError::Rotation(e.to_string()))?;
-        let mut root = ca_params(&format!("ztunnel root CA {td} generation {n}"), now, lifetimes.root);
+        let mut root = ca_params(&format!("ztunnel root CA {td} generation {n}"), now, lifetimes.root)?;
         root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let root_cert = root.self_signed(&root_key)?;
         let root_issuer = Issuer::new(root, root_key);
@@ -183,7 +186,7 @@ impl CaDir {
             &format!("ztunnel intermediate CA {td} generation {n}"),
             now,
             lifetimes.intermediate.min(lifetimes.root),
-        );
+        )?;
         intermediate.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         intermediate.use_authority_key_identifier_extension = true;
         let intermediate_cert = intermediate.signed_by(&intermediate_key, &root_issuer)?;
@@ -327,27 +330,37 @@ impl CaDir {
     }
 }
 
-fn ca_params(common_name: &str, now: SystemTime, lifetime: Duration) -> CertificateParams {
+fn ca_params(common_name: &str, now: SystemTime, lifetime: Duration) -> Result<CertificateParams, CaError> {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "ztunnel");
     dn.push(DnType::CommonName, common_name);
     p.distinguished_name = dn;
     p.not_before = (now - Duration::from_secs(3600)).into();
-    p.not_after = (now + lifetime).into();
-    p.serial_number = Some(random_serial());
+    p.not_after = expiry(now, lifetime)?.into();
+    p.serial_number = Some(random_serial().map_err(CaError::Rotation)?);
     p.key_usages =
         vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    p
+    Ok(p)
 }
 
-/// 16 random bytes, top bit clear (serials are positive).
-pub fn random_serial() -> SerialNumber {
+/// 16 random bytes, top bit clear (serials are positive). Fails rather than
+/// hand out a predictable (or repeated) serial when the system has no
+/// randomness to give.
+pub fn random_serial() -> Result<SerialNumber, String> {
     let mut b = [0u8; 16];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        .map_err(|_| "the system's random number generator failed".to_owned())?;
     b[0] &= 0x7f;
     b[0] |= 0x01;
-    SerialNumber::from_slice(&b)
+    Ok(SerialNumber::from_slice(&b))
+}
+
+/// `now + lifetime`, refused when it would not be a time.
+fn expiry(now: SystemTime, lifetime: Duration) -> Result<SystemTime, CaError> {
+    now.checked_add(lifetime)
+        .filter(|t| t.duration_since(SystemTime::UNIX_EPOCH).is_ok_and(|d| d.as_secs() < 253_402_300_799))
+        .ok_or_else(|| CaError::Rotation(format!("a lifetime of {lifetime:?} ends after the year 9999")))
 }
 
 fn create_private_dir(path: &Path) -> Result<(), CaError> {
@@ -370,7 +383,12 @@ fn write_with_mode(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
     let _ = fs::remove_file(&tmp);
     let mut f =
         fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(data).and_then(|()| f.sync_all()).map_err(io_err(&tmp))?;
+    // The mode exactly, whatever the umask: certificates must stay readable
+    // by the tunnel's other users, keys by nobody else.
+    f.set_permissions(fs::Permissions::from_mode(mode))
+        .and_then(|()| f.write_all(data))
+        .and_then(|()| f.sync_all())
+        .map_err(io_err(&tmp))?;
     fs::rename(&tmp, path).map_err(io_err(path))
 }
 

@@ -203,23 +203,24 @@ pub fn certs(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let view: CertsView = serde_json::from_slice(&body).context("the admin endpoint's answer")?;
-    println!("trust bundle: {}   signing root: {}", view.trust_bundle.join(", "), view.signing_root);
-    println!(
-        "{:<52} {:<8} {:<14} {:>11} {:>13} {:<17} LAST ERROR",
-        "IDENTITY", "STATE", "SERIAL", "EXPIRES IN", "NEXT REQUEST", "ROOT"
-    );
+    println!("trust bundle: {}", view.trust_bundle.join(", "));
+    println!("signing root: {}", view.signing_root);
     for c in view.identities {
-        let serial = c.serial.map(|s| s.chars().take(14).collect::<String>()).unwrap_or_else(|| "-".into());
-        println!(
-            "{:<52} {:<8} {:<14} {:>11} {:>13} {:<17} {}",
-            c.identity,
-            c.state,
-            serial,
-            c.expires_in_seconds.map_or_else(|| "-".into(), human_seconds),
-            human_seconds(c.next_request_in_seconds),
-            c.root.unwrap_or_else(|| "-".into()),
-            c.last_error.map_or_else(|| "-".into(), |e| format!("{e} ({} in a row)", c.consecutive_failures)),
-        );
+        println!();
+        println!("{} ({}, {})", c.identity, c.kind, c.state);
+        println!("  serial        {}", c.serial.as_deref().unwrap_or("-"));
+        match (&c.not_after, c.expires_in_seconds) {
+            (Some(t), Some(s)) => println!("  not after     {t} (in {})", human_seconds(s)),
+            _ => println!("  not after     -"),
+        }
+        println!("  next request  in {}", human_seconds(c.next_request_in_seconds));
+        println!("  root          {}", c.root.as_deref().unwrap_or("-"));
+        println!("  last renewal  {}", c.last_renewal.as_deref().unwrap_or("-"));
+        match &c.last_error {
+            Some(e) => println!("  last error    {e} ({} in a row)", c.consecutive_failures),
+            None => println!("  last error    -"),
+        }
+        println!("  issued        {} (failed requests: {})", c.issued, c.failed);
     }
     Ok(())
 }
