@@ -878,6 +878,14 @@ workloads:
     }
 
     #[test]
+    fn the_readme_configuration_loads() {
+        let readme = include_str!("../../../README.md");
+        let yaml = readme.split("```yaml\n").nth(1).and_then(|s| s.split("```").next()).unwrap();
+        let c = parse(yaml).unwrap();
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    }
+
+    #[test]
     fn shared_addresses_need_disjoint_ports() {
         let text = "node:\n  name: a\n  addresses: [198.18.0.1]\nworkloads:\n  - name: w\n    cgroup: /x\n    addresses: [198.18.0.1]\n    ports: [80]\n  - name: v\n    cgroup: /y\n    addresses: [198.18.0.1]\n    ports: [81]\n";
         parse(text).unwrap();
