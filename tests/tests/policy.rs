@@ -298,7 +298,7 @@ fn an_emergency_allow_admits_with_its_reason_logged_and_lapses_on_its_own() -> a
     let e = &t2.wait_access_log(1, WAIT, inbound_from(&batch))?[0];
     assert_eq!((field(e, "decision"), field(e, "reason")), ("deny", "default_deny"), "{e}");
 
-    let lapses = SystemTime::now() + Duration::from_secs(4);
+    let lapses = SystemTime::now() + Duration::from_secs(6);
     c2["emergency_allows"] = json!([{
         "name": "inc-4711",
         "reason": "ops backfill blocked, INC-4711",
