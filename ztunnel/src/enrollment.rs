@@ -278,7 +278,6 @@ impl Enrollment {
         }));
         let _ = self.state_tx.send(Arc::new(State {
             generation: self.generation,
-            policies: config.policy_set(),
             config: config.clone(),
             registry,
             local,

@@ -5,7 +5,6 @@ use std::{collections::HashMap, sync::Arc};
 
 use crate::{
     config::Config,
-    policy::PolicySet,
     workload::{LocalWorkload, Registry},
 };
 
@@ -15,21 +14,13 @@ pub struct State {
     pub generation: u64,
     pub config: Arc<Config>,
     pub registry: Registry,
-    /// The configuration's policies, ready to evaluate.
-    pub policies: PolicySet,
     /// Enrolled workloads by capture workload id.
     pub local: HashMap<u32, Arc<LocalWorkload>>,
 }
 
 impl State {
     pub fn empty(config: Arc<Config>) -> Self {
-        Self {
-            generation: 0,
-            policies: config.policy_set(),
-            config,
-            registry: Registry::default(),
-            local: HashMap::new(),
-        }
+        Self { generation: 0, config, registry: Registry::default(), local: HashMap::new() }
     }
 }
 

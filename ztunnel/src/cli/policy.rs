@@ -90,8 +90,7 @@ fn check(path: &std::path::Path, from: &str, to: &str, assume_enforce: bool) -> 
     let wc = find_workload(&config, name)?;
     let workload = Workload::from_config(&config, wc)?;
     let modes = config.authorization_modes(wc);
-    let mut decision =
-        decide(&config, &config.policy_set(), wc, &workload, caller.as_ref(), port, SystemTime::now());
+    let mut decision = decide(&config, wc, &workload, caller.as_ref(), port, SystemTime::now());
     let verdict = match decision.verdict {
         Verdict::Allow => "ALLOW",
         Verdict::Deny => "DENY",

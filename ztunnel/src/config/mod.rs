@@ -470,11 +470,11 @@ impl Config {
     }
 
     /// The policies in force, ready to evaluate.
-    pub fn policy_set(&self) -> PolicySet {
+    pub fn policy_set(&self) -> PolicySet<'_> {
         PolicySet {
-            root_namespace: self.authorization.root_namespace.clone(),
-            policies: self.policies.clone(),
-            emergency_allows: self.emergency_allows.clone(),
+            root_namespace: &self.authorization.root_namespace,
+            policies: &self.policies,
+            emergency_allows: &self.emergency_allows,
         }
     }
 

@@ -108,24 +108,34 @@ pub struct Modes {
     pub default_deny: bool,
 }
 
-/// The policies in force.
-#[derive(Debug, Clone, Default)]
-pub struct PolicySet {
-    pub root_namespace: String,
-    pub policies: Vec<Policy>,
-    pub emergency_allows: Vec<EmergencyAllow>,
+/// The policies in force, as the configuration holds them.
+#[derive(Debug, Clone, Copy)]
+pub struct PolicySet<'a> {
+    pub root_namespace: &'a str,
+    pub policies: &'a [Policy],
+    pub emergency_allows: &'a [EmergencyAllow],
 }
 
-impl PolicySet {
-    /// Whether a policy of `namespace` with `selector` selects `dst`.
+/// Whether a policy of `namespace` with `selector` selects `dst`; policies of
+/// `root_namespace` apply to the whole mesh.
+pub fn selects(
+    root_namespace: &str,
+    namespace: &str,
+    selector: Option<&super::model::Selector>,
+    dst: &Workload,
+) -> bool {
+    (namespace == root_namespace || namespace == dst.namespace)
+        && selector.is_none_or(|s| s.matches(&dst.labels))
+}
+
+impl PolicySet<'_> {
     pub fn selects(
         &self,
         namespace: &str,
         selector: Option<&super::model::Selector>,
         dst: &Workload,
     ) -> bool {
-        (namespace == self.root_namespace || namespace == dst.namespace)
-            && selector.is_none_or(|s| s.matches(&dst.labels))
+        selects(self.root_namespace, namespace, selector, dst)
     }
 
     /// The decision for `caller` (None: plaintext) reaching `dst` on `port`.
@@ -182,7 +192,7 @@ impl PolicySet {
         if allows.is_empty() && !modes.default_deny {
             return Decision::new(Verdict::Allow, "no_policy");
         }
-        for e in &self.emergency_allows {
+        for e in self.emergency_allows {
             if e.expires > now
                 && self.selects(&e.namespace, e.selector.as_ref(), dst)
                 && rule_matches(&e.rule(), caller, port)
@@ -280,12 +290,25 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn set(policies: &str, emergency: &str) -> PolicySet {
-        PolicySet {
-            root_namespace: "ztunnel-system".into(),
-            policies: serde_yaml_ng::from_str(policies).unwrap(),
-            emergency_allows: serde_yaml_ng::from_str(emergency).unwrap(),
+    /// Policies and emergency allows parsed from YAML, to evaluate.
+    struct Owned(Vec<Policy>, Vec<EmergencyAllow>);
+
+    impl Owned {
+        fn evaluate(
+            &self,
+            caller: Option<&SpiffeId>,
+            dst: &Workload,
+            port: u16,
+            modes: Modes,
+            now: SystemTime,
+        ) -> Decision {
+            PolicySet { root_namespace: "ztunnel-system", policies: &self.0, emergency_allows: &self.1 }
+                .evaluate(caller, dst, port, modes, now)
         }
+    }
+
+    fn set(policies: &str, emergency: &str) -> Owned {
+        Owned(serde_yaml_ng::from_str(policies).unwrap(), serde_yaml_ng::from_str(emergency).unwrap())
     }
 
     const ENFORCE: Modes = Modes { enforce: true, default_deny: false };

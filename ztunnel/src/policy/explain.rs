@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeSet, time::SystemTime};
 
-use super::{Decision, PolicySet};
+use super::Decision;
 use crate::{
     config::{Config, MtlsMode, WorkloadConfig},
     identity::spiffe::SpiffeId,
@@ -26,7 +26,6 @@ pub enum ExplainError {
 /// then policy decides, in the mode of the workload (or its namespace).
 pub fn decide(
     config: &Config,
-    policies: &PolicySet,
     wc: &WorkloadConfig,
     dst: &Workload,
     caller: Option<&SpiffeId>,
@@ -36,7 +35,7 @@ pub fn decide(
     if caller.is_none() && config.mtls_mode(wc) == MtlsMode::Strict {
         return Decision::plaintext_refused();
     }
-    policies.evaluate(caller, dst, port, config.authorization_modes(wc), now)
+    config.policy_set().evaluate(caller, dst, port, config.authorization_modes(wc), now)
 }
 
 /// A workload by `name` or `namespace/name`.
@@ -143,7 +142,6 @@ impl Matrix {
                     .map(|c| {
                         decide(
                             config,
-                            &policies,
                             &c.config,
                             &c.workload,
                             caller.as_ref(),

@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime};
 
 use super::{
-    PolicySet,
+    eval::selects,
     model::{Action, EmergencyAllow, From, Operation, Policy, Rule, Selector, Source, To},
 };
 use crate::workload::Workload;
@@ -97,9 +97,8 @@ pub fn warnings(
     now: SystemTime,
 ) -> Vec<String> {
     let mut out = Vec::new();
-    let set = PolicySet { root_namespace: root_namespace.to_owned(), ..PolicySet::default() };
     for p in policies {
-        if !workloads.iter().any(|w| set.selects(&p.namespace, p.selector.as_ref(), w)) {
+        if !workloads.iter().any(|w| selects(root_namespace, &p.namespace, p.selector.as_ref(), w)) {
             out.push(format!(
                 "policy {}: selects no workload this configuration knows (is the namespace or a label misspelt?)",
                 p.key()

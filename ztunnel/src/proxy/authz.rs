@@ -40,15 +40,8 @@ pub fn decide(
     port: u16,
     entry: &mut Entry,
 ) -> Decision {
-    let decision = policy::decide(
-        &state.config,
-        &state.policies,
-        &target.config,
-        &target.workload,
-        caller,
-        port,
-        SystemTime::now(),
-    );
+    let decision =
+        policy::decide(&state.config, &target.config, &target.workload, caller, port, SystemTime::now());
     record(&decision, entry);
     ctx.metrics.policy_decided(decision.verdict.as_str(), decision.reason);
     if decision.reason == "emergency_allow" {
@@ -140,7 +133,6 @@ impl OpenConnections {
             let Some(target) = state.local.get(&conn.workload_id) else { continue };
             let decision = policy::decide(
                 &state.config,
-                &state.policies,
                 &target.config,
                 &target.workload,
                 conn.source.as_ref(),

@@ -253,6 +253,11 @@ pub fn validity(cert: &CertificateDer<'_>) -> Option<(u64, u64)> {
     Some((v.not_before.timestamp().max(0) as u64, v.not_after.timestamp().max(0) as u64))
 }
 
+/// When a certificate expires.
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<std::time::SystemTime> {
+    validity(cert).map(|(_, t)| std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))
+}
+
 /// The single URI SAN of a certificate, parsed as a SPIFFE identity.
 pub fn peer_id(cert: &CertificateDer<'_>) -> Result<PeerId, VerifyError> {
     let (_, x) = X509Certificate::from_der(cert).map_err(|e| VerifyError::BadCertificate(e.to_string()))?;

@@ -311,8 +311,7 @@ impl Pool {
             let peer_not_after = session
                 .peer_certificates()
                 .and_then(|c| c.first())
-                .and_then(tls::verify::validity)
-                .map(|(_, not_after)| SystemTime::UNIX_EPOCH + Duration::from_secs(not_after))
+                .and_then(tls::verify::not_after)
                 .ok_or_else(|| HboneError::Tls {
                     target,
                     reason: "bad_certificate",

@@ -19,7 +19,7 @@
 use std::{
     net::SocketAddr,
     sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -123,9 +123,8 @@ pub async fn serve_connection(
     // When the caller's certificate expires the connection takes no new
     // streams (a well-behaved caller moved to a renewed one long before).
     let expires_in = peer_cert
-        .and_then(tls::verify::validity)
-        .map(|(_, not_after)| UNIX_EPOCH + Duration::from_secs(not_after) + ctx.clock_skew)
-        .and_then(|t| t.duration_since(SystemTime::now()).ok())
+        .and_then(tls::verify::not_after)
+        .and_then(|t| (t + ctx.clock_skew).duration_since(SystemTime::now()).ok())
         .unwrap_or_default();
     let Some(source) = source else {
         refused_handshake(
