@@ -27,7 +27,7 @@ use crate::{
     cgroup::Cgroup,
     config::{Config, WorkloadConfig},
     identity::spiffe::SpiffeId,
-    netns::Netns,
+    netns::{Netns, NetnsRef},
     proxy::{self, ProxyContext, outbound::ListenerScope},
     state::State,
     workload::{LocalWorkload, Registry, Workload},
@@ -49,7 +49,7 @@ pub struct WorkloadStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup_id: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub netns: Option<PathBuf>,
+    pub netns: Option<String>,
 }
 
 struct Enrolled {
@@ -296,7 +296,7 @@ impl Enrollment {
                 workload_id: Some(e.local.id),
                 cgroup: e.local.cgroup.to_string(),
                 cgroup_id: Some(e.local.cgroup_id),
-                netns: e.local.config.netns.clone(),
+                netns: e.local.config.netns.as_ref().map(NetnsRef::display),
             })
             .collect();
         out.extend(self.failed.values().cloned());
@@ -336,7 +336,7 @@ impl Enrollment {
                 workload_id: None,
                 cgroup: wc.cgroup.as_ref().map(|c| c.display().to_string()).unwrap_or_default(),
                 cgroup_id: None,
-                netns: wc.netns.clone(),
+                netns: wc.netns.as_ref().map(NetnsRef::display),
             })
         };
         let workload = Workload::from_config(config, wc).map_err(|e| failed(e.to_string()))?;
@@ -384,7 +384,7 @@ impl Enrollment {
 
         let netns = match (&wc.netns, &previous) {
             (Some(_), Some(p)) => Ok(p.local.netns.clone()),
-            (Some(path), None) => Netns::open(path).map_err(|e| e.to_string()),
+            (Some(netns), None) => Netns::open_ref(netns).map_err(|e| e.to_string()),
             (None, _) => Ok(self.node_netns.clone()),
         };
         let local = |netns: Netns| {
@@ -501,7 +501,7 @@ impl Enrollment {
     /// Points inbound steering for the pod's addresses at its :15006
     /// listeners and attaches steering to its namespace.
     fn register_inbound(&mut self, local: &LocalWorkload, listeners: &PodListeners) -> Result<(), String> {
-        let Some(path) = local.config.netns.clone() else {
+        let Some(netns) = local.config.netns.clone() else {
             return Ok(());
         };
         for addr in &local.workload.addresses {
@@ -514,7 +514,7 @@ impl Enrollment {
                 .map_err(|e| format!("registering the inbound listener for {addr}: {e}"))?;
         }
         self.capture
-            .attach_netns(&local.workload.namespace, &local.workload.name, &path)
+            .attach_netns(&local.workload.namespace, &local.workload.name, &netns)
             .map_err(|e| format!("attaching inbound steering: {e}"))
     }
 }

@@ -10,7 +10,7 @@ use std::{
     fs::File,
     io,
     net::SocketAddr,
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{Arc, mpsc},
     thread,
@@ -35,6 +35,87 @@ pub enum NetnsError {
 }
 
 type Job = Box<dyn FnOnce() + Send>;
+
+/// Where a workload's network namespace is: a path (file mode:
+/// `/var/run/netns/NAME`), or a namespace the tunnel already holds open
+/// (Kubernetes: the fd the CNI plugin passed, or one opened from a process of
+/// the pod), which is never resolved by path again: a pid or a path can be
+/// reused by another namespace, an open fd cannot.
+#[derive(Clone)]
+pub enum NetnsRef {
+    Path(PathBuf),
+    Held(HeldNetns),
+}
+
+/// An open network namespace fd and the name it is shown by.
+#[derive(Clone)]
+pub struct HeldNetns {
+    fd: Arc<OwnedFd>,
+    name: String,
+}
+
+impl HeldNetns {
+    pub fn new(fd: OwnedFd, name: impl Into<String>) -> Self {
+        Self { fd: Arc::new(fd), name: name.into() }
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl NetnsRef {
+    /// How logs and `/config_dump` show it.
+    pub fn display(&self) -> String {
+        match self {
+            NetnsRef::Path(p) => p.display().to_string(),
+            NetnsRef::Held(h) => h.name.clone(),
+        }
+    }
+
+    /// A new fd for the namespace (for attaching programs to it).
+    pub fn open_fd(&self) -> io::Result<OwnedFd> {
+        match self {
+            NetnsRef::Path(p) => File::open(p).map(OwnedFd::from),
+            NetnsRef::Held(h) => h.fd.try_clone(),
+        }
+    }
+}
+
+/// Paths are equal by path; held namespaces only to themselves (the same fd).
+impl PartialEq for NetnsRef {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (NetnsRef::Path(a), NetnsRef::Path(b)) => a == b,
+            (NetnsRef::Held(a), NetnsRef::Held(b)) => Arc::ptr_eq(&a.fd, &b.fd),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for NetnsRef {}
+
+impl std::fmt::Debug for NetnsRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NetnsRef::Path(p) => write!(f, "{}", p.display()),
+            NetnsRef::Held(h) => write!(f, "{} (held)", h.name),
+        }
+    }
+}
+
+impl serde::Serialize for NetnsRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.display())
+    }
+}
+
+/// Configuration files name namespaces by path.
+impl<'de> serde::Deserialize<'de> for NetnsRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        PathBuf::deserialize(d).map(NetnsRef::Path)
+    }
+}
 
 /// A network namespace the tunnel makes sockets in.
 #[derive(Clone)]
@@ -87,9 +168,27 @@ impl Netns {
     /// and starts its socket thread.
     pub fn open(path: &Path) -> Result<Self, NetnsError> {
         let file = File::open(path).map_err(|source| NetnsError::Open { path: path.to_owned(), source })?;
+        Self::enter(OwnedFd::from(file), path.to_owned())
+    }
+
+    /// Opens the namespace `netns` refers to.
+    pub fn open_ref(netns: &NetnsRef) -> Result<Self, NetnsError> {
+        match netns {
+            NetnsRef::Path(p) => Self::open(p),
+            NetnsRef::Held(h) => {
+                let name = PathBuf::from(&h.name);
+                let fd =
+                    h.fd.try_clone().map_err(|source| NetnsError::Open { path: name.clone(), source })?;
+                Self::enter(fd, name)
+            }
+        }
+    }
+
+    /// Starts the socket thread inside the namespace of `fd`.
+    fn enter(file: OwnedFd, path: PathBuf) -> Result<Self, NetnsError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel();
-        let owned = path.to_owned();
+        let owned = path;
         thread::Builder::new()
             .name("netns".into())
             .spawn(move || {

@@ -33,7 +33,7 @@ pub use self::maps::{
     CaptureCounters, CaptureRecords, CapturedConnection, DesiredMaps, WorkloadCapture, addr_key,
 };
 use self::pins::{PinError, Pins};
-use crate::cgroup::Cgroup;
+use crate::{cgroup::Cgroup, netns::NetnsRef};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -205,10 +205,11 @@ impl Capture {
         &mut self,
         namespace: &str,
         workload: &str,
-        netns: &Path,
+        netns: &NetnsRef,
     ) -> Result<(), CaptureError> {
-        let file =
-            File::open(netns).map_err(|source| CaptureError::Netns { path: netns.to_owned(), source })?;
+        let file = netns
+            .open_fd()
+            .map_err(|source| CaptureError::Netns { path: PathBuf::from(netns.display()), source })?;
         let name = program_name::SK_LOOKUP;
         let err = |source| CaptureError::Program { name, source };
         let program: &mut SkLookup = program_mut(&mut self.ebpf, name)?;

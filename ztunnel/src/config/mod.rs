@@ -5,6 +5,7 @@
 
 mod locate;
 pub mod registry;
+pub mod service;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -17,9 +18,13 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize};
 
-pub use self::locate::Step;
+pub use self::{
+    locate::Step,
+    service::{Endpoint, EndpointSlice, ServiceConfig, ServicePort},
+};
 use crate::{
     identity::spiffe::{SpiffeError, SpiffeId, TrustDomain, validate_segment},
+    netns::NetnsRef,
     policy::{
         Modes, PolicySet,
         model::{EmergencyAllow, Policy},
@@ -74,6 +79,10 @@ pub struct Config {
     /// node), which it captures, and other nodes', which it can reach.
     #[serde(default)]
     pub workloads: Vec<WorkloadConfig>,
+    /// Virtual addresses carried to one of their endpoints (Kubernetes
+    /// Services).
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -306,7 +315,7 @@ pub struct WorkloadConfig {
     /// The workload's own network namespace (a pod). Absent: a plain-host
     /// workload in the node's namespace.
     #[serde(default)]
-    pub netns: Option<PathBuf>,
+    pub netns: Option<NetnsRef>,
     /// Addresses the workload is reached at. A plain-host workload shares its
     /// node's addresses and tells its own traffic apart by `ports`.
     #[serde(default)]
@@ -403,7 +412,7 @@ pub struct NamespaceConfig {
     pub outbound_passthrough: Passthrough,
 }
 
-fn default_segment() -> String {
+pub(crate) fn default_segment() -> String {
     "default".to_owned()
 }
 
@@ -556,6 +565,7 @@ impl Config {
             }
         }
         self.validate_addresses()?;
+        self.validate_services()?;
         self.validate_settings()?;
         self.validate_capacity()?;
         if let Some((i, field, message)) = crate::policy::validate::policy_errors(&self.policies) {
@@ -651,6 +661,44 @@ impl Config {
                     [Step::Key("workloads".into())],
                     format!("{n} {what} on node {}; capture holds at most {max}", self.node.name),
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Service addresses are virtual: one that is also a workload's, or
+    /// another service's, would make a destination ambiguous.
+    fn validate_services(&self) -> Result<(), Invalid> {
+        let mut names: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut owners: HashMap<IpAddr, String> = HashMap::new();
+        for w in &self.workloads {
+            for a in &w.addresses {
+                owners.insert(crate::workload::canonical(*a), format!("workload {w}"));
+            }
+        }
+        for (i, s) in self.services.iter().enumerate() {
+            let at = |field: &str| [Step::Key("services".into()), Step::Index(i), Step::Key(field.into())];
+            validate_segment("service name", &s.name).map_err(|e| Invalid::at(at("name"), e.to_string()))?;
+            validate_segment("namespace", &s.namespace)
+                .map_err(|e| Invalid::at(at("namespace"), e.to_string()))?;
+            if let Some(first) = names.insert((&s.namespace, &s.name), i) {
+                return Err(Invalid::at(
+                    at("name"),
+                    format!("service {} is defined twice (also services[{first}])", s.key()),
+                ));
+            }
+            if let Some((field, message)) = s.problem() {
+                return Err(Invalid::at(at(field), message));
+            }
+            for a in &s.addresses {
+                if let Some(owner) =
+                    owners.insert(crate::workload::canonical(*a), format!("service {}", s.key()))
+                {
+                    return Err(Invalid::at(
+                        at("addresses"),
+                        format!("address {a} of service {} is also {owner}'s", s.key()),
+                    ));
+                }
             }
         }
         Ok(())
@@ -883,6 +931,19 @@ workloads:
         let yaml = readme.split("```yaml\n").nth(1).and_then(|s| s.split("```").next()).unwrap();
         let c = parse(yaml).unwrap();
         assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    }
+
+    #[test]
+    fn service_addresses_are_their_own() {
+        let head = "node: {name: a}\nworkloads:\n  - {name: db, node: b, addresses: [198.19.2.11]}\n";
+        let ok = format!(
+            "{head}services:\n  - {{name: db, addresses: [10.96.0.10], ports: [{{port: 5432}}], endpoint_slices: [{{ports: [{{port: 5432}}], endpoints: [{{address: 198.19.2.11}}]}}]}}\n"
+        );
+        assert_eq!(parse(&ok).unwrap().services.len(), 1);
+        let clash =
+            format!("{head}services:\n  - {{name: db, addresses: [198.19.2.11], ports: [{{port: 5432}}]}}\n");
+        let err = parse(&clash).unwrap_err();
+        assert!(err.contains("services[0].addresses: address 198.19.2.11 of service default/db is also workload default/db's"), "{err}");
     }
 
     #[test]
