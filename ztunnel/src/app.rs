@@ -126,6 +126,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         tunnel_cgroup: tunnel_cgroup.clone(),
         tunnel_cgroup_id,
         max_connections: config.capture.max_connections,
+        max_sockets: config.capture.max_sockets,
     })?;
     metrics.set_capture(capture.counters());
     let admin = Arc::new(Admin {

@@ -111,6 +111,12 @@ impl Cgroup {
         self.path.join("cgroup.procs").exists()
     }
 
+    /// Levels below the hierarchy's root (`mount`): the level at which the
+    /// capture programs' ancestor walk meets it.
+    pub fn depth(&self, mount: &Path) -> usize {
+        self.path.strip_prefix(mount).map_or(0, |rel| rel.components().count())
+    }
+
     /// Whether `self` is `other` or one of its ancestors.
     pub fn contains(&self, other: &Cgroup) -> bool {
         other.path.starts_with(&self.path)
@@ -150,6 +156,8 @@ mod tests {
             Path::new("/sys/fs/cgroup/kubepods/pod1")
         );
         assert!(Cgroup::resolve(m, Path::new("/tmp/x")).is_err());
+        assert_eq!(Cgroup::resolve(m, Path::new("a/b/c")).unwrap().depth(m), 3);
+        assert_eq!(Cgroup::root(m).depth(m), 0);
         let parent = Cgroup::resolve(m, Path::new("a")).unwrap();
         let child = Cgroup::resolve(m, Path::new("a/b")).unwrap();
         assert!(parent.contains(&child));

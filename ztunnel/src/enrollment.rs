@@ -17,10 +17,11 @@ use std::{
     sync::Arc,
 };
 
-use ipnet::IpNet;
 use serde::Serialize;
 use tokio::sync::watch;
-use ztunnel_ebpf_common::{INBOUND_HBONE_PORT as HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use ztunnel_ebpf_common::{
+    INBOUND_HBONE_PORT as HBONE_PORT, INBOUND_PLAINTEXT_PORT, MAX_CGROUP_DEPTH, OUTBOUND_PORT,
+};
 
 use crate::{
     capture::{Capture, DesiredMaps, WorkloadCapture, addr_key},
@@ -354,6 +355,12 @@ impl Enrollment {
             )));
         }
         let cgroup_id = cgroup.id().map_err(|e| failed(e.to_string()))?;
+        let depth = cgroup.depth(&self.cgroup_mount);
+        if depth > MAX_CGROUP_DEPTH as usize {
+            return Err(failed(format!(
+                "cgroup {cgroup} is {depth} levels deep; capture finds workloads at most {MAX_CGROUP_DEPTH} levels below the cgroup root"
+            )));
+        }
         if cgroup.contains(&self.tunnel_cgroup) {
             return Err(failed(format!(
                 "cgroup {cgroup} contains the tunnel's own cgroup {}: the tunnel never captures itself",
@@ -373,14 +380,16 @@ impl Enrollment {
             workload_id: id,
             cgroup_id,
             ready: false,
+            host: !is_pod,
+            max_sockets: config.sockets_per_workload(),
             exclude_outbound_ports: wc.capture.exclude_outbound_ports.clone(),
             exclude_outbound_cidrs: wc.capture.exclude_outbound_cidrs.clone(),
             exclude_inbound_ports: wc.capture.exclude_inbound_ports.clone(),
+            // The workload's own addresses never leave it: like loopback, they
+            // are not captured.
+            own_addresses: workload.addresses.clone(),
             inbound_addresses: if is_pod { workload.addresses.clone() } else { Vec::new() },
         };
-        // The workload's own addresses never leave it: like loopback, they
-        // are not captured.
-        capture.exclude_outbound_cidrs.extend(workload.addresses.iter().map(|a| IpNet::from(*a)));
 
         let netns = match (&wc.netns, &previous) {
             (Some(_), Some(p)) => Ok(p.local.netns.clone()),

@@ -3,6 +3,7 @@
 //! Everything is checked before anything is started: a file that loads is a
 //! file the tunnel can run. Every error names the file, the field and the line.
 
+pub mod limits;
 mod locate;
 pub mod registry;
 pub mod service;
@@ -19,6 +20,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize};
 
 pub use self::{
+    limits::{KeepaliveConfig, LimitsConfig, ResolvedLimits},
     locate::Step,
     service::{Endpoint, EndpointSlice, ServiceConfig, ServicePort},
 };
@@ -60,6 +62,8 @@ pub struct Config {
     pub listeners: ListenerConfig,
     #[serde(default)]
     pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
     #[serde(default)]
     pub access_log: AccessLogTarget,
     #[serde(default)]
@@ -115,6 +119,15 @@ pub struct CaptureConfig {
     /// new connections are refused (and counted). Fixed when the maps are first
     /// pinned: changing it takes `ztunnel uninstall` first.
     pub max_connections: u32,
+    /// TCP sockets of workloads the node can hold at once (the socket owner
+    /// map; allocated on use). Fixed when the maps are first pinned.
+    pub max_sockets: u32,
+    /// Cgroups whose every task must be in an enrolled workload (e.g. the
+    /// slice of a host's workload units): a task below one in no enrolled
+    /// workload is refused connect(), so a unit restarted into a new cgroup
+    /// fails closed until it is enrolled again (at once: new cgroups below a
+    /// guard are watched) instead of connecting uncaptured.
+    pub guard_cgroups: Vec<PathBuf>,
 }
 
 impl Default for CaptureConfig {
@@ -124,6 +137,8 @@ impl Default for CaptureConfig {
             tunnel_cgroup: None,
             bpf_pin_dir: PathBuf::from("/sys/fs/bpf/ztunnel"),
             max_connections: 65536,
+            max_sockets: ztunnel_ebpf_common::MAX_WORKLOAD_SOCKETS,
+            guard_cgroups: Vec::new(),
         }
     }
 }
@@ -166,6 +181,8 @@ pub struct ProxyConfig {
     /// Threads running the data path. Every wake-up that crosses threads
     /// costs a context switch: on small nodes fewer threads carry more.
     pub worker_threads: usize,
+    /// Keepalive on every socket the tunnel owns.
+    pub tcp_keepalive: KeepaliveConfig,
 }
 
 impl Default for ProxyConfig {
@@ -178,6 +195,7 @@ impl Default for ProxyConfig {
             // The tunnel shares the node's cores with its workloads: half of
             // them (1 on a 2-core node, at most 4) measured best here.
             worker_threads: std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, 4)),
+            tcp_keepalive: KeepaliveConfig::default(),
         }
     }
 }
@@ -478,6 +496,11 @@ impl Config {
         }
     }
 
+    /// TCP sockets one workload may hold (the kernel's quota).
+    pub fn sockets_per_workload(&self) -> u32 {
+        self.limits.sockets_per_workload.unwrap_or((self.capture.max_connections / 4).max(64))
+    }
+
     /// The policies in force, ready to evaluate.
     pub fn policy_set(&self) -> PolicySet<'_> {
         PolicySet {
@@ -614,6 +637,27 @@ impl Config {
                 return Err(Invalid::at(
                     [Step::Key(section.into()), Step::Key(field.into())],
                     "must be at least 1",
+                ));
+            }
+        }
+        if let Some((field, message)) = self.limits.problem() {
+            return Err(Invalid::at([Step::Key("limits".into()), Step::Key(field.into())], message));
+        }
+        let k = &self.proxy.tcp_keepalive;
+        if k.idle.is_zero() || k.interval.is_zero() || k.probes == 0 {
+            return Err(Invalid::at(
+                [Step::Key("proxy".into()), Step::Key("tcp_keepalive".into())],
+                "idle and interval must be more than 0s, probes at least 1",
+            ));
+        }
+        for (i, g) in self.capture.guard_cgroups.iter().enumerate() {
+            if let Some(root) = &self.capture.cgroup_root
+                && g.is_absolute()
+                && !g.starts_with(root)
+            {
+                return Err(Invalid::at(
+                    [Step::Key("capture".into()), Step::Key("guard_cgroups".into()), Step::Index(i)],
+                    format!("{} is outside capture.cgroup_root {}", g.display(), root.display()),
                 ));
             }
         }
