@@ -5,11 +5,11 @@
 use std::{net::SocketAddr, time::Duration};
 
 use serde_json::json;
+use ztunnel::capture::MAP_ABI_VERSION;
 use ztunnel_testbed::{
     Testbed,
     agent::{self, Held, Server},
 };
-use ztunnel::capture::MAP_ABI_VERSION;
 use ztunnel_tests::{cgroup_id, eventually, field, node_server};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -290,7 +290,8 @@ fn the_tunnel_never_captures_itself_even_when_its_cgroup_is_enrolled() -> anyhow
     let map = tb.pin_base.join(&n1.name).join(format!("v{MAP_ABI_VERSION}/maps/ENROLLED_CGROUPS"));
     let key: Vec<String> = cgroup_id(&system).to_le_bytes().iter().map(|b| format!("{b:02x}")).collect();
     // workload 999, READY, no socket quota
-    let value = ["e7", "03", "00", "00", "01", "00", "00", "00", "00", "00", "00", "00", "00", "00", "00", "00"];
+    let value =
+        ["e7", "03", "00", "00", "01", "00", "00", "00", "00", "00", "00", "00", "00", "00", "00", "00"];
     let out = std::process::Command::new("bpftool")
         .args(["map", "update", "pinned"])
         .arg(&map)

@@ -277,6 +277,7 @@ impl Enrollment {
             let key = w.to_string();
             by_key.get(&key).cloned().or_else(|| Workload::from_config(config, w).ok().map(Arc::new))
         }));
+        self.ctx.budgets.retain(|id| local.contains_key(&id));
         let _ = self.state_tx.send(Arc::new(State {
             generation: self.generation,
             config: config.clone(),

@@ -35,7 +35,9 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     EbpfContext as _, Global,
-    bindings::{BPF_F_NO_PREALLOC, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+    },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
         bpf_get_netns_cookie, bpf_get_socket_cookie,
@@ -197,7 +199,14 @@ enum Verdict {
 /// original destination when the connection is captured. `loopback`: the
 /// destination is the task's own loopback (or the unspecified address).
 #[inline(always)]
-fn capture(ctx: &SockAddrContext, protocol: u32, family: u16, addr: [u32; 4], port: u16, loopback: bool) -> Verdict {
+fn capture(
+    ctx: &SockAddrContext,
+    protocol: u32,
+    family: u16,
+    addr: [u32; 4],
+    port: u16,
+    loopback: bool,
+) -> Verdict {
     // Most loopback traffic is an application talking to itself: no lookup.
     if loopback && !may_be_tunnel_port(port) {
         return Verdict::Pass;
@@ -323,7 +332,8 @@ pub fn ztunnel_connect6(ctx: SockAddrContext) -> i32 {
         };
     }
     // ::1 and :: stay on the workload's own loopback.
-    let loopback = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && (ip6[3] == 0 || ip6[3] == LOOPBACK6_LAST_WORD);
+    let loopback =
+        ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && (ip6[3] == 0 || ip6[3] == LOOPBACK6_LAST_WORD);
     match capture(&ctx, protocol, AF_INET6, ip6, port, loopback) {
         Verdict::Pass => CONNECT_ALLOW,
         Verdict::Refuse => CONNECT_REFUSE,

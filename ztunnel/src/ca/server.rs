@@ -61,7 +61,7 @@ pub async fn serve(settings: ServeSettings, shutdown: CancellationToken) -> anyh
 
     let current = server_cert.clone();
     let tls = tls::server_config(
-        CurrentCert(Box::new(move || current.lock().ok().map(|c| c.1.certified.clone()))),
+        CurrentCert(Box::new(move |_| current.lock().ok().map(|c| c.1.certified.clone()))),
         bundle_rx,
         Expect::AnyNode(td.clone()),
         settings.clock_skew,

@@ -9,8 +9,8 @@ use aya::maps::{HashMap, MapData, PerCpuArray};
 use ipnet::IpNet;
 use ztunnel_ebpf_common::{
     AF_INET, AF_INET6, AddrKey, CIDR_EXCLUDED, CIDR_KEY_FIXED_BITS, CIDR_OWN_ADDRESS, CaptureRecord, CidrKey,
-    ConnTuple, DIRECTION_INBOUND, DIRECTION_OUTBOUND, EnrolledWorkload, PortKey, WORKLOAD_GUARD, WORKLOAD_HOST,
-    WORKLOAD_READY,
+    ConnTuple, DIRECTION_INBOUND, DIRECTION_OUTBOUND, EnrolledWorkload, PortKey, WORKLOAD_GUARD,
+    WORKLOAD_HOST, WORKLOAD_READY,
 };
 
 use super::COUNTER_NAMES;
@@ -109,9 +109,12 @@ pub struct DesiredMaps {
 impl DesiredMaps {
     /// A guarded cgroup: tasks below it in no enrolled workload are refused.
     pub fn add_guard(&mut self, cgroup_id: u64) {
-        self.enrolled
-            .entry(cgroup_id)
-            .or_insert(EnrolledWorkload { workload_id: 0, flags: WORKLOAD_GUARD, max_sockets: 0, _pad: 0 });
+        self.enrolled.entry(cgroup_id).or_insert(EnrolledWorkload {
+            workload_id: 0,
+            flags: WORKLOAD_GUARD,
+            max_sockets: 0,
+            _pad: 0,
+        });
     }
 
     pub fn add(&mut self, w: &WorkloadCapture) {
@@ -121,8 +124,10 @@ impl DesiredMaps {
             flags |= WORKLOAD_HOST;
         }
         // A workload's own entry wins over a guard on the same cgroup.
-        self.enrolled
-            .insert(w.cgroup_id, EnrolledWorkload { workload_id: id, flags, max_sockets: w.max_sockets, _pad: 0 });
+        self.enrolled.insert(
+            w.cgroup_id,
+            EnrolledWorkload { workload_id: id, flags, max_sockets: w.max_sockets, _pad: 0 },
+        );
         for &port in &w.exclude_outbound_ports {
             self.excluded_ports.insert(PortKey { workload_id: id, port, direction: DIRECTION_OUTBOUND });
         }

@@ -141,7 +141,8 @@ impl LimitsConfig {
         if let Some((field, _)) = counts.iter().find(|(_, n)| *n == 0) {
             return Some((field, "must be at least 1".into()));
         }
-        for (field, d) in [("handshake_timeout", self.handshake_timeout), ("pool_wait_timeout", self.pool_wait_timeout)]
+        for (field, d) in
+            [("handshake_timeout", self.handshake_timeout), ("pool_wait_timeout", self.pool_wait_timeout)]
         {
             if d.is_zero() {
                 return Some((field, "must be more than 0s".into()));
@@ -168,7 +169,8 @@ mod tests {
         assert_eq!(r.connections_per_workload, r.max_connections / 4);
         let r = LimitsConfig::default().resolve(1 << 20);
         assert_eq!(r.max_connections, 65536, "a generous limit does not mean unbounded");
-        let set = LimitsConfig { max_connections: Some(100), soft_connections: Some(500), ..Default::default() };
+        let set =
+            LimitsConfig { max_connections: Some(100), soft_connections: Some(500), ..Default::default() };
         assert_eq!(set.resolve(20_000).soft_connections, 100);
         assert!(set.problem().unwrap().1.contains("more than max_connections"));
     }

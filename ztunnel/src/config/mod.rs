@@ -591,11 +591,18 @@ impl Config {
         self.validate_services()?;
         self.validate_settings()?;
         self.validate_capacity()?;
+        let entry = |list: &str, i: usize, field: &str| {
+            let mut path = vec![key(list), Step::Index(i)];
+            if !field.is_empty() {
+                path.push(key(field));
+            }
+            path
+        };
         if let Some((i, field, message)) = crate::policy::validate::policy_errors(&self.policies) {
-            return Err(Invalid::at([key("policies"), Step::Index(i), key(field)], message));
+            return Err(Invalid::at(entry("policies", i, field), message));
         }
         if let Some((i, field, message)) = crate::policy::validate::emergency_errors(&self.emergency_allows) {
-            return Err(Invalid::at([key("emergency_allows"), Step::Index(i), key(field)], message));
+            return Err(Invalid::at(entry("emergency_allows", i, field), message));
         }
         Ok(())
     }
