@@ -21,13 +21,14 @@ use ztunnel_ebpf_common::OUTBOUND_PORT;
 
 use crate::{
     access_log::AccessLog,
-    admin::{Admin, AdminView, LogLevelSetter},
+    admin::{Admin, AdminToken, AdminView, LogLevelSetter},
     capture::{Capture, CaptureSettings},
     cgroup::{Cgroup, cgroup2_mount},
     config::{Config, OnPolicyChange},
     enrollment::Enrollment,
     http,
     identity::runtime::IdentityRuntime,
+    limits::{ConnectionLimits, PerSource, Refusals, WorkloadBudgets},
     metrics::Metrics,
     netns::Netns,
     proxy::{
@@ -36,7 +37,6 @@ use crate::{
             HBONE_PORT,
             pool::{Pool, PoolSettings},
         },
-        limits::{ConnectionLimits, PerSource, Refusals, WorkloadBudgets},
         outbound::ListenerScope,
     },
     sockopt::{self, SocketPolicy},
@@ -144,6 +144,8 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let access_log = Arc::new(AccessLog::start(&config.access_log, metrics.access_log_dropped.clone())?);
     let shutdown = CancellationToken::new();
+    let token = AdminToken::create(&config.node.admin_token())
+        .with_context(|| format!("writing the admin token {}", config.node.admin_token().display()))?;
     // Identity before capture: a CA or credential problem must stop the start
     // while the node is still untouched.
     let identity = IdentityRuntime::start(&config, &node_netns, metrics.clone(), shutdown.clone())?;
@@ -158,6 +160,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     })?;
     metrics.set_capture(capture.counters());
     let admin = Arc::new(Admin {
+        token,
         view: Mutex::new(AdminView {
             node: config.node.name.clone(),
             config_file: config_path.display().to_string(),
@@ -260,6 +263,8 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(current.proxy.reload_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut cgroups = crate::cgroup::CgroupWatcher::new().context("watching cgroups")?;
+    cgroups.watch(enrollment.watched_dirs(&current));
     let mut last_lapse_check = std::time::SystemTime::now();
     loop {
         let forced = tokio::select! {
@@ -267,6 +272,13 @@ async fn serve(start: Start) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
             _ = sighup.recv() => true,
             _ = tick.tick() => false,
+            () = cgroups.changed() => {
+                // A cgroup came or went: a restarted unit is enrolled again
+                // now, not at the next tick.
+                let statuses = tokio::task::block_in_place(|| enrollment.apply(&current));
+                publish_status(&admin, &metrics, &enrollment, statuses, false);
+                continue;
+            }
         };
         match reloader.check(forced) {
             Reload::Unchanged if enrollment.has_pending() => {
@@ -296,6 +308,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
                 current = new;
             }
         }
+        cgroups.watch(enrollment.watched_dirs(&current));
         // An emergency allow that lapsed takes the connections it admitted
         // with it, as a policy change would.
         let now = std::time::SystemTime::now();

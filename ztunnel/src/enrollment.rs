@@ -183,6 +183,19 @@ impl Enrollment {
             || self.enrolled.values().any(|e| !e.capture.ready || e.cgroup_replaced())
     }
 
+    /// Directories where a workload's cgroup can appear again: the guard
+    /// cgroups and the parent of every local workload's cgroup.
+    pub fn watched_dirs(&self, config: &Config) -> Vec<PathBuf> {
+        let guards =
+            config.capture.guard_cgroups.iter().filter_map(|g| Cgroup::resolve(&self.cgroup_mount, g).ok());
+        let parents = config
+            .local_workloads()
+            .filter_map(|w| w.cgroup.as_ref())
+            .filter_map(|c| Cgroup::resolve(&self.cgroup_mount, c).ok())
+            .filter_map(|c| c.path().parent().map(|p| p.to_owned()));
+        guards.map(|g| g.path().to_owned()).chain(parents).collect()
+    }
+
     /// Why the capture maps do not match the configuration, if they do not.
     pub fn sync_error(&self) -> Option<&str> {
         self.sync_error.as_deref()
@@ -242,7 +255,18 @@ impl Enrollment {
         for e in self.enrolled.values() {
             desired_maps.add(&e.capture);
         }
+        let mut guard_error = None;
+        for g in &config.capture.guard_cgroups {
+            match Cgroup::resolve(&self.cgroup_mount, g).and_then(|c| c.id()) {
+                Ok(id) => desired_maps.add_guard(id),
+                Err(e) => guard_error = Some(format!("capture.guard_cgroups: {e}")),
+            }
+        }
         match self.capture.sync(&desired_maps) {
+            Ok(()) if guard_error.is_some() => {
+                tracing::error!("{}", guard_error.as_deref().unwrap_or_default());
+                self.sync_error = guard_error;
+            }
             Ok(()) => {
                 if self.sync_error.take().is_some() {
                     tracing::info!("capture maps match the configuration again");

@@ -7,6 +7,7 @@
 //! | `capture` | the eBPF programs and maps that send workloads' connections to the tunnel |
 //! | `enrollment` | makes capture match the configuration, at start and on reload |
 //! | `proxy` | listeners, per-connection handling, the byte relay |
+//! | `limits` | fair shares: connections in all, per workload, per source |
 //! | `identity` | SPIFFE IDs |
 //! | `admin`, `metrics`, `access_log` | what operators see |
 //! | `app` | `ztunnel run`: wiring, reload, graceful shutdown |
@@ -22,6 +23,7 @@ pub mod config;
 pub mod enrollment;
 pub mod http;
 pub mod identity;
+pub mod limits;
 pub mod metrics;
 pub mod netns;
 pub mod policy;

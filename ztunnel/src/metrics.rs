@@ -235,7 +235,7 @@ impl Metrics {
         self.tcp_sent_bytes.get_or_create(&labels).inc_by(entry.bytes_received);
     }
 
-    pub fn limit_refused(&self, limit: crate::proxy::limits::LimitExceeded) {
+    pub fn limit_refused(&self, limit: crate::limits::LimitExceeded) {
         self.limit_refusals.get_or_create(&LimitLabels { limit: limit.reason() }).inc();
     }
 

@@ -100,6 +100,21 @@ pub struct NodeConfig {
     /// The node's own addresses: plain-host workloads share them.
     #[serde(default)]
     pub addresses: Vec<IpAddr>,
+    /// Where the tunnel keeps its sockets and tokens: the admin token, the
+    /// CNI plugin's socket (root only).
+    #[serde(default = "default_run_dir")]
+    pub run_dir: PathBuf,
+}
+
+fn default_run_dir() -> PathBuf {
+    PathBuf::from("/var/run/ztunnel")
+}
+
+impl NodeConfig {
+    /// The admin token file.
+    pub fn admin_token(&self) -> PathBuf {
+        self.run_dir.join("admin.token")
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -588,6 +603,7 @@ impl Config {
             }
         }
         self.validate_addresses()?;
+        self.validate_host_workloads()?;
         self.validate_services()?;
         self.validate_settings()?;
         self.validate_capacity()?;
@@ -712,6 +728,62 @@ impl Config {
                     [Step::Key("workloads".into())],
                     format!("{n} {what} on node {}; capture holds at most {max}", self.node.name),
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// This node's plain-host workloads share its addresses and are told
+    /// apart by port: with more than one, each names its ports and no port
+    /// is claimed twice. None may claim a tunnel port, and none may be
+    /// strict: its inbound plaintext is not steered to the tunnel (there is
+    /// no namespace of its own to steer in), so strict could not be kept.
+    fn validate_host_workloads(&self) -> Result<(), Invalid> {
+        let hosts: Vec<(usize, &WorkloadConfig)> = self
+            .workloads
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.is_on(&self.node.name) && w.netns.is_none())
+            .collect();
+        let at =
+            |i: usize, field: &str| [Step::Key("workloads".into()), Step::Index(i), Step::Key(field.into())];
+        for (n, &(i, w)) in hosts.iter().enumerate() {
+            if let Some(p) = w.ports.iter().find(|p| ztunnel_ebpf_common::is_tunnel_port(**p, true)) {
+                return Err(Invalid::at(
+                    at(i, "ports"),
+                    format!("port {p} of workload {w} is the tunnel's own"),
+                ));
+            }
+            if self.mtls_mode(w) == MtlsMode::Strict {
+                return Err(Invalid::at(
+                    at(i, "mtls"),
+                    format!(
+                        "workload {w} is a plain-host workload: `mtls: strict` is not supported for those (its inbound \
+                         plaintext cannot be steered to the tunnel); set `mtls: permissive` on it and firewall its ports, \
+                         or run it in a network namespace of its own"
+                    ),
+                ));
+            }
+            for &(j, other) in &hosts[..n] {
+                if w.ports.is_empty() || other.ports.is_empty() {
+                    let (bare, named) = if w.ports.is_empty() { (w, other) } else { (other, w) };
+                    return Err(Invalid::at(
+                        at(i, "ports"),
+                        format!(
+                            "workloads {bare} and {named} both run on node {} and share its addresses: each needs `ports`, \
+                             {bare} has none",
+                            self.node.name
+                        ),
+                    ));
+                }
+                if let Some(p) = w.ports.iter().find(|p| other.ports.contains(p)) {
+                    return Err(Invalid::at(
+                        at(i, "ports"),
+                        format!(
+                            "port {p} is claimed by both workloads[{j}] ({other}) and workloads[{i}] ({w})"
+                        ),
+                    ));
+                }
             }
         }
         Ok(())
@@ -982,6 +1054,36 @@ workloads:
         let yaml = readme.split("```yaml\n").nth(1).and_then(|s| s.split("```").next()).unwrap();
         let c = parse(yaml).unwrap();
         assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    }
+
+    #[test]
+    fn plain_host_workloads_of_a_node_are_told_apart_by_port() {
+        let head = "node: {name: a, addresses: [198.18.0.1]}\nworkloads:\n";
+        let two = |p1: &str, p2: &str| {
+            format!("{head}  - {{name: w1, cgroup: /x{p1}}}\n  - {{name: w2, cgroup: /y{p2}}}\n")
+        };
+        parse(&two(", ports: [7001]", ", ports: [7002]")).unwrap();
+        let err = parse(&two("", ", ports: [7002]")).unwrap_err();
+        assert!(err.contains("workloads default/w1 and default/w2 both run on node a"), "{err}");
+        assert!(err.contains("default/w1 has none"), "{err}");
+        let err = parse(&two(", ports: [7001, 7002]", ", ports: [7002]")).unwrap_err();
+        assert!(
+            err.contains(
+                "port 7002 is claimed by both workloads[0] (default/w1) and workloads[1] (default/w2)"
+            ),
+            "{err}"
+        );
+        let err = parse(&format!("{head}  - {{name: w1, cgroup: /x, ports: [15008]}}\n")).unwrap_err();
+        assert!(err.contains("port 15008 of workload default/w1 is the tunnel's own"), "{err}");
+        let err = parse(&format!("{head}  - {{name: w1, cgroup: /x, mtls: strict}}\n")).unwrap_err();
+        assert!(err.contains("`mtls: strict` is not supported"), "{err}");
+        let ns_strict =
+            format!("{head}  - {{name: w1, cgroup: /x}}\nnamespaces: {{default: {{mtls: strict}}}}\n");
+        assert!(parse(&ns_strict).unwrap_err().contains("plain-host workload"));
+        let overridden = format!(
+            "{head}  - {{name: w1, cgroup: /x, mtls: permissive}}\nnamespaces: {{default: {{mtls: strict}}}}\n"
+        );
+        parse(&overridden).unwrap();
     }
 
     #[test]

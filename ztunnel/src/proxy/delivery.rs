@@ -34,7 +34,8 @@ use rtnetlink::{
 };
 use tokio::net::TcpStream;
 
-use super::{Failure, ProxyContext, limits::LimitExceeded};
+use super::{Failure, ProxyContext};
+use crate::limits::LimitExceeded;
 use crate::{netns::Netns, workload::LocalWorkload};
 
 pub use ztunnel_ebpf_common::DELIVERY_MARK;

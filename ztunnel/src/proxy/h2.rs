@@ -17,10 +17,8 @@ use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
 use tokio::sync::watch;
 
-use super::{
-    limits::Budget,
-    relay::{ChunkRead, ChunkWrite},
-};
+use super::relay::{ChunkRead, ChunkWrite};
+use crate::limits::Budget;
 
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;

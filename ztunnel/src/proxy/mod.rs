@@ -13,7 +13,6 @@ pub mod delivery;
 pub mod h2;
 pub mod hbone;
 pub mod inbound;
-pub mod limits;
 pub mod outbound;
 pub mod relay;
 
@@ -22,7 +21,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::TcpStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use self::limits::{ConnectionLimits, LimitExceeded, PerSource, WorkloadBudgets};
+use crate::limits::{ConnectionLimits, LimitExceeded, PerSource, WorkloadBudgets};
 use crate::{
     access_log::AccessLog, capture::CaptureRecords, identity::manager::CertManager, metrics::Metrics,
     netns::Netns, sockopt::SocketPolicy, state::StateWatch,

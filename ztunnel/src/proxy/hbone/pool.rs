@@ -82,7 +82,7 @@ impl Default for PoolSettings {
 pub struct EarlyBounds {
     pub per_stream: usize,
     /// The source workload's budget.
-    pub budget: Arc<crate::proxy::limits::Budget>,
+    pub budget: Arc<crate::limits::Budget>,
 }
 
 /// The SNI that names destination `port` of a shared node address.
