@@ -341,11 +341,18 @@ impl FakeApiServer {
         if let Some(s) = old {
             s.stop.cancel();
             self.kill_streams();
-            self.rt().block_on(async {
+            // Waited for from outside the runtime: the caller may itself be
+            // inside another one (a test's), where block_on would panic.
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            self.rt().spawn(async move {
                 let _ = s.accept.await;
                 s.tracker.close();
                 s.tracker.wait().await;
+                let _ = done_tx.send(());
             });
+            done_rx
+                .recv_timeout(Duration::from_secs(10))
+                .context("the fake API server's connections did not close within 10s")?;
         }
         let listener = {
             let _guard = self.rt().enter();
