@@ -249,6 +249,36 @@ fn namespaces_services_endpointslices_and_the_policy_resource_work_through_kube(
         policies.delete("allow-web", &Default::default()).await.unwrap();
         assert!(matches!(next(&mut w).await.unwrap(), Event::Delete(_)));
 
+        // The status subresource, as a kubelet writes it.
+        namespace(&f, "shop-pods");
+        f.server.create("pods", "shop-pods", pod("shop-pods", "web-1", json!({ "app": "web" }))).unwrap();
+        let pods: Api<Pod> = Api::namespaced(c.clone(), "shop-pods");
+        let status = json!({ "status": { "phase": "Running", "podIP": "198.19.1.11" }, "spec": { "nodeName": "elsewhere" } });
+        let running =
+            pods.patch_status("web-1", &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+        let (spec, st) = (running.spec.unwrap(), running.status.unwrap());
+        assert_eq!((st.phase.as_deref(), st.pod_ip.as_deref()), (Some("Running"), Some("198.19.1.11")));
+        assert_eq!(spec.node_name.as_deref(), Some("n1"), "/status changes only the status");
+        let running_on_n1 =
+            pods.list(&ListParams::default().fields("status.phase=Running,spec.nodeName=n1")).await.unwrap();
+        assert_eq!(running_on_n1.items.len(), 1);
+        // A replace from a stale read conflicts.
+        let mut stale = pods.get("web-1").await.unwrap();
+        pods.patch(
+            "web-1",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({ "metadata": { "labels": { "v": "2" } } })),
+        )
+        .await
+        .unwrap();
+        stale.metadata.labels = Some([("v".to_owned(), "3".to_owned())].into());
+        let kube::Error::Api(conflict) =
+            pods.replace("web-1", &PostParams::default(), &stale).await.unwrap_err()
+        else {
+            panic!("not an API error")
+        };
+        assert_eq!((conflict.code, conflict.reason.as_str()), (409, "Conflict"));
+
         // Errors are Status objects with the real reasons.
         let kube::Error::Api(dup) =
             services.create(&PostParams::default(), &svc_named("web")).await.unwrap_err()
@@ -556,7 +586,6 @@ fn raw_watches_get_bookmarks_streaming_lists_410_events_and_timeouts() {
 #[test]
 fn token_review_answers_for_valid_unknown_expired_and_wrong_audience_tokens() {
     let f = fixture(quick());
-    namespace(&f, "kube-system");
     let zt = f.server.create("pods", "kube-system", pod("kube-system", "ztunnel-x1", json!({}))).unwrap();
     let pod_uid = zt["metadata"]["uid"].as_str().unwrap().to_owned();
     let hour = Duration::from_secs(3600);
@@ -587,7 +616,7 @@ fn token_review_answers_for_valid_unknown_expired_and_wrong_audience_tokens() {
         assert!(user.groups.unwrap().contains(&"system:serviceaccounts:kube-system".to_owned()));
         let extra = user.extra.unwrap();
         assert_eq!(extra["authentication.kubernetes.io/pod-name"], ["ztunnel-x1"]);
-        assert_eq!(extra["authentication.kubernetes.io/pod-uid"], [pod_uid.clone()]);
+        assert_eq!(extra["authentication.kubernetes.io/pod-uid"], std::slice::from_ref(&pod_uid));
         assert_eq!(extra["authentication.kubernetes.io/node-name"], ["n1"]);
         assert_eq!(extra["authentication.kubernetes.io/node-uid"], ["node-uid-1"]);
 

@@ -8,6 +8,8 @@
 //! plugin's GETs) talk to it over real sockets with a written kubeconfig.
 //!
 //! # What it implements, as the real server does
+//! - A new server holds the namespaces a new cluster has
+//!   ([`SYSTEM_NAMESPACES`]) and nothing else.
 //! - Resources: core/v1 pods, namespaces, services, nodes;
 //!   discovery.k8s.io/v1 endpointslices; security.ztunnel.dev/v1
 //!   authorizationpolicies (a namespaced custom resource, stored as sent);
@@ -75,6 +77,8 @@
 //!   checks (custom resources are stored as sent), no immutable fields, no
 //!   ClusterIP conflict checks, pods' status is not split from their spec on
 //!   create/update of the main resource.
+//! - Objects a real cluster creates by itself: the `kubernetes` Service and
+//!   its EndpointSlice, nodes, service accounts.
 //! - Graceful deletion, finalizers, owner references and garbage
 //!   collection, namespace termination: DELETE removes the object at once and
 //!   deleting a namespace leaves its objects.
@@ -124,6 +128,9 @@ use self::{
     store::{ListQuery, Patch, Store},
     tokens::Registered,
 };
+
+/// The namespaces every cluster starts with; the fake creates them too.
+pub const SYSTEM_NAMESPACES: [&str; 4] = ["default", "kube-system", "kube-public", "kube-node-lease"];
 
 /// How the fake behaves where tests want to choose.
 #[derive(Debug, Clone)]
@@ -205,6 +212,9 @@ impl FakeApiServer {
             counts: Mutex::default(),
         });
         let server = Self { shared, rt: Some(rt), serving: Mutex::new(None) };
+        for ns in SYSTEM_NAMESPACES {
+            server.create("namespaces", "", json!({ "metadata": { "name": ns } }))?;
+        }
         server.serve(listener);
         Ok(server)
     }
