@@ -7,6 +7,23 @@
 //! while kube-rs clients (watchers, reflectors, the CA's TokenReview, the CNI
 //! plugin's GETs) talk to it over real sockets with a written kubeconfig.
 //!
+//! ```no_run
+//! use serde_json::json;
+//! use ztunnel_testbed::kube::{FakeApiServer, TokenInfo};
+//!
+//! # fn main() -> anyhow::Result<()> {
+//! let api = FakeApiServer::start()?;
+//! api.write_kubeconfig(std::path::Path::new("/tmp/kubeconfig"))?; // for `ztunnel run --kubernetes --kubeconfig`
+//! api.create("namespaces", "", json!({ "metadata": { "name": "shop", "labels": { "ztunnel.dev/dataplane": "enabled" } } }))?;
+//! api.create("pods", "shop", json!({ "metadata": { "name": "web-1" }, "spec": { "nodeName": "n1" } }))?;
+//! api.merge_patch("pods", "shop", "web-1", json!({ "status": { "phase": "Running", "podIP": "198.19.1.11" } }))?;
+//! api.register_token("node-token", TokenInfo::new("kube-system", "ztunnel", &["ztunnel-ca"], std::time::Duration::from_secs(3600)));
+//! api.kill_streams(); // every watcher must resume
+//! println!("{:?}", api.counts("pods"));
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # What it implements, as the real server does
 //! - A new server holds the namespaces a new cluster has
 //!   ([`SYSTEM_NAMESPACES`]) and nothing else.
@@ -184,7 +201,7 @@ pub struct FakeApiServer {
 }
 
 impl FakeApiServer {
-    /// Starts a server with the default [`Options`] on 127.0.0.1:<ephemeral>.
+    /// Starts a server with the default [`Options`] on an ephemeral port of 127.0.0.1.
     pub fn start() -> anyhow::Result<Self> {
         Self::start_with(Options::default())
     }
