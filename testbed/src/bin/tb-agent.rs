@@ -488,7 +488,10 @@ async fn hold(to: SocketAddr) -> anyhow::Result<()> {
     );
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = stdin.next_line().await? {
-        w.write_all(format!("{line}\n").as_bytes()).await?;
+        if let Err(e) = w.write_all(format!("{line}\n").as_bytes()).await {
+            emit(json!({"event": "error", "kind": classify(&e), "error": e.to_string()}));
+            return Ok(());
+        }
         let mut echoed = String::new();
         match server.read_line(&mut echoed).await {
             Ok(0) => {
