@@ -208,7 +208,8 @@ fn curl(tb: &Testbed, from: &Place, to: SocketAddr) -> anyhow::Result<Option<Str
     Ok(out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned()))
 }
 
-fn summarize(l: &Value) -> String {
+/// One access log line as `direction security: source -> destination (identity) decision reason`.
+pub(crate) fn summarize(l: &Value) -> String {
     let s = |k: &str| l[k].as_str().unwrap_or("-").to_owned();
     let security = if l["connection_security_policy"] == "mutual_tls" { "mTLS" } else { "plaintext" };
     let mut out = format!(

@@ -7,9 +7,12 @@
 //! | `test` | setup, build, then the whole test suite (root) |
 //! | `demo` | setup, build, then the demo on the testbed (root) |
 //! | `bench [--json]` | setup, release build, then the benchmark (root) |
+//! | `kind-demo` | ztunnel in a two-node kind cluster (docker, kind, kubectl) |
 
 mod bench;
 mod demo;
+mod deploy_tools;
+mod kind_demo;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -57,6 +60,16 @@ enum Task {
         #[arg(long)]
         only: Option<String>,
     },
+    /// ztunnel in a two-node kind cluster: build and load the image, make
+    /// the CA's Secret, apply the kind overlay and the samples, and show
+    /// calls, a denial and a rollback. Needs docker (a running engine),
+    /// kind and kubectl; the Rust toolchains are not used (the image build
+    /// has its own).
+    KindDemo {
+        /// The kind cluster (kubectl context kind-<name>); made if missing.
+        #[arg(long, default_value = "ztunnel-demo")]
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -71,6 +84,7 @@ fn main() -> ExitCode {
         Task::Bench { json, seconds, only } => setup::run()
             .and_then(|()| build(true))
             .and_then(|()| bench::run(&bench::Options { json, seconds, only })),
+        Task::KindDemo { name } => kind_demo::run(&kind_demo::Options { name }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

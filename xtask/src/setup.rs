@@ -20,6 +20,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "the benchmark's bulk throughput"),
     ("tshark", "tests read the traffic between nodes"),
     ("procps", "sysctl inside the testbed's namespaces"),
+    ("prometheus", "promtool: checks and unit-tests the alert rules in deploy/prometheus"),
+    ("systemd", "systemd-analyze verify: checks the units in deploy/systemd"),
+    ("python3-venv", "the venv with kubernetes-validate that checks deploy/kubernetes"),
 ];
 
 /// bpf-linker release matched to aya 0.14 and the nightly's LLVM.
@@ -30,10 +33,11 @@ pub fn run() -> anyhow::Result<()> {
     nightly()?;
     rust_src()?;
     bpf_linker()?;
+    crate::deploy_tools::ensure()?;
     Ok(())
 }
 
-fn home() -> PathBuf {
+pub fn home() -> PathBuf {
     std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from)
 }
 
