@@ -43,7 +43,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-pub use crate::{net::in_netns, tunnel::Tunnel};
+pub use crate::{
+    net::{in_netns, ip as net_ip},
+    tunnel::Tunnel,
+};
 
 /// The testbed's IPv6 /48 (ULA): nodes on subnet 0, node k's pods on subnet k.
 pub const ULA: &str = "fd7a:7e57:7e57";
@@ -176,6 +179,12 @@ impl Testbed {
         net::ip(&["-n", &fabric, "link", "add", "br0", "type", "bridge"])?;
         net::ip(&["-n", &fabric, "link", "set", "br0", "up"])?;
         Ok(tb)
+    }
+
+    /// The fabric's namespace: every node's link to the others ends there
+    /// (`n<index>`, on bridge br0).
+    pub fn fabric_netns(&self) -> String {
+        self.fabric.clone()
     }
 
     /// A directory for the run's files (configurations, logs), removed with it.

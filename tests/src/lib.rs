@@ -44,3 +44,12 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub fn field<'a>(entry: &'a serde_json::Value, name: &str) -> &'a str {
     entry[name].as_str().unwrap_or_default()
 }
+
+/// The value of one series in a Prometheus text exposition (0 if absent).
+pub fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}

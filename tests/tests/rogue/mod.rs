@@ -1,3 +1,6 @@
+// Shared by several test files, each using a part of it.
+#![allow(dead_code)]
+
 //! Rogue peers for the HBONE tests: a "tunnel" presenting crafted
 //! certificates, and a client that speaks HBONE (or not) however a test
 //! wants. Built from ztunnel's own TLS and HTTP/2 pieces, run inside the
@@ -161,6 +164,19 @@ pub fn hbone_request(
     server_identity: &str,
     request: http::Request<()>,
 ) -> Outcome {
+    hbone_request_sni(netns, target, cert, bundle, server_identity, None, request)
+}
+
+/// The same, naming `sni` in the handshake.
+pub fn hbone_request_sni(
+    netns: &str,
+    target: SocketAddr,
+    cert: Arc<CertifiedKey>,
+    bundle: TrustBundle,
+    server_identity: &str,
+    sni: Option<String>,
+    request: http::Request<()>,
+) -> Outcome {
     let server_identity = server_identity.parse().expect("identity");
     ztunnel_testbed::in_netns(netns, move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -172,17 +188,18 @@ pub fn hbone_request(
                 Expect::Identity(server_identity),
                 Duration::from_secs(60),
                 &[b"h2"],
-                false,
+                sni.is_some(),
             )
             .expect("client config");
             let tcp = match tokio::net::TcpStream::connect(target).await {
                 Ok(s) => s,
                 Err(e) => return Outcome::Failed(format!("connect: {e}")),
             };
-            let tls = match tokio_rustls::TlsConnector::from(Arc::new(config))
-                .connect(ServerName::IpAddress(target.ip().into()), tcp)
-                .await
-            {
+            let name = match sni {
+                Some(s) => ServerName::try_from(s).expect("sni"),
+                None => ServerName::IpAddress(target.ip().into()),
+            };
+            let tls = match tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await {
                 Ok(t) => t,
                 Err(e) => return Outcome::Failed(format!("tls: {e}")),
             };
