@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Put the binary, a kubeconfig and the plugin's entry into the node's CNI configuration.
-    Install(InstallArgs),
+    Install(Box<InstallArgs>),
     /// Take out exactly what install put in.
     Uninstall(LayoutArgs),
 }
@@ -104,6 +104,7 @@ fn main() -> ExitCode {
 fn run_command(command: Command) -> anyhow::Result<String> {
     match command {
         Command::Install(args) => {
+            let args = *args;
             let layout = layout(args.layout)?;
             let api_server = match (args.api_server_host, args.api_server_port) {
                 (Some(host), Some(port)) => Some(kubeconfig::ApiServer { host, port }),

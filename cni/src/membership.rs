@@ -57,7 +57,7 @@ pub enum MembershipError {
     #[error("the API server has no {what}")]
     NotFound { what: String },
     #[error(
-        "the API server refused to show {what} ({code}): {message}; does the plugin's service account may get pods and namespaces?"
+        "the API server refused to show {what} ({code}): {message}; may the kubeconfig's identity get pods and namespaces?"
     )]
     Refused { what: String, code: u16, message: String },
     #[error("cannot get {what} from the API server: {source}")]

@@ -111,6 +111,9 @@ impl Failure {
             | Failure::IncompatibleVersion(_)
             | Failure::NoPrevResult
             | Failure::NoKubeconfig => "ztunnel-cni: invalid network configuration",
+            Failure::Membership(MembershipError::Kubeconfig { .. } | MembershipError::Client { .. }) => {
+                "ztunnel-cni: cannot use its kubeconfig"
+            }
             Failure::Membership(_) | Failure::Runtime(_) => {
                 "ztunnel-cni: cannot tell from the API server whether the pod is in the mesh"
             }

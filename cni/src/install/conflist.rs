@@ -98,7 +98,8 @@ pub fn parse_list(text: &str) -> Result<PluginList, ConfError> {
         return Err(ConfError::NoName);
     }
     let plugins = list.plugins.ok_or(ConfError::NoPlugins)?;
-    let raw_entries: Vec<&RawValue> = serde_json::from_str(plugins.get()).map_err(|_| ConfError::NoPlugins)?;
+    let raw_entries: Vec<&RawValue> =
+        serde_json::from_str(plugins.get()).map_err(|_| ConfError::NoPlugins)?;
     if raw_entries.is_empty() {
         return Err(ConfError::EmptyPlugins);
     }
@@ -169,13 +170,12 @@ pub fn with_entry_last(text: &str, entry: &str) -> Result<Option<String>, ConfEr
 /// before it), or for a one-entry list what follows the `[`.
 fn separator<'t>(text: &'t str, list: &PluginList) -> &'t str {
     let n = list.entries.len();
-    let before_last = if n >= 2 {
+    if n >= 2 {
         let between = &text[list.entries[n - 2].span.end..list.entries[n - 1].span.start];
         between.split_once(',').map_or(between, |(_, after)| after)
     } else {
         &text[list.array.start + 1..list.entries[0].span.start]
-    };
-    before_last
+    }
 }
 
 /// `text` without any entry of ours (`None` when it has none). An entry is
@@ -259,7 +259,9 @@ mod tests {
         let with = with_entry_last(text, ENTRY).unwrap().unwrap();
         assert_eq!(
             with,
-            format!("{{\n  \"name\": \"k\",\n  \"plugins\": [\n    {{\"type\": \"a\"}},\n    {{\"type\": \"b\"}},\n    {ENTRY}\n  ]\n}}\n")
+            format!(
+                "{{\n  \"name\": \"k\",\n  \"plugins\": [\n    {{\"type\": \"a\"}},\n    {{\"type\": \"b\"}},\n    {ENTRY}\n  ]\n}}\n"
+            )
         );
         assert_eq!(with_entry_last(&with, ENTRY).unwrap(), None);
         assert_eq!(without_entries(&with).unwrap().unwrap(), text);
@@ -277,9 +279,13 @@ mod tests {
 
     #[test]
     fn ours_not_last_moves_to_the_end() {
-        let text = format!("{{\"name\":\"k\",\"plugins\":[{{\"type\":\"a\"}}, {ENTRY}, {{\"type\":\"b\"}}]}}");
+        let text =
+            format!("{{\"name\":\"k\",\"plugins\":[{{\"type\":\"a\"}}, {ENTRY}, {{\"type\":\"b\"}}]}}");
         let moved = with_entry_last(&text, ENTRY).unwrap().unwrap();
-        assert_eq!(moved, format!("{{\"name\":\"k\",\"plugins\":[{{\"type\":\"a\"}}, {{\"type\":\"b\"}}, {ENTRY}]}}"));
+        assert_eq!(
+            moved,
+            format!("{{\"name\":\"k\",\"plugins\":[{{\"type\":\"a\"}}, {{\"type\":\"b\"}}, {ENTRY}]}}")
+        );
     }
 
     #[test]
@@ -293,7 +299,10 @@ mod tests {
         assert!(matches!(parse_list("{\"plugins\":[{\"type\":\"a\"}]}"), Err(ConfError::NoName)));
         assert!(matches!(parse_list("{\"name\":\"k\"}"), Err(ConfError::NoPlugins)));
         assert!(matches!(parse_list("{\"name\":\"k\",\"plugins\":[]}"), Err(ConfError::EmptyPlugins)));
-        assert!(matches!(parse_list("{\"name\":\"k\",\"plugins\":[{\"x\":1}]}"), Err(ConfError::BadEntry(0))));
+        assert!(matches!(
+            parse_list("{\"name\":\"k\",\"plugins\":[{\"x\":1}]}"),
+            Err(ConfError::BadEntry(0))
+        ));
         assert!(matches!(parse_list("{\"name\":\"k\",\"plugins\":[1]}"), Err(ConfError::BadEntry(0))));
         assert!(matches!(parse_list("{\"name\":\"k\",\"plugins\":[] "), Err(ConfError::Json(_))));
         assert!(matches!(parse_single("{\"name\":\"k\",\"plugins\":[]}"), Err(ConfError::NoType)));

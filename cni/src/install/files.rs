@@ -15,7 +15,8 @@ use tempfile::NamedTempFile;
 /// A temporary file beside `path`, named so that no runtime takes it for a
 /// configuration (no `.conf`/`.conflist`/`.json` ending) while it exists.
 fn temp_beside(path: &Path) -> io::Result<NamedTempFile> {
-    let dir = path.parent().ok_or_else(|| io::Error::other(format!("{} has no directory", path.display())))?;
+    let dir =
+        path.parent().ok_or_else(|| io::Error::other(format!("{} has no directory", path.display())))?;
     tempfile::Builder::new().prefix(".ztunnel-cni-").suffix(".tmp").tempfile_in(dir)
 }
 

@@ -21,7 +21,9 @@ pub const DEFAULT_SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/se
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeconfigError {
-    #[error("KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT are not set (is this running in a pod?); pass --api-server-host/--api-server-port")]
+    #[error(
+        "KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT are not set (is this running in a pod?); pass --api-server-host/--api-server-port"
+    )]
     NoApiServer,
     #[error("cannot read the service account's {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
@@ -122,7 +124,10 @@ pub fn render(api: &ApiServer, service_account_dir: &Path) -> Result<String, Kub
             value: Cluster { cluster: ClusterData { server: api.url(), certificate_authority_data: ca } },
         }],
         users: [Named { name: NAME, value: User { user: UserData { token } } }],
-        contexts: [Named { name: NAME, value: Context { context: ContextData { cluster: NAME, user: NAME } } }],
+        contexts: [Named {
+            name: NAME,
+            value: Context { context: ContextData { cluster: NAME, user: NAME } },
+        }],
         current_context: NAME,
     };
     serde_yaml_ng::to_string(&config).map_err(KubeconfigError::Render)

@@ -66,11 +66,17 @@ pub enum InstallError {
     Remove { path: PathBuf, source: io::Error },
     #[error("{path} {source}")]
     Conf { path: PathBuf, source: ConfError },
-    #[error("{path} is a symbolic link; ztunnel-cni edits only regular files (replacing it would cut the link)")]
+    #[error(
+        "{path} is a symbolic link; ztunnel-cni edits only regular files (replacing it would cut the link)"
+    )]
     Symlink { path: PathBuf },
-    #[error("{path} already chains {plugins:?}, another mesh's plugin; with --strict ztunnel-cni does not add itself")]
+    #[error(
+        "{path} already chains {plugins:?}, another mesh's plugin; with --strict ztunnel-cni does not add itself"
+    )]
     ForeignMesh { path: PathBuf, plugins: Vec<String> },
-    #[error("turning {from} into {to} would hand the runtime's choice to {winner}, which sorts before it; rename or remove it")]
+    #[error(
+        "turning {from} into {to} would hand the runtime's choice to {winner}, which sorts before it; rename or remove it"
+    )]
     LosesPrecedence { from: PathBuf, to: PathBuf, winner: PathBuf },
     #[error("cannot turn {from} into a list: {to} exists already")]
     TargetExists { from: PathBuf, to: PathBuf },
@@ -98,7 +104,8 @@ impl Layout {
     /// Takes the kubeconfig as the operator gave it: a file name, or a path
     /// directly inside `conf_dir`.
     pub fn new(conf_dir: PathBuf, bin_dir: PathBuf, kubeconfig: &Path) -> Result<Self, InstallError> {
-        let outside = || InstallError::KubeconfigOutside { dir: conf_dir.clone(), path: kubeconfig.to_owned() };
+        let outside =
+            || InstallError::KubeconfigOutside { dir: conf_dir.clone(), path: kubeconfig.to_owned() };
         let name = match kubeconfig.parent() {
             Some(parent) if parent.as_os_str().is_empty() || parent == conf_dir => kubeconfig.file_name(),
             _ => None,
@@ -206,7 +213,11 @@ pub struct UninstallReport {
 impl fmt::Display for UninstallReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let list = |paths: Vec<String>| if paths.is_empty() { "none".to_owned() } else { paths.join(", ") };
-        write!(f, "entry removed from: {}", list(self.edited.iter().map(|p| p.display().to_string()).collect()))?;
+        write!(
+            f,
+            "entry removed from: {}",
+            list(self.edited.iter().map(|p| p.display().to_string()).collect())
+        )?;
         for (list, original) in &self.restored {
             write!(f, "; {} restored as {}", list.display(), original.display())?;
         }
@@ -314,7 +325,10 @@ fn plan_conf(opts: &InstallOptions) -> Result<Planned, InstallError> {
     if chosen.is_symlink {
         return Err(InstallError::Symlink { path });
     }
-    let text = chosen.text.as_deref().map_err(|e| InstallError::Read { path: path.clone(), source: io::Error::new(e.kind(), e.to_string()) })?;
+    let text = chosen.text.as_deref().map_err(|e| InstallError::Read {
+        path: path.clone(),
+        source: io::Error::new(e.kind(), e.to_string()),
+    })?;
     let conf_error = |source| InstallError::Conf { path: path.clone(), source };
     let entry = opts.entry();
     let mode = mode_of(&path)?;
@@ -362,10 +376,11 @@ fn plan_conf(opts: &InstallOptions) -> Result<Planned, InstallError> {
     {
         return Err(InstallError::LosesPrecedence { from: path, to, winner: winner.path.clone() });
     }
-    let foreign = conflist::FOREIGN_MESH_PLUGINS
-        .contains(&single.plugin_type.as_str())
-        .then(|| vec![single.plugin_type.clone()])
-        .unwrap_or_default();
+    let foreign = if conflist::FOREIGN_MESH_PLUGINS.contains(&single.plugin_type.as_str()) {
+        vec![single.plugin_type.clone()]
+    } else {
+        Vec::new()
+    };
     let text = conflist::converted(text, &single, &file_name, &entry);
     Ok(Planned { plan: ConfPlan::Convert { from: path, to, text, mode }, foreign })
 }
@@ -395,8 +410,9 @@ pub fn install(opts: &InstallOptions) -> Result<InstallReport, InstallError> {
     let api_server = opts.api_server.as_ref().ok_or(KubeconfigError::NoApiServer)?;
     let kubeconfig_text = kubeconfig::render(api_server, &opts.service_account_dir)?;
     let kubeconfig_path = opts.layout.kubeconfig_path();
-    let kubeconfig_changed = files::write_atomic(&kubeconfig_path, kubeconfig_text.as_bytes(), KUBECONFIG_MODE)
-        .map_err(|source| InstallError::Write { path: kubeconfig_path.clone(), source })?;
+    let kubeconfig_changed =
+        files::write_atomic(&kubeconfig_path, kubeconfig_text.as_bytes(), KUBECONFIG_MODE)
+            .map_err(|source| InstallError::Write { path: kubeconfig_path.clone(), source })?;
 
     let write = |path: &Path, text: &str, mode| {
         files::write_atomic(path, text.as_bytes(), mode)
@@ -448,7 +464,8 @@ pub fn uninstall(layout: &Layout) -> Result<UninstallReport, InstallError> {
                 // The original first: it sorts before the list and takes
                 // over at once; then the list goes.
                 write(&original_path, &original)?;
-                fs::remove_file(path).map_err(|source| InstallError::Remove { path: path.clone(), source })?;
+                fs::remove_file(path)
+                    .map_err(|source| InstallError::Remove { path: path.clone(), source })?;
                 report.restored.push((path.clone(), original_path));
             }
             None => {

@@ -41,7 +41,8 @@ impl Node {
     }
 
     fn layout(&self) -> Layout {
-        Layout::new(self.conf_dir(), self.root.path().join("bin"), Path::new(DEFAULT_KUBECONFIG_NAME)).unwrap()
+        Layout::new(self.conf_dir(), self.root.path().join("bin"), Path::new(DEFAULT_KUBECONFIG_NAME))
+            .unwrap()
     }
 
     fn options(&self) -> InstallOptions {
@@ -114,10 +115,7 @@ fn install_twice_then_uninstall(node: &Node, name: &str, original: &str, expecte
 #[test]
 fn a_list_with_one_plugin() {
     let node = Node::new();
-    let expected = ONE_PLUGIN.replace(
-        "    }\n  ]",
-        &format!("    }},\n    {ENTRY}\n  ]"),
-    );
+    let expected = ONE_PLUGIN.replace("    }\n  ]", &format!("    }},\n    {ENTRY}\n  ]"));
     install_twice_then_uninstall(&node, "10-kindnet.conflist", ONE_PLUGIN, &expected);
 }
 
@@ -125,10 +123,8 @@ fn a_list_with_one_plugin() {
 fn a_list_with_several_plugins() {
     let node = Node::new();
     let original = "{\n    \"name\": \"k8s-pod-network\",\n    \"cniVersion\": \"0.3.1\",\n    \"plugins\": [\n        {\"type\": \"calico\", \"datastore_type\": \"kubernetes\"},\n        {\"type\": \"portmap\", \"snat\": true, \"capabilities\": {\"portMappings\": true}},\n        {\"type\": \"bandwidth\", \"capabilities\": {\"bandwidth\": true}}\n    ]\n}";
-    let expected = original.replace(
-        "{\"bandwidth\": true}}\n",
-        &format!("{{\"bandwidth\": true}}}},\n        {ENTRY}\n"),
-    );
+    let expected = original
+        .replace("{\"bandwidth\": true}}\n", &format!("{{\"bandwidth\": true}}}},\n        {ENTRY}\n"));
     install_twice_then_uninstall(&node, "10-calico.conflist", original, &expected);
 }
 
@@ -137,7 +133,8 @@ fn odd_formatting_survives_byte_for_byte() {
     let node = Node::new();
     // Tabs, CRLF, unicode in values and keys, escapes, a compact tail.
     let original = "{\r\n\t\"name\":\t\"r\u{e9}seau-\u{1F680}\",\r\n\t\"cniVersion\" : \"1.0.0\" ,\r\n\t\"plugins\" :\t[\r\n\t\t{ \"type\" : \"bridge\", \"bridge\": \"cni\\u0030\", \"\u{e9}t\u{e9}\": \"\\\"quoted\\\"\" } ,\r\n\t\t{\"type\":\"firewall\"}\t]\r\n}\r\n";
-    let expected = original.replace("{\"type\":\"firewall\"}", &format!("{{\"type\":\"firewall\"}},\r\n\t\t{ENTRY}"));
+    let expected =
+        original.replace("{\"type\":\"firewall\"}", &format!("{{\"type\":\"firewall\"}},\r\n\t\t{ENTRY}"));
     install_twice_then_uninstall(&node, "05-bridge.conflist", original, &expected);
 }
 
@@ -209,7 +206,10 @@ fn a_conversion_that_would_lose_precedence_is_refused() {
     node.write("10-a.conf.json", r#"{"cniVersion": "1.0.0", "name": "b", "type": "bridge"}"#);
     let before = node.snapshot();
     let err = install(&node.options()).unwrap_err();
-    assert!(matches!(&err, InstallError::LosesPrecedence { winner, .. } if winner.ends_with("10-a.conf.json")), "{err}");
+    assert!(
+        matches!(&err, InstallError::LosesPrecedence { winner, .. } if winner.ends_with("10-a.conf.json")),
+        "{err}"
+    );
     assert_eq!(node.snapshot(), before);
 }
 
@@ -231,7 +231,8 @@ fn the_runtime_s_file_is_chosen_among_several() {
     node.write("99-loopback.conf", "{\"cniVersion\": \"0.3.1\", \"name\": \"lo\", \"type\": \"loopback\"}");
     // Our kubeconfig, even if an operator names it like a configuration.
     let mut opts = node.options();
-    opts.layout = Layout::new(node.conf_dir(), node.root.path().join("bin"), Path::new("00-ztunnel.json")).unwrap();
+    opts.layout =
+        Layout::new(node.conf_dir(), node.root.path().join("bin"), Path::new("00-ztunnel.json")).unwrap();
     let before = node.snapshot();
 
     let report = install(&opts).unwrap();
@@ -252,7 +253,10 @@ fn a_directory_without_a_loadable_file_has_no_primary() {
     let node = Node::new();
     node.write("00-broken.conflist", "{");
     let err = install(&node.options()).unwrap_err();
-    assert!(matches!(&err, InstallError::NoPrimary { skipped, .. } if skipped.contains("00-broken")), "{err}");
+    assert!(
+        matches!(&err, InstallError::NoPrimary { skipped, .. } if skipped.contains("00-broken")),
+        "{err}"
+    );
     // Nothing was installed.
     assert!(fs::read_dir(node.root.path().join("bin")).unwrap().next().is_none());
 }
@@ -310,10 +314,9 @@ fn the_entry_carries_the_plugin_settings() {
         })
     );
     // And the plugin reads it as its configuration.
-    let conf = crate::config::PluginConfig::parse(
-        &opts.entry().replacen('{', "{\"cniVersion\": \"1.0.0\", ", 1),
-    )
-    .unwrap();
+    let conf =
+        crate::config::PluginConfig::parse(&opts.entry().replacen('{', "{\"cniVersion\": \"1.0.0\", ", 1))
+            .unwrap();
     assert_eq!(conf.kubeconfig(), Some(Path::new("/etc/cni/net.d/ztunnel-cni.kubeconfig")));
     assert_eq!(conf.timeout, std::time::Duration::from_secs(10));
 }
@@ -344,7 +347,10 @@ fn a_foreign_mesh_plugin_is_reported() {
 #[test]
 fn uninstall_takes_our_entry_out_of_every_file() {
     let node = Node::new();
-    node.write("20-old.conflist", &format!("{{\"name\": \"o\", \"plugins\": [{{\"type\": \"ptp\"}}, {ENTRY}]}}"));
+    node.write(
+        "20-old.conflist",
+        &format!("{{\"name\": \"o\", \"plugins\": [{{\"type\": \"ptp\"}}, {ENTRY}]}}"),
+    );
     node.write("10-new.conflist", ONE_PLUGIN);
     install(&node.options()).unwrap();
     let report = uninstall(&node.layout()).unwrap();
