@@ -2,7 +2,9 @@
 //! `CNI_COMMAND` environment and stdin); with a subcommand, its install into
 //! or removal from the node's CNI configuration.
 
-use std::{io::Read as _, path::PathBuf, process::ExitCode};
+use std::{io::Read as _, path::PathBuf, process::ExitCode, time::Duration};
+
+use tracing::{info, warn};
 
 use clap::{Args, Parser, Subcommand};
 use ztunnel_cni::{
@@ -80,6 +82,13 @@ struct InstallArgs {
     /// Refuse (and change nothing) when another mesh's plugin is in the chain.
     #[arg(long)]
     strict: bool,
+    /// Keep running and install again at this interval (e.g. 10s): puts the
+    /// entry back when the primary plugin rewrites its configuration, follows
+    /// token rotation, and waits for a primary configuration that is not
+    /// there yet. Stops on SIGTERM without uninstalling, so that mesh pods
+    /// keep failing closed while ztunnel is away (e.g. during an upgrade).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    reconcile_every: Option<Duration>,
 }
 
 fn main() -> ExitCode {
@@ -126,9 +135,37 @@ fn run_command(command: Command) -> anyhow::Result<String> {
                 binary,
                 strict: args.strict,
             };
-            Ok(install::install(&opts)?.to_string())
+            match args.reconcile_every {
+                None => Ok(install::install(&opts)?.to_string()),
+                Some(every) => reconcile(&opts, every),
+            }
         }
         Command::Uninstall(args) => Ok(install::uninstall(&layout(args)?)?.to_string()),
+    }
+}
+
+/// Installs every `every`, forever. Logs every change, and a failure or a
+/// warning once until it changes.
+fn reconcile(opts: &InstallOptions, every: Duration) -> ! {
+    let mut last = String::new();
+    loop {
+        match install::install(opts) {
+            Ok(report) => {
+                let line = report.to_string();
+                if report.changed_anything() || line != last {
+                    info!("install: {line}");
+                }
+                last = line;
+            }
+            Err(e) => {
+                let line = e.to_string();
+                if line != last {
+                    warn!("install: {line}; trying again every {every:?}");
+                }
+                last = line;
+            }
+        }
+        std::thread::sleep(every);
     }
 }
 

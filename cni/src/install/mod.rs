@@ -35,7 +35,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use tracing::{info, warn};
+use tracing::debug;
 
 use self::{
     conflist::{ConfError, PLUGIN_TYPE},
@@ -194,7 +194,11 @@ impl fmt::Display for InstallReport {
         }
         write!(f, "; binary {}; kubeconfig {}", state(self.binary_changed), state(self.kubeconfig_changed))?;
         if !self.foreign_mesh_plugins.is_empty() {
-            write!(f, "; WARNING: the chain also holds {:?}", self.foreign_mesh_plugins)?;
+            write!(
+                f,
+                "; WARNING: the chain also holds {:?}; two meshes must not take the same pod, keep each namespace in one",
+                self.foreign_mesh_plugins
+            )?;
         }
         Ok(())
     }
@@ -288,7 +292,7 @@ fn primary(candidates: &[Candidate], dir: &Path) -> Result<usize, InstallError> 
         match c.validity() {
             Ok(()) => {
                 for (path, why) in &skipped {
-                    warn!("skipped {path}, as the runtime does: {why}");
+                    debug!("skipped {path}, as the runtime does: {why}");
                 }
                 return Ok(i);
             }
@@ -367,7 +371,11 @@ fn plan_conf(opts: &InstallOptions) -> Result<Planned, InstallError> {
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let stem = file_name.rsplit_once('.').map_or(file_name.as_str(), |(stem, _)| stem);
     let to = dir.join(format!("{stem}.conflist"));
-    if to.symlink_metadata().is_ok() {
+    // The list may be there already: ours, made from an earlier version of
+    // this file, when the primary plugin has since written its .conf again
+    // (as some do on every start). Made again from the new .conf, it takes
+    // the .conf's place once more. Anything else there is not ours to replace.
+    if to.symlink_metadata().is_ok() && !is_converted_from(&to, &file_name) {
         return Err(InstallError::TargetExists { from: path, to });
     }
     let to_name = to.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_default();
@@ -392,15 +400,9 @@ pub fn install(opts: &InstallOptions) -> Result<InstallReport, InstallError> {
         ConfPlan::Unchanged { path } | ConfPlan::Rewrite { path, .. } => path.clone(),
         ConfPlan::Convert { to, .. } => to.clone(),
     };
-    if !planned.foreign.is_empty() {
-        if opts.strict {
-            return Err(InstallError::ForeignMesh { path: conf_file, plugins: planned.foreign });
-        }
-        warn!(
-            "{} also chains {:?}: two meshes must not take the same pod; keep each namespace in one mesh",
-            conf_file.display(),
-            planned.foreign
-        );
+    // Without strict, the report carries the warning.
+    if opts.strict && !planned.foreign.is_empty() {
+        return Err(InstallError::ForeignMesh { path: conf_file, plugins: planned.foreign });
     }
 
     let binary = opts.layout.binary_path();
@@ -427,16 +429,14 @@ pub fn install(opts: &InstallOptions) -> Result<InstallReport, InstallError> {
             (true, Some(from))
         }
     };
-    let report = InstallReport {
+    Ok(InstallReport {
         conf_file,
         converted_from,
         binary_changed,
         kubeconfig_changed,
         conf_changed,
         foreign_mesh_plugins: planned.foreign,
-    };
-    info!("install: {report}");
-    Ok(report)
+    })
 }
 
 /// Takes out what install put in: our entry from every configuration that
@@ -482,8 +482,16 @@ pub fn uninstall(layout: &Layout) -> Result<UninstallReport, InstallError> {
     };
     report.removed_kubeconfig = remove(layout.kubeconfig_path())?;
     report.removed_binary = remove(layout.binary_path())?;
-    info!("uninstall: {report}");
     Ok(report)
+}
+
+/// Whether `list` is a regular file we made from the file named `from`.
+fn is_converted_from(list: &Path, from: &str) -> bool {
+    let regular = list.symlink_metadata().is_ok_and(|m| m.file_type().is_file());
+    regular
+        && fs::read_to_string(list).is_ok_and(|text| {
+            conflist::parse_list(&text).is_ok_and(|l| l.converted_from.as_deref() == Some(from))
+        })
 }
 
 /// A name a converted list may give for its original: a file directly in

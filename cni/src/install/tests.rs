@@ -186,6 +186,32 @@ fn a_bare_conf_is_converted_and_restored() {
     assert!(!node.conf("10-mynet.conflist").exists());
 }
 
+/// The primary plugin writes its .conf again after we converted it (some
+/// do on every start): the runtime would pick the .conf, without us. Install
+/// again makes the list from the new .conf; uninstall gives back the new one.
+#[test]
+fn a_conf_written_again_after_conversion_is_converted_again() {
+    let node = Node::new();
+    node.write("10-mynet.conf", r#"{"cniVersion": "1.0.0", "name": "mynet", "type": "bridge", "mtu": 1500}"#);
+    install(&node.options()).unwrap();
+    let rewritten = r#"{"cniVersion": "1.0.0", "name": "mynet", "type": "bridge", "mtu": 9000}"#;
+    node.write("10-mynet.conf", rewritten);
+
+    let report = install(&node.options()).unwrap();
+    assert_eq!((report.conf_file, report.conf_changed), (node.conf("10-mynet.conflist"), true));
+    assert!(!node.conf("10-mynet.conf").exists());
+    assert!(node.read("10-mynet.conflist").contains("9000"));
+    uninstall(&node.layout()).unwrap();
+    assert_eq!(node.snapshot(), vec![("10-mynet.conf".to_owned(), rewritten.as_bytes().to_vec())]);
+
+    // A .conflist that is not ours is never replaced.
+    node.write("10-mynet.conflist", ONE_PLUGIN);
+    node.write("05-other.conf", r#"{"cniVersion": "1.0.0", "name": "o", "type": "ptp"}"#);
+    node.write("05-other.conflist", ONE_PLUGIN);
+    let err = install(&node.options()).unwrap_err();
+    assert!(matches!(err, InstallError::TargetExists { .. }), "{err}");
+}
+
 #[test]
 fn a_bare_json_is_converted_too() {
     let node = Node::new();
