@@ -405,12 +405,14 @@ pub fn install(opts: &InstallOptions) -> Result<InstallReport, InstallError> {
         return Err(InstallError::ForeignMesh { path: conf_file, plugins: planned.foreign });
     }
 
+    // Everything that can fail without writing comes before the first write.
+    let api_server = opts.api_server.as_ref().ok_or(KubeconfigError::NoApiServer)?;
+    let kubeconfig_text = kubeconfig::render(api_server, &opts.service_account_dir)?;
+
     let binary = opts.layout.binary_path();
     let binary_changed = files::copy_atomic(&opts.binary, &binary, BINARY_MODE)
         .map_err(|source| InstallError::Binary { from: opts.binary.clone(), to: binary.clone(), source })?;
 
-    let api_server = opts.api_server.as_ref().ok_or(KubeconfigError::NoApiServer)?;
-    let kubeconfig_text = kubeconfig::render(api_server, &opts.service_account_dir)?;
     let kubeconfig_path = opts.layout.kubeconfig_path();
     let kubeconfig_changed =
         files::write_atomic(&kubeconfig_path, kubeconfig_text.as_bytes(), KUBECONFIG_MODE)
