@@ -114,9 +114,10 @@ pub async fn client(kubeconfig: &Path, deadline: Instant) -> Result<Client, Memb
 }
 
 /// Looks the pod and its namespace up and decides, retrying an API server
-/// that does not answer until `deadline`. The pod is fetched only when the
-/// namespace is in the mesh. `uid`, when the runtime gave one, must be the
-/// pod's: a pod deleted and made again under its name is another pod.
+/// that does not answer until `deadline`, and never past it. The pod is
+/// fetched only when the namespace is in the mesh. `uid`, when the runtime
+/// gave one, must be the pod's: a pod deleted and made again under its name
+/// is another pod.
 pub async fn lookup(
     client: &Client,
     namespace: &str,
@@ -124,19 +125,26 @@ pub async fn lookup(
     uid: Option<&str>,
     deadline: Instant,
 ) -> Result<Membership, MembershipError> {
+    // kube-rs retries 429/503/504 itself, with a backoff of its own that
+    // knows nothing of our deadline: each attempt is cut off at it.
+    let cutoff = tokio::time::Instant::from_std(deadline);
+    let mut last = String::from("no attempt finished");
     let mut backoff = Duration::from_millis(200);
     loop {
-        match lookup_once(client, namespace, pod, uid).await {
-            Err(e) if e.is_transient() => {
+        let attempt = tokio::time::timeout_at(cutoff, lookup_once(client, namespace, pod, uid)).await;
+        match attempt {
+            Err(_) => return Err(MembershipError::Timeout { last }),
+            Ok(Err(e)) if e.is_transient() => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left < backoff {
                     return Err(MembershipError::Timeout { last: e.to_string() });
                 }
                 warn!("{e}; trying again in {backoff:?}");
+                last = e.to_string();
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
-            decided => return decided,
+            Ok(decided) => return decided,
         }
     }
 }

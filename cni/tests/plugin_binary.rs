@@ -3,147 +3,67 @@
 //! stdin, the result or error object read from stdout, the exit code.
 //!
 //! Two stand-ins, for what cannot run here:
-//! * [`FakeApi`] stands in for the Kubernetes API server (none runs on these
-//!   machines): a loopback HTTP server answering GET for the namespace and
-//!   pod objects a test puts in, and checking the kubeconfig's token.
-//! * [`FakeTunnel`] stands in for ztunnel's enrollment socket; it is built
-//!   from the protocol's own server half, so it receives exactly what the
-//!   real tunnel would, the netns fd included. The test decides each answer.
+//! * the testbed's fake Kubernetes API server (`ztunnel_testbed::kube`; no
+//!   API server runs on these machines), holding the namespaces and pods a
+//!   test creates and checking the kubeconfig's token;
+//! * [`FakeTunnel`] for ztunnel's enrollment socket; it is built from the
+//!   protocol's own server half, so it receives exactly what the real tunnel
+//!   would, the netns fd included. The test decides each answer.
 //!
 //! Pod network namespaces are real (`ip netns add ztcni-<pid>-<test>`),
 //! removed when the test ends, also on failure. Needs root.
 
 use std::{
-    collections::HashMap,
-    convert::Infallible,
     fs::File,
     io::Write as _,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Response, StatusCode, service::service_fn};
-use hyper_util::rt::TokioIo;
+use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use ztunnel_cni::protocol::{
     self, Command as TunnelCommand, DEFAULT_MAX_REQUEST_LEN, Outcome, Request, server::serve_connection,
 };
+use ztunnel_testbed::kube::FakeApiServer;
 
-const TOKEN: &str = "test-token";
 /// Generous: a loaded 2-core machine runs other builds beside this one. Only
 /// a broken plugin ever waits this long.
 const PATIENCE: Duration = Duration::from_secs(120);
 
-/// The Kubernetes API server's stand-in: GET of the objects put in, 404
-/// (as a Status, as the real server answers) for the rest, 401 without the
-/// kubeconfig's token.
-struct FakeApi {
-    addr: std::net::SocketAddr,
-    objects: Arc<Mutex<HashMap<String, serde_json::Value>>>,
-    requests: Arc<Mutex<Vec<String>>>,
+/// The API server's stand-in, with a kubeconfig for it in `dir`.
+fn fake_api(dir: &Path) -> (FakeApiServer, PathBuf) {
+    let api = FakeApiServer::start().unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    (api, kubeconfig)
 }
 
-impl FakeApi {
-    async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let objects: Arc<Mutex<HashMap<String, serde_json::Value>>> = Arc::default();
-        let requests: Arc<Mutex<Vec<String>>> = Arc::default();
-        let (objs, reqs) = (objects.clone(), requests.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
-                let (objs, reqs) = (objs.clone(), reqs.clone());
-                tokio::spawn(async move {
-                    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let path = req.uri().path().to_owned();
-                        reqs.lock().unwrap().push(path.clone());
-                        let authorized = req.headers().get("authorization").and_then(|v| v.to_str().ok())
-                            == Some(&format!("Bearer {TOKEN}"));
-                        let found = objs.lock().unwrap().get(&path).cloned();
-                        let response = match (authorized, found) {
-                            (false, _) => status(StatusCode::UNAUTHORIZED, "Unauthorized"),
-                            (true, Some(object)) => json(StatusCode::OK, &object),
-                            (true, None) => status(StatusCode::NOT_FOUND, "NotFound"),
-                        };
-                        async move { Ok::<_, Infallible>(response) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        Self { addr, objects, requests }
-    }
-
-    fn put_namespace(&self, name: &str, dataplane: Option<&str>) {
-        let labels: serde_json::Map<_, _> =
-            dataplane.map(|v| ("ztunnel.dev/dataplane".to_owned(), v.into())).into_iter().collect();
-        let ns = serde_json::json!({
-            "apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": name, "uid": format!("uid-ns-{name}"), "labels": labels},
-        });
-        self.objects.lock().unwrap().insert(format!("/api/v1/namespaces/{name}"), ns);
-    }
-
-    fn put_pod(&self, pod: &Pod, dataplane: Option<&str>, host_network: bool) {
-        let labels: serde_json::Map<_, _> =
-            dataplane.map(|v| ("ztunnel.dev/dataplane".to_owned(), v.into())).into_iter().collect();
-        let object = serde_json::json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": pod.name, "namespace": pod.namespace, "uid": pod.uid, "labels": labels},
-            "spec": {"hostNetwork": host_network, "containers": [{"name": "app", "image": "app:1"}]},
-        });
-        self.objects
-            .lock()
-            .unwrap()
-            .insert(format!("/api/v1/namespaces/{}/pods/{}", pod.namespace, pod.name), object);
-    }
-
-    fn requests(&self) -> Vec<String> {
-        self.requests.lock().unwrap().clone()
-    }
-
-    /// A kubeconfig for this server, as the installer would write one (plain
-    /// HTTP here: the stand-in has no certificate).
-    fn kubeconfig(&self, dir: &Path) -> PathBuf {
-        let path = dir.join("kubeconfig");
-        std::fs::write(
-            &path,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\nusers:\n- name: fake\n  user:\n    token: {TOKEN}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\n",
-                self.addr
-            ),
-        )
-        .unwrap();
-        path
-    }
+fn put_namespace(api: &FakeApiServer, name: &str, dataplane: Option<&str>) {
+    let labels: serde_json::Map<_, _> =
+        dataplane.map(|v| ("ztunnel.dev/dataplane".to_owned(), v.into())).into_iter().collect();
+    api.create("namespaces", "", json!({ "metadata": { "name": name, "labels": labels } })).unwrap();
 }
 
-fn json(code: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(serde_json::to_vec(value).unwrap())));
-    *r.status_mut() = code;
-    r.headers_mut().insert("content-type", "application/json".parse().unwrap());
-    r
+fn put_pod(api: &FakeApiServer, pod: &Pod, dataplane: Option<&str>, host_network: bool) {
+    let labels: serde_json::Map<_, _> =
+        dataplane.map(|v| ("ztunnel.dev/dataplane".to_owned(), v.into())).into_iter().collect();
+    let object = json!({
+        "metadata": { "name": pod.name, "uid": pod.uid, "labels": labels },
+        "spec": { "hostNetwork": host_network, "containers": [{ "name": "app", "image": "app:1" }] },
+    });
+    api.create("pods", pod.namespace, object).unwrap();
 }
 
-fn status(code: StatusCode, reason: &str) -> Response<Full<Bytes>> {
-    json(
-        code,
-        &serde_json::json!({
-            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": reason, "reason": reason, "code": code.as_u16(),
-        }),
-    )
+/// GETs the API server has answered for `kind` (`namespaces`, `pods`).
+fn gets(api: &FakeApiServer, kind: &str) -> u64 {
+    api.counts(kind).gets
 }
 
 /// What the tunnel's stand-in got: the request, the identity (device, inode)
@@ -319,20 +239,20 @@ async fn version_lists_the_supported_versions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_outside_the_mesh_pass_through_without_the_tunnel() {
     let dir = tempfile::tempdir().unwrap();
-    let api = FakeApi::start().await;
+    let (api, kubeconfig) = fake_api(dir.path());
     let mut tunnel = FakeTunnel::start(dir.path());
     let netns = Netns::create("pass");
-    let config = network_config(&tunnel.socket, &api.kubeconfig(dir.path()), "60s");
+    let config = network_config(&tunnel.socket, &kubeconfig, "60s");
 
-    api.put_namespace("plain", None);
-    api.put_namespace("shop", Some("enabled"));
+    put_namespace(&api, "plain", None);
+    put_namespace(&api, "shop", Some("enabled"));
     let plain = Pod { namespace: "plain", name: "web", uid: "uid-web", container_id: "c-web" };
     let opted_out = Pod { namespace: "shop", name: "batch", uid: "uid-batch", container_id: "c-batch" };
     let host = Pod { namespace: "shop", name: "agent", uid: "uid-agent", container_id: "c-agent" };
-    api.put_pod(&plain, None, false);
-    api.put_pod(&opted_out, Some("disabled"), false);
-    api.put_pod(&host, None, true);
-    api.put_pod(&MESH_POD, None, false);
+    put_pod(&api, &plain, None, false);
+    put_pod(&api, &opted_out, Some("disabled"), false);
+    put_pod(&api, &host, None, true);
+    put_pod(&api, &MESH_POD, None, false);
 
     for pod in [&plain, &opted_out, &host] {
         let out = run_plugin("ADD", pod, &netns.path(), &config).await;
@@ -340,12 +260,9 @@ async fn pods_outside_the_mesh_pass_through_without_the_tunnel() {
         // prevResult, byte for byte.
         assert_eq!(stdout(&out), PREV_RESULT, "{}", pod.name);
     }
-    // A namespace outside the mesh is enough: its pod is not even fetched
-    // (the namespace was, so the log does record what is asked).
-    let asked = api.requests();
-    assert!(asked.contains(&"/api/v1/namespaces/plain".to_owned()), "{asked:?}");
-    assert!(asked.contains(&"/api/v1/namespaces/shop/pods/batch".to_owned()), "{asked:?}");
-    assert!(!asked.iter().any(|p| p.ends_with("/pods/web")), "{asked:?}");
+    // Each ADD read its namespace; a namespace outside the mesh is enough,
+    // so `web` is not even fetched: only `batch` and `agent` were.
+    assert_eq!((gets(&api, "namespaces"), gets(&api, "pods")), (3, 2));
 
     let mesh = spawn_plugin("ADD", &MESH_POD, &netns.path(), &config);
     let got = tunnel.next().await;
@@ -361,12 +278,12 @@ async fn pods_outside_the_mesh_pass_through_without_the_tunnel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mesh_pod_is_enrolled_with_its_netns_before_add_returns() {
     let dir = tempfile::tempdir().unwrap();
-    let api = FakeApi::start().await;
+    let (api, kubeconfig) = fake_api(dir.path());
     let mut tunnel = FakeTunnel::start(dir.path());
     let netns = Netns::create("enroll");
-    api.put_namespace("shop", Some("enabled"));
-    api.put_pod(&MESH_POD, None, false);
-    let config = network_config(&tunnel.socket, &api.kubeconfig(dir.path()), "60s");
+    put_namespace(&api, "shop", Some("enabled"));
+    put_pod(&api, &MESH_POD, None, false);
+    let config = network_config(&tunnel.socket, &kubeconfig, "60s");
 
     let mut child = spawn_plugin("ADD", &MESH_POD, &netns.path(), &config);
     let got = tunnel.next().await;
@@ -411,11 +328,11 @@ fn self_netns() -> (u64, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_fails_when_the_tunnel_socket_is_absent() {
     let dir = tempfile::tempdir().unwrap();
-    let api = FakeApi::start().await;
+    let (api, kubeconfig) = fake_api(dir.path());
     let netns = Netns::create("nosock");
-    api.put_namespace("shop", Some("enabled"));
-    api.put_pod(&MESH_POD, None, false);
-    let config = network_config(&dir.path().join("absent.sock"), &api.kubeconfig(dir.path()), "60s");
+    put_namespace(&api, "shop", Some("enabled"));
+    put_pod(&api, &MESH_POD, None, false);
+    let config = network_config(&dir.path().join("absent.sock"), &kubeconfig, "60s");
 
     let out = run_plugin("ADD", &MESH_POD, &netns.path(), &config).await;
     let err = cni_error(&out);
@@ -426,12 +343,12 @@ async fn add_fails_when_the_tunnel_socket_is_absent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_fails_when_the_tunnel_refuses() {
     let dir = tempfile::tempdir().unwrap();
-    let api = FakeApi::start().await;
+    let (api, kubeconfig) = fake_api(dir.path());
     let mut tunnel = FakeTunnel::start(dir.path());
     let netns = Netns::create("refuse");
-    api.put_namespace("shop", Some("enabled"));
-    api.put_pod(&MESH_POD, None, false);
-    let config = network_config(&tunnel.socket, &api.kubeconfig(dir.path()), "60s");
+    put_namespace(&api, "shop", Some("enabled"));
+    put_pod(&api, &MESH_POD, None, false);
+    let config = network_config(&tunnel.socket, &kubeconfig, "60s");
 
     let child = spawn_plugin("ADD", &MESH_POD, &netns.path(), &config);
     let got = tunnel.next().await;
@@ -443,25 +360,35 @@ async fn add_fails_when_the_tunnel_refuses() {
     assert!(err["details"].as_str().unwrap().contains("no certificate"), "{err}");
 }
 
-/// The API server cannot be reached: the pod cannot be judged, so ADD fails
-/// (within its timeout) rather than let a possible mesh pod run unprotected.
+/// The API server cannot be reached, or answers 503: the pod cannot be
+/// judged, so ADD fails (within its timeout) rather than let a possible mesh
+/// pod run unprotected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn add_fails_when_the_api_server_is_unreachable() {
+async fn add_fails_while_the_api_server_is_down() {
     let dir = tempfile::tempdir().unwrap();
     let tunnel = FakeTunnel::start(dir.path());
     let netns = Netns::create("noapi");
-    let api = FakeApi::start().await;
-    let kubeconfig = api.kubeconfig(dir.path());
-    // Point the kubeconfig at a port nobody listens on.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let text =
-        std::fs::read_to_string(&kubeconfig).unwrap().replace(&api.addr.to_string(), &closed.to_string());
-    std::fs::write(&kubeconfig, text).unwrap();
+    let (api, kubeconfig) = fake_api(dir.path());
+    put_namespace(&api, "shop", Some("enabled"));
+    put_pod(&api, &MESH_POD, None, false);
 
+    api.set_unavailable(true);
+    let started = std::time::Instant::now();
     let out =
         run_plugin("ADD", &MESH_POD, &netns.path(), &network_config(&tunnel.socket, &kubeconfig, "2s")).await;
-    let err = cni_error(&out);
-    assert_eq!(err["code"], 11, "{err}");
+    assert_eq!(cni_error(&out)["code"], 11);
+    // kube-rs retries a 503 for minutes on its own; the plugin's 2 s
+    // timeout must hold anyway. (A margin no loaded machine comes near.)
+    assert!(started.elapsed() < Duration::from_secs(60), "ADD took {:?}", started.elapsed());
+
+    // Nobody listening at all.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let text =
+        std::fs::read_to_string(&kubeconfig).unwrap().replace(&api.addr().to_string(), &closed.to_string());
+    std::fs::write(&kubeconfig, text).unwrap();
+    let out =
+        run_plugin("ADD", &MESH_POD, &netns.path(), &network_config(&tunnel.socket, &kubeconfig, "2s")).await;
+    assert_eq!(cni_error(&out)["code"], 11);
     assert_eq!(tunnel.connections(), 0);
 }
 
@@ -470,14 +397,12 @@ async fn add_fails_when_the_api_server_is_unreachable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn del_succeeds_with_or_without_the_tunnel() {
     let dir = tempfile::tempdir().unwrap();
-    let api = FakeApi::start().await;
-    let kubeconfig = api.kubeconfig(dir.path());
-    // CHECK of a pod outside the mesh asks the API server, so its log works.
-    api.put_namespace("shop", None);
+    let (api, kubeconfig) = fake_api(dir.path());
+    // CHECK of a pod outside the mesh asks the API server, so its count works.
+    put_namespace(&api, "shop", None);
     let absent = network_config(&dir.path().join("absent.sock"), &kubeconfig, "60s");
     assert!(run_plugin("CHECK", &MESH_POD, "/proc/self/ns/net", &absent).await.status.success());
-    let asked_before_del = api.requests();
-    assert_eq!(asked_before_del, vec!["/api/v1/namespaces/shop".to_owned()]);
+    assert_eq!(gets(&api, "namespaces"), 1);
 
     let out = run_plugin("DEL", &MESH_POD, "", &absent).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -496,5 +421,5 @@ async fn del_succeeds_with_or_without_the_tunnel() {
     assert!(out.status.success(), "DEL succeeds even when the tunnel answers an error");
     assert_eq!(stdout(&out), "");
     // The API server is not asked on DEL.
-    assert_eq!(api.requests(), asked_before_del);
+    assert_eq!((gets(&api, "namespaces"), gets(&api, "pods")), (1, 0));
 }
