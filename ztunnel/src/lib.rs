@@ -8,6 +8,7 @@
 //! | `enrollment` | makes capture match the configuration, at start and on reload |
 //! | `proxy` | listeners, per-connection handling, the byte relay |
 //! | `identity` | SPIFFE IDs |
+//! | `k8s` | Kubernetes mode: discovery, the policy CRD, pods' cgroups and namespaces |
 //! | `admin`, `metrics`, `access_log` | what operators see |
 //! | `app` | `ztunnel run`: wiring, reload, graceful shutdown |
 
@@ -22,6 +23,7 @@ pub mod config;
 pub mod enrollment;
 pub mod http;
 pub mod identity;
+pub mod k8s;
 pub mod metrics;
 pub mod netns;
 pub mod policy;

@@ -32,11 +32,17 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Check a configuration file and exit (0: valid).
+    /// Check a configuration file, or the AuthorizationPolicy documents of a
+    /// Kubernetes manifest (other kinds are skipped), and exit (0: valid).
     Validate {
+        #[arg(long, required_unless_present = "manifest", conflicts_with = "manifest")]
+        config: Option<PathBuf>,
+        /// A multi-document YAML manifest (`kubectl kustomize` output, a file of samples).
         #[arg(long)]
-        config: PathBuf,
+        manifest: Option<PathBuf>,
     },
+    /// Print the AuthorizationPolicy CustomResourceDefinition (YAML).
+    Crd,
     /// Authorization policy: explain one decision, or print who may call what.
     Policy {
         #[command(subcommand)]
@@ -79,7 +85,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run { config } => ztunnel::app::run(&config, set_log_level),
-        Command::Validate { config } => Config::load(&config)
+        Command::Validate { config: Some(config), .. } => Config::load(&config)
             .inspect(|c| {
                 for w in c.warnings() {
                     eprintln!("warning: {w}");
@@ -95,6 +101,11 @@ fn main() -> ExitCode {
                 );
             })
             .map_err(Into::into),
+        Command::Validate { config: None, manifest } => match manifest {
+            Some(m) => validate_manifest(&m),
+            None => Err(anyhow::anyhow!("--config or --manifest is required")),
+        },
+        Command::Crd => ztunnel::k8s::crd::crd_yaml().map(|yaml| print!("{yaml}")).map_err(Into::into),
         Command::Uninstall { config, pin_dir } => uninstall(config, pin_dir),
         Command::Ca { command } => ztunnel::cli::ca(command),
         Command::Policy { command } => {
@@ -115,6 +126,27 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn validate_manifest(path: &std::path::Path) -> anyhow::Result<()> {
+    let report = ztunnel::k8s::manifest::validate_file(path)?;
+    for e in &report.errors {
+        eprintln!("{}: {e}", path.display());
+    }
+    anyhow::ensure!(
+        report.errors.is_empty(),
+        "{}: {} problem(s) in {} AuthorizationPolicy document(s)",
+        path.display(),
+        report.errors.len(),
+        report.policies
+    );
+    println!(
+        "{}: valid ({} AuthorizationPolicy documents, {} other documents skipped)",
+        path.display(),
+        report.policies,
+        report.skipped
+    );
+    Ok(())
 }
 
 fn uninstall(config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> anyhow::Result<()> {
