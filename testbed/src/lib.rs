@@ -27,6 +27,7 @@ pub mod agent;
 pub mod ca;
 mod cgroup;
 pub mod http;
+pub mod kube;
 mod net;
 mod sweep;
 pub mod tunnel;
