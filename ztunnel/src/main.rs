@@ -37,7 +37,8 @@ enum Command {
     Validate {
         #[arg(long, required_unless_present = "manifest", conflicts_with = "manifest")]
         config: Option<PathBuf>,
-        /// A multi-document YAML manifest (`kubectl kustomize` output, a file of samples).
+        /// A multi-document YAML manifest (`kubectl kustomize` output), or a
+        /// directory of them.
         #[arg(long)]
         manifest: Option<PathBuf>,
     },
@@ -128,23 +129,27 @@ fn main() -> ExitCode {
     }
 }
 
+/// `validate --manifest`: a file, or every YAML file under a directory.
 fn validate_manifest(path: &std::path::Path) -> anyhow::Result<()> {
-    let report = ztunnel::k8s::manifest::validate_file(path)?;
-    for e in &report.errors {
-        eprintln!("{}: {e}", path.display());
+    use ztunnel::k8s::manifest;
+    let (mut problems, mut policies, mut skipped) = (0, 0, 0);
+    for file in manifest::manifest_files(path)? {
+        let report = manifest::validate_file(&file)?;
+        for e in &report.errors {
+            eprintln!("{}: {e}", file.display());
+        }
+        problems += report.errors.len();
+        policies += report.policies;
+        skipped += report.skipped;
     }
     anyhow::ensure!(
-        report.errors.is_empty(),
-        "{}: {} problem(s) in {} AuthorizationPolicy document(s)",
-        path.display(),
-        report.errors.len(),
-        report.policies
+        problems == 0,
+        "{}: {problems} problem(s) in {policies} AuthorizationPolicy document(s)",
+        path.display()
     );
     println!(
-        "{}: valid ({} AuthorizationPolicy documents, {} other documents skipped)",
-        path.display(),
-        report.policies,
-        report.skipped
+        "{}: valid ({policies} AuthorizationPolicy documents, {skipped} other documents skipped)",
+        path.display()
     );
     Ok(())
 }

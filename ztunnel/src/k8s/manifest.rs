@@ -53,6 +53,32 @@ pub enum ManifestFileError {
     Yaml { path: std::path::PathBuf, document: usize, source: serde_yaml_ng::Error },
 }
 
+/// `path` itself, or the YAML files (`.yaml`, `.yml`) under it when it is a
+/// directory, in name order.
+pub fn manifest_files(path: &Path) -> Result<Vec<std::path::PathBuf>, ManifestFileError> {
+    let read = |p: &Path| {
+        let p = p.to_owned();
+        move |source| ManifestFileError::Read { path: p, source }
+    };
+    if !path.is_dir() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![path.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(read(&dir))? {
+            let p = entry.map_err(read(&dir))?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// Reads and checks `path`.
 pub fn validate_file(path: &Path) -> Result<ManifestReport, ManifestFileError> {
     let text = std::fs::read_to_string(path)
@@ -337,6 +363,20 @@ spec:
         .unwrap();
         assert_eq!(r.errors.len(), 1);
         assert!(r.errors[0].message.contains("not a kind ztunnel serves"), "{:?}", r.errors);
+    }
+
+    #[test]
+    fn a_directory_is_its_yaml_files_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        for f in ["b.yaml", "a.yml", "sub/c.yaml", "README.md"] {
+            std::fs::write(dir.path().join(f), "").unwrap();
+        }
+        let files = manifest_files(dir.path()).unwrap();
+        let names: Vec<String> =
+            files.iter().map(|f| f.strip_prefix(dir.path()).unwrap().display().to_string()).collect();
+        assert_eq!(names, ["a.yml", "b.yaml", "sub/c.yaml"]);
+        assert_eq!(manifest_files(&dir.path().join("b.yaml")).unwrap().len(), 1);
     }
 
     #[test]

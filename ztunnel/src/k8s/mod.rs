@@ -71,6 +71,9 @@ pub struct LocalPod {
     /// Why it is not resolved yet.
     pub waiting_for: Option<String>,
     cni_at: Option<Instant>,
+    /// Whether the API server has shown the pod (once gone from it, it is
+    /// forgotten at once; before, a CNI handover waits for it).
+    seen: bool,
     since: Instant,
     warned: bool,
 }
@@ -83,6 +86,7 @@ impl LocalPod {
             cni_addresses: Vec::new(),
             waiting_for: None,
             cni_at: None,
+            seen: false,
             since: Instant::now(),
             warned: false,
         }
@@ -165,15 +169,19 @@ impl LocalPods {
         let before = self.pods.len();
         self.pods.retain(|uid, p| match cluster.pods.get(uid) {
             Some(pod) => &*pod.node == node && cluster.enabled(&pod.namespace),
-            // Not shown by the API server (yet): only a fresh CNI handover waits.
-            None => p.cni_at.is_some_and(|t| t.elapsed() < CNI_GRACE),
+            // Not shown by the API server yet: only a fresh CNI handover waits.
+            None => !p.seen && p.cni_at.is_some_and(|t| t.elapsed() < CNI_GRACE),
         });
         let mut changed = self.pods.len() != before;
         for pod in cluster.mesh_pods().filter(|p| &*p.node == node) {
             let entry = match self.pods.entry(pod.uid.clone()) {
                 Entry::Occupied(o) => o.into_mut(),
+                // A pod that does not run yet is enrolled through its CNI
+                // handover, not found through /proc half made.
+                Entry::Vacant(_) if !pod.running => continue,
                 Entry::Vacant(v) => v.insert(LocalPod::new()),
             };
+            entry.seen = true;
             changed |= resolve_one(&self.cgroups, &self.metrics, pod, entry);
         }
         self.metrics.pods_unresolved.set(self.unresolved() as i64);
@@ -279,7 +287,7 @@ pub fn build_config(base: &Config, cluster: &ClusterState, local: &LocalPods, no
         let here = &*pod.node == node;
         let found = if here { local.get(&pod.uid) } else { None };
         let resolved = found.is_some_and(LocalPod::is_resolved);
-        if !pod.running && !resolved {
+        if !pod.running && !found.is_some_and(|l| l.is_resolved() && l.from_cni()) {
             // Pending, and not handed over by the CNI plugin yet.
             continue;
         }
@@ -411,6 +419,74 @@ mod tests {
         c.apply_endpoint_slice(Event::Init);
         c.apply_endpoint_slice(Event::InitDone);
         c.snapshot()
+    }
+
+    /// This node's running pod, found through /proc: its cgroup made in the
+    /// kubelet's layout, a process in a container cgroup inside a network
+    /// namespace; then the pod's sandbox made again in another namespace.
+    #[test]
+    fn a_running_pods_cgroup_and_netns_are_found_and_followed() {
+        use crate::k8s::node::tests::{Fixture, inode};
+        let mut f = Fixture::new("local");
+        let uid = uid("shop", "web");
+        let slice = format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+            uid.replace('-', "_")
+        );
+        let pod_cgroup = f.make(&slice);
+        let container = f.make(&format!("{slice}/cri-containerd-aaa.scope"));
+        let metrics = K8sMetrics::default();
+        let mut local =
+            LocalPods::new(PodCgroups::new(&f.mount, [f.root("kubepods.slice")]), metrics.clone());
+        let state = cluster();
+
+        // The cgroup exists, no process yet: not resolved, counted, retried.
+        assert!(local.resolve(&state, "node-a"), "the cgroup was found");
+        assert_eq!(local.unresolved(), 1);
+        assert!(metrics.resolution_retries.get_or_create(&WhatLabels { what: "netns".into() }).get() >= 1);
+        let c = build_config(&base(), &state, &local, "node-a");
+        let web = c.workloads.iter().find(|w| w.name == "web").unwrap();
+        assert_eq!((web.cgroup.as_ref(), web.netns.as_ref()), (None, None), "neither until both are known");
+
+        f.spawn_in(&container, 0);
+        assert!(local.resolve(&state, "node-a"));
+        assert_eq!(local.unresolved(), 0);
+        let c = build_config(&base(), &state, &local, "node-a");
+        let web = c.workloads.iter().find(|w| w.name == "web").unwrap().clone();
+        assert_eq!(web.cgroup.as_deref(), Some(pod_cgroup.as_path()));
+        let Some(NetnsRef::Held(held)) = &web.netns else { panic!("no held netns: {web:?}") };
+        assert_eq!(inode(held.fd()), f.netns_inode(0));
+        assert!(!local.resolve(&state, "node-a"), "nothing changed");
+        assert_eq!(
+            build_config(&base(), &state, &local, "node-a").workloads.iter().find(|w| w.name == "web"),
+            Some(&web)
+        );
+
+        // A container restarts in the same sandbox: same namespace, no change.
+        f.kill_all();
+        f.spawn_in(&container, 0);
+        assert!(!local.resolve(&state, "node-a"), "the same namespace is no change");
+        assert_eq!(
+            build_config(&base(), &state, &local, "node-a").workloads.iter().find(|w| w.name == "web"),
+            Some(&web)
+        );
+
+        // The sandbox is made again: a new namespace, followed.
+        f.kill_all();
+        let second = f.add_netns();
+        f.spawn_in(&container, second);
+        assert!(local.resolve(&state, "node-a"), "a new sandbox is a change");
+        let c = build_config(&base(), &state, &local, "node-a");
+        let Some(NetnsRef::Held(held)) = &c.workloads.iter().find(|w| w.name == "web").unwrap().netns else {
+            panic!()
+        };
+        assert_eq!(inode(held.fd()), f.netns_inode(second));
+
+        // The pod leaves the mesh: forgotten, its namespace fd closed.
+        let mut gone = state.clone();
+        Arc::make_mut(&mut gone.pods).retain(|_, p| &*p.name != "web");
+        assert!(local.resolve(&gone, "node-a"));
+        assert!(local.get(&uid).is_none());
     }
 
     fn local() -> LocalPods {

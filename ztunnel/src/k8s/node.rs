@@ -230,7 +230,7 @@ fn start_time(pid: u32) -> Option<u64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::{
         os::unix::fs::MetadataExt as _,
         process::{Child, Command},
@@ -240,7 +240,7 @@ mod tests {
     use super::*;
     use crate::cgroup::cgroup2_mount;
 
-    const UID: &str = "5f0e7c2a-1b2c-4d3e-8f90-a1b2c3d4e5f6";
+    pub const UID: &str = "5f0e7c2a-1b2c-4d3e-8f90-a1b2c3d4e5f6";
 
     #[test]
     fn candidates_follow_both_drivers_and_nested_roots() {
@@ -272,45 +272,66 @@ mod tests {
         assert_eq!(start_time(u32::MAX), None);
     }
 
-    /// A test cgroup tree (under the real cgroup v2 mount), a network
-    /// namespace and a "pod" process; all removed on drop, even on failure.
-    struct Fixture {
-        mount: PathBuf,
-        base: PathBuf,
-        netns: String,
-        child: Option<Child>,
+    /// A test cgroup tree (under the real cgroup v2 mount), network
+    /// namespaces and "pod" processes; all removed on drop, even on failure.
+    pub(crate) struct Fixture {
+        pub mount: PathBuf,
+        pub base: PathBuf,
+        name: String,
+        netns: Vec<String>,
+        children: Vec<Child>,
     }
 
     impl Fixture {
-        fn new(tag: &str) -> Self {
+        /// With one namespace, [`Fixture::netns`] 0.
+        pub fn new(tag: &str) -> Self {
             let mount = cgroup2_mount().unwrap();
             let name = format!("ztunnel-test-k8s-{}-{tag}", std::process::id());
-            let f = Fixture { base: mount.join(&name), mount, netns: name.clone(), child: None };
-            let ok = Command::new("ip").args(["netns", "add", &name]).status().unwrap();
-            assert!(ok.success(), "ip netns add {name}");
+            let mut f =
+                Fixture { base: mount.join(&name), mount, name, netns: Vec::new(), children: Vec::new() };
+            f.add_netns();
             f
         }
 
-        fn make(&self, rel: &str) -> PathBuf {
+        /// Makes another network namespace; returns its index.
+        pub fn add_netns(&mut self) -> usize {
+            let name = format!("{}-{}", self.name, self.netns.len());
+            let ok = Command::new("ip").args(["netns", "add", &name]).status().unwrap();
+            assert!(ok.success(), "ip netns add {name}");
+            self.netns.push(name);
+            self.netns.len() - 1
+        }
+
+        /// The inode of namespace `i`.
+        pub fn netns_inode(&self, i: usize) -> u64 {
+            fs::metadata(format!("/var/run/netns/{}", self.netns[i])).unwrap().ino()
+        }
+
+        /// The relative path of the base, for a [`PodCgroups`] root.
+        pub fn root(&self, rel: &str) -> String {
+            format!("{}/{rel}", self.name)
+        }
+
+        pub fn make(&self, rel: &str) -> PathBuf {
             let p = self.base.join(rel);
             fs::create_dir_all(&p).unwrap();
             p
         }
 
-        /// Starts a process in `cgroup` and then in the namespace: joining
-        /// the cgroup first, because `ip netns exec` remounts /sys and would
-        /// hide the cgroup2 mount.
-        fn spawn_in(&mut self, cgroup: &Path) -> u32 {
+        /// Starts a process in `cgroup` and then in namespace `netns`:
+        /// joining the cgroup first, because `ip netns exec` remounts /sys
+        /// and would hide the cgroup2 mount.
+        pub fn spawn_in(&mut self, cgroup: &Path, netns: usize) -> u32 {
             let script = format!(
                 "echo $$ > {}/cgroup.procs && exec ip netns exec {} sleep 600",
                 cgroup.display(),
-                self.netns
+                self.netns[netns]
             );
             let child = Command::new("sh").args(["-c", &script]).spawn().unwrap();
             let pid = child.id();
-            self.child = Some(child);
+            self.children.push(child);
             // Wait until the process has entered the namespace (exec done).
-            let want = fs::metadata(format!("/var/run/netns/{}", self.netns)).unwrap().ino();
+            let want = self.netns_inode(netns);
             let deadline = Instant::now() + Duration::from_secs(30);
             while fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| m.ino()).ok() != Some(want) {
                 assert!(Instant::now() < deadline, "the pod process never entered its namespace");
@@ -318,16 +339,23 @@ mod tests {
             }
             pid
         }
+
+        /// Kills and reaps every process started so far.
+        pub fn kill_all(&mut self) {
+            for mut c in self.children.drain(..) {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
     }
 
     impl Drop for Fixture {
         fn drop(&mut self) {
-            if let Some(mut c) = self.child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+            self.kill_all();
             remove_tree(&self.base);
-            let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+            for n in &self.netns {
+                let _ = Command::new("ip").args(["netns", "del", n]).status();
+            }
         }
     }
 
@@ -342,14 +370,13 @@ mod tests {
         let _ = fs::remove_dir(dir);
     }
 
-    fn inode(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
+    pub fn inode(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
         nix::sys::stat::fstat(fd).unwrap().st_ino
     }
 
     #[test]
     fn finds_pod_cgroups_in_every_layout() {
         let f = Fixture::new("layouts");
-        let name = f.base.file_name().unwrap().to_str().unwrap().to_owned();
         let u = UID.replace('-', "_");
         let layouts = [
             (
@@ -368,7 +395,7 @@ mod tests {
         ];
         for (root, layout) in layouts {
             let made = f.make(&layout);
-            let finder = PodCgroups::new(&f.mount, [format!("{name}/{root}")]);
+            let finder = PodCgroups::new(&f.mount, [f.root(root)]);
             assert_eq!(finder.find(UID).unwrap(), made, "{layout}");
             remove_tree(&f.base);
             assert!(finder.find(UID).unwrap_err().is_not_yet(), "{layout} removed");
@@ -378,34 +405,31 @@ mod tests {
     #[test]
     fn the_pods_netns_comes_from_a_process_in_its_container_cgroup() {
         let mut f = Fixture::new("netns");
-        let name = f.base.file_name().unwrap().to_str().unwrap().to_owned();
         let u = UID.replace('-', "_");
         let pod =
             f.make(&format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice"));
         let container = f.make(&format!(
             "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/cri-containerd-abc.scope"
         ));
-        let finder = PodCgroups::new(&f.mount, [format!("{name}/kubepods.slice")]);
+        let finder = PodCgroups::new(&f.mount, [f.root("kubepods.slice")]);
         let found = finder.find(UID).unwrap();
         assert_eq!(found, pod);
         // The cgroup is there before any process: not yet, and says so.
         let err = finder.open_netns(&found, "shop/web").unwrap_err();
         assert!(err.is_not_yet(), "{err}");
 
-        let pid = f.spawn_in(&container);
+        let pid = f.spawn_in(&container, 0);
         let found_netns = finder.open_netns(&found, "shop/web").unwrap();
         assert_eq!(found_netns.pid, pid);
         let held = &found_netns.netns;
-        let want = fs::metadata(format!("/var/run/netns/{}", f.netns)).unwrap().ino();
+        let want = f.netns_inode(0);
         assert_eq!(inode(held.fd()), want, "the pod's namespace, not the test's");
         assert_ne!(inode(held.fd()), fs::metadata("/proc/self/ns/net").unwrap().ino());
         assert!(finder.still_running(&found, &found_netns));
 
         // Held by fd: the process going away does not change what is held,
         // and is noticed.
-        let mut child = f.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
+        f.kill_all();
         assert_eq!(inode(held.fd()), want);
         assert!(!finder.still_running(&found, &found_netns));
         assert!(finder.open_netns(&found, "shop/web").unwrap_err().is_not_yet());
