@@ -91,7 +91,10 @@ pub async fn run(
     tx: watch::Sender<Arc<ClusterState>>,
     shutdown: CancellationToken,
 ) {
-    let wc = watcher::Config::default();
+    // Lists are served from the API server's watch cache (resourceVersion
+    // 0), as the kubelet's and kube-proxy's are: thousands of nodes
+    // relisting at once must not each make a quorum read of etcd.
+    let wc = watcher::Config::default().any_semantic();
     let policies = Api::<DynamicObject>::all_with(client.clone(), &AuthorizationPolicy::api_resource());
     let streams: Vec<BoxStream<'static, Update>> = vec![
         watcher::watcher(Api::<K8sNamespace>::all(client.clone()), wc.clone())
@@ -186,9 +189,13 @@ impl<K: Ord + Clone, V: PartialEq> Store<K, V> {
                 false
             }
             Event::InitDone => {
-                let listed = self.relist.take().unwrap_or_default();
                 let first = !self.listed;
                 self.listed = true;
+                // kube's watcher always starts a list with Init; without one
+                // there is nothing to swap in.
+                let Some(listed) = self.relist.take() else {
+                    return first;
+                };
                 let same = listed.len() == self.live.len()
                     && listed
                         .iter()
@@ -372,6 +379,15 @@ impl Cache {
         self.interner.purge_if_grown();
         self.generation += 1;
         let state = self.snapshot();
+        if self.generation == 1 {
+            tracing::info!(
+                namespaces_in_mesh = state.namespace_configs().count(),
+                mesh_pods = state.mesh_pods().count(),
+                services = state.services.len(),
+                policies = state.policies.len(),
+                "Kubernetes discovery synced"
+            );
+        }
         let m = &self.filter.metrics;
         m.synced.set(1);
         m.publications.inc();

@@ -273,9 +273,12 @@ fn warn_if_long(key: &str, local: &mut LocalPod) -> bool {
 /// modes, policies and services. Every mesh pod of the cluster is a workload;
 /// this node's have `cgroup` and `netns` once both are found (until then
 /// neither: the controller reports them not enrolled, and they are already
-/// destinations). A namespace's modes from the cluster replace the base's.
+/// destinations). A namespace's modes from the cluster replace the base's;
+/// `node.name` is `node`.
 pub fn build_config(base: &Config, cluster: &ClusterState, local: &LocalPods, node: &str) -> Config {
     let mut config = base.clone();
+    // The node is the one the pods are matched against, whatever the base says.
+    config.node.name = node.to_owned();
     let mut index: HashMap<(&str, &str), usize> = HashMap::with_capacity(cluster.pods.len());
     for (i, w) in config.workloads.iter().enumerate() {
         index.insert((&w.namespace, &w.name), i);
@@ -334,6 +337,7 @@ pub fn build_config(base: &Config, cluster: &ClusterState, local: &LocalPods, no
         }
     }
     drop(index);
+    give_addresses_one_owner(&config.workloads, &mut added, &ranks);
     config.workloads.extend(added);
     for (name, modes) in cluster.namespace_configs() {
         config.namespaces.insert(name.to_owned(), modes.clone());
@@ -342,6 +346,37 @@ pub fn build_config(base: &Config, cluster: &ClusterState, local: &LocalPods, no
     config.policies.extend(cluster.policies_for(&root).map(|p| p.policy.clone()));
     config.services.extend(cluster.service_configs());
     config
+}
+
+/// An address belongs to one workload. Two running pods can claim one only
+/// while the API server lags (an IP freed by a pod whose deletion has not
+/// been seen yet, and given to a new one): the address stays with the
+/// better-known pod (resolved on this node, then running), or the first,
+/// and the other loses it until the lag is over, rather than making every
+/// destination at that address ambiguous.
+fn give_addresses_one_owner(base: &[WorkloadConfig], added: &mut [WorkloadConfig], ranks: &[u8]) {
+    let mut owner: HashMap<IpAddr, String> = HashMap::with_capacity(added.len());
+    for w in base {
+        for a in &w.addresses {
+            owner.insert(crate::workload::canonical(*a), w.to_string());
+        }
+    }
+    let mut order: Vec<usize> = (0..added.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(ranks[i]));
+    for i in order {
+        let w = &mut added[i];
+        let key = w.to_string();
+        w.addresses.retain(|a| match owner.entry(crate::workload::canonical(*a)) {
+            Entry::Vacant(v) => {
+                v.insert(key.clone());
+                true
+            }
+            Entry::Occupied(o) => {
+                tracing::warn!(pod = %key, address = %a, "address is also {}'s (the API server lags?); left to it", o.get());
+                false
+            }
+        });
+    }
 }
 
 #[cfg(test)]
@@ -487,6 +522,43 @@ mod tests {
         Arc::make_mut(&mut gone.pods).retain(|_, p| &*p.name != "web");
         assert!(local.resolve(&gone, "node-a"));
         assert!(local.get(&uid).is_none());
+    }
+
+    /// What the cluster makes is a configuration the file mode would load
+    /// (its checks run on the YAML it prints as).
+    #[test]
+    fn the_config_passes_the_files_checks() {
+        let state = cluster();
+        let config = build_config(&base(), &state, &local(), "node-c");
+        let mut value = serde_yaml_ng::to_value(&config).unwrap();
+        // (`access_log` does not print as it reads; it is the base's anyway.)
+        value.as_mapping_mut().unwrap().remove("access_log");
+        let yaml = serde_yaml_ng::to_string(&value).unwrap();
+        let reloaded =
+            Config::parse(&yaml, Path::new("built.yaml")).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        assert_eq!(reloaded.workloads.len(), config.workloads.len());
+    }
+
+    #[test]
+    fn an_address_claimed_twice_has_one_owner() {
+        let mut c = Cache::new(filter());
+        c.apply_namespace(Event::Init);
+        c.apply_namespace(Event::InitApply(ns("shop", &[(DATAPLANE_LABEL, "enabled")])));
+        c.apply_namespace(Event::InitDone);
+        c.apply_pod(Event::Init);
+        c.apply_pod(Event::InitApply(pod("shop", "old", "node-b", &["198.19.2.2"])));
+        c.apply_pod(Event::InitApply(pod("shop", "new", "node-b", &["198.19.2.2", "fd7a:7e57::2"])));
+        c.apply_pod(Event::InitDone);
+        let config = build_config(&base(), &c.snapshot(), &local(), "node-a");
+        let mut owners: Vec<(&str, IpAddr)> = config
+            .workloads
+            .iter()
+            .flat_map(|w| w.addresses.iter().map(move |a| (w.name.as_str(), *a)))
+            .collect();
+        owners.sort();
+        let v4: IpAddr = "198.19.2.2".parse().unwrap();
+        assert_eq!(owners.iter().filter(|(_, a)| *a == v4).count(), 1, "{owners:?}");
+        assert!(owners.contains(&("new", "fd7a:7e57::2".parse().unwrap())), "other addresses stay");
     }
 
     fn local() -> LocalPods {
