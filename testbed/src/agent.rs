@@ -390,3 +390,89 @@ impl Steady {
         })
     }
 }
+
+/// `probe` with options: the socket made before moving to `move_to` (a
+/// cgroup directory), or an MPTCP socket.
+pub fn probe_with(
+    tb: &Testbed,
+    place: &Place,
+    to: SocketAddr,
+    move_to: Option<&std::path::Path>,
+    mptcp: bool,
+) -> anyhow::Result<Value> {
+    let mut cmd = tb.agent(place)?;
+    cmd.args(["probe", "--to", &to.to_string()]);
+    if let Some(dir) = move_to {
+        cmd.arg("--move-to").arg(dir);
+    }
+    if mptcp {
+        cmd.arg("--mptcp");
+    }
+    let out = cmd.output().context("run tb-agent probe")?;
+    last_json(&out.stdout).with_context(|| {
+        format!("tb-agent probe printed nothing; stderr: {}", String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+/// Connections opened by a `tb-agent flood` or `halfopen` and held until
+/// dropped.
+pub struct Hoard {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    /// How many were opened (`ok`) and how the others failed (`errors`).
+    pub report: Value,
+}
+
+impl Hoard {
+    /// `count` connections to `to` that each got the server's first byte.
+    pub fn flood(tb: &Testbed, place: &Place, to: SocketAddr, count: usize) -> anyhow::Result<Self> {
+        let mut cmd = tb.agent(place)?;
+        cmd.args(["flood", "--to", &to.to_string(), "--count", &count.to_string()]);
+        Self::spawn(cmd, Duration::from_secs(60 + count as u64 / 50))
+    }
+
+    /// `count` raw connections to `to`, each sent the first `bytes` of a TLS
+    /// ClientHello.
+    pub fn halfopen(tb: &Testbed, place: &Place, to: SocketAddr, count: usize, bytes: usize) -> anyhow::Result<Self> {
+        let mut cmd = tb.agent(place)?;
+        cmd.args(["halfopen", "--to", &to.to_string(), "--count", &count.to_string()]);
+        cmd.args(["--bytes", &bytes.to_string()]);
+        Self::spawn(cmd, Duration::from_secs(60 + count as u64 / 50))
+    }
+
+    fn spawn(mut cmd: std::process::Command, limit: Duration) -> anyhow::Result<Self> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn tb-agent")?;
+        let stdin = child.stdin.take();
+        let lines = Lines::new(child.stdout.take().context("no stdout")?);
+        let report = lines.next(limit)?;
+        Ok(Self { child, stdin, report })
+    }
+
+    pub fn ok(&self) -> usize {
+        self.report["ok"].as_u64().unwrap_or(0) as usize
+    }
+}
+
+impl Drop for Hoard {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Held {
+    /// Sends a line and returns what the connection answered: an `echo`, or
+    /// how it ended (`closed` for an orderly end, `error` with `kind`).
+    pub fn send(&mut self, line: &str) -> anyhow::Result<Value> {
+        let stdin = self.stdin.as_mut().context("connection already closed")?;
+        writeln!(stdin, "{line}")?;
+        stdin.flush()?;
+        self.lines.next(Duration::from_secs(30))
+    }
+}

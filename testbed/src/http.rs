@@ -13,13 +13,24 @@ use crate::net::in_netns;
 
 /// `METHOD path` on `addr` inside `netns`: (status, body).
 pub fn request(netns: &str, addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    request_with(netns, addr, method, path, "")
+}
+
+/// The same with extra header lines (`Name: value\r\n` each).
+pub fn request_with(
+    netns: &str,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> anyhow::Result<(u16, String)> {
     in_netns(netns, || {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
             .with_context(|| format!("connect {addr}"))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\nContent-Length: 0\r\n\r\n"
         )?;
         let mut raw = Vec::new();
         s.read_to_end(&mut raw)?;

@@ -51,6 +51,7 @@ pub fn config(tb: &Testbed, node: &Node, enrolled: &[&Workload]) -> Value {
             "name": node.name,
             "netns": crate::net::netns_path(&node.netns),
             "addresses": [node.ip4.to_string(), node.ip6.to_string()],
+            "run_dir": tb.dir().join(format!("{}-run", node.name)),
         },
         "capture": {
             "cgroup_root": node.cgroup,
@@ -72,6 +73,8 @@ pub struct Tunnel {
     pub config_path: PathBuf,
     pub log_path: PathBuf,
     pub access_log_path: PathBuf,
+    /// `node.run_dir`: the admin token.
+    pub run_dir: PathBuf,
 }
 
 impl Tunnel {
@@ -88,6 +91,7 @@ impl Tunnel {
             config_path,
             log_path: tb.dir().join(format!("{}-tunnel.log", node.name)),
             access_log_path,
+            run_dir: config["node"]["run_dir"].as_str().map(PathBuf::from).unwrap_or_default(),
         };
         t.spawn()?;
         Ok(t)
@@ -213,6 +217,35 @@ impl Tunnel {
         Ok(())
     }
 
+    /// Rewrites the configuration with a mistake, signals the tunnel, and
+    /// returns the error it logged (it keeps the running configuration).
+    pub fn reload_error(&mut self, config: &Value) -> anyhow::Result<String> {
+        let invalid = |t: &Self| -> anyhow::Result<u64> {
+            let m = t.metrics()?;
+            Ok(m.lines()
+                .find(|l| l.starts_with(r#"ztunnel_config_reloads_total{result="invalid"}"#))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0) as u64)
+        };
+        let before = invalid(self)?;
+        write_config(&self.config_path, config)?;
+        if let Some(c) = &self.child {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGHUP,
+            )?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while invalid(self)? <= before {
+            if Instant::now() > deadline {
+                bail!("the mistake was not reported within 10s:\n{}", self.log_tail(30));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(self.config_dump()?["last_reload_error"].as_str().unwrap_or_default().to_owned())
+    }
+
     pub fn generation(&self) -> anyhow::Result<u64> {
         Ok(self.config_dump()?["generation"].as_u64().unwrap_or(0))
     }
@@ -244,6 +277,35 @@ impl Tunnel {
 
     pub fn admin_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         http::get(&self.node.netns, ADMIN.parse()?, path)
+    }
+
+    /// `POST path` on the admin endpoint, with `token` when given.
+    pub fn admin_post(&self, path: &str, token: Option<&str>) -> anyhow::Result<(u16, String)> {
+        let header = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        http::request_with(&self.node.netns, ADMIN.parse()?, "POST", path, &header)
+    }
+
+    /// The admin token the tunnel wrote at start.
+    pub fn admin_token(&self) -> anyhow::Result<String> {
+        let path = self.run_dir.join("admin.token");
+        Ok(std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?.trim().to_owned())
+    }
+
+    /// Descriptors the tunnel holds now.
+    pub fn open_fds(&self) -> anyhow::Result<usize> {
+        let pid = self.pid().context("not running")?;
+        Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+    }
+
+    /// The tunnel's resident memory, in KiB.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        let pid = self.pid().context("not running")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmRSS")
     }
 
     /// Every access log line so far.

@@ -5,6 +5,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use serde_json::json;
+use ztunnel::capture::MAP_ABI_VERSION;
 use ztunnel_testbed::{
     Testbed,
     agent::{self, Held, Server},
@@ -237,7 +238,7 @@ fn a_restart_keeps_enrollment_and_open_connections_elsewhere() -> anyhow::Result
     let pins = tb.pin_base.join(&n1.name);
 
     tunnel.restart()?;
-    assert!(pins.join("v1/links/ztunnel_connect4").exists());
+    assert!(pins.join(format!("v{MAP_ABI_VERSION}/links/ztunnel_connect4")).exists());
     assert_eq!(tunnel.workload_status(&web)?["workload_id"], id_before, "ids survive restarts");
     let r = agent::connect(&tb, &web.place(), dst, 5, 5)?;
     assert_eq!(r.ok, 5, "{:?}", r.errors);
@@ -286,9 +287,11 @@ fn the_tunnel_never_captures_itself_even_when_its_cgroup_is_enrolled() -> anyhow
     // Behind the tunnel's back, the cgroup holding it is enrolled (ready) in
     // the kernel map: only the programs' own guard stands between the
     // tunnel's sockets and capture now.
-    let map = tb.pin_base.join(&n1.name).join("v1/maps/ENROLLED_CGROUPS");
+    let map = tb.pin_base.join(&n1.name).join(format!("v{MAP_ABI_VERSION}/maps/ENROLLED_CGROUPS"));
     let key: Vec<String> = cgroup_id(&system).to_le_bytes().iter().map(|b| format!("{b:02x}")).collect();
-    let value = ["e7", "03", "00", "00", "01", "00", "00", "00"]; // workload 999, READY
+    // workload 999, READY, no socket quota
+    let value =
+        ["e7", "03", "00", "00", "01", "00", "00", "00", "00", "00", "00", "00", "00", "00", "00", "00"];
     let out = std::process::Command::new("bpftool")
         .args(["map", "update", "pinned"])
         .arg(&map)

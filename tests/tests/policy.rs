@@ -305,6 +305,7 @@ fn an_emergency_allow_admits_with_its_reason_logged_and_lapses_on_its_own() -> a
         "expires": humantime::format_rfc3339_seconds(lapses).to_string(),
         "namespace": "shop",
         "from": [{"source": {"namespaces": ["ops"]}}],
+        "to": [{"operation": {"ports": ["5432"]}}],
     }]);
     t2.reload(&c2)?;
     let mut held = Held::open(&tb, &batch.place(), db.addr4(5432))?;

@@ -1,7 +1,11 @@
 //! The node's own endpoints:
 //!
 //! * admin (127.0.0.1:15000): `/config_dump` (workloads and their enrollment
-//!   state, capture counters, the last reload error), `/logging?level=...`;
+//!   state, capture counters, the last reload error), `/certs`, and
+//!   `POST /logging?level=...`. Reading is open to any process of the node;
+//!   anything that changes the tunnel (every POST) also needs the admin token,
+//!   a file only root can read (`<node.run_dir>/admin.token`, new at every
+//!   start): reaching 127.0.0.1 is not enough;
 //! * readiness (:15021): `/healthz/ready`;
 //! * metrics (:15020): `/metrics`.
 
@@ -20,6 +24,53 @@ use crate::{
     identity::manager::CertManager,
     metrics::Metrics,
 };
+
+/// The admin token: random, written where only root can read it.
+pub struct AdminToken {
+    value: String,
+    pub path: std::path::PathBuf,
+}
+
+impl AdminToken {
+    /// Makes a new token and writes it to `path` (0600, replacing an older
+    /// one).
+    pub fn create(path: &std::path::Path) -> std::io::Result<Self> {
+        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+        let mut bytes = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+            .map_err(|_| std::io::Error::other("no randomness for the admin token"))?;
+        let value: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let staging = path.with_extension("new");
+        let _ = std::fs::remove_file(&staging);
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&staging)?;
+        f.write_all(value.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&staging, path)?;
+        Ok(Self { value, path: path.to_owned() })
+    }
+
+    /// Reads the token a running tunnel wrote (the CLI's side).
+    pub fn read(path: &std::path::Path) -> std::io::Result<String> {
+        Ok(std::fs::read_to_string(path)?.trim().to_owned())
+    }
+
+    fn admits(&self, parts: &Parts) -> bool {
+        let Some(given) = parts
+            .headers
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+        else {
+            return false;
+        };
+        // Constant time: the comparison tells nothing of how much matched.
+        given.len() == self.value.len()
+            && given.bytes().zip(self.value.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
 
 /// Changes the log filter at run time.
 pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -40,6 +91,8 @@ pub struct AdminView {
 }
 
 pub struct Admin {
+    /// What a POST must carry as `Authorization: Bearer <token>`.
+    pub token: AdminToken,
     pub view: Mutex<AdminView>,
     pub ready: AtomicBool,
     pub capture: Arc<CaptureCounters>,
@@ -60,6 +113,18 @@ impl Admin {
     }
 
     pub fn handle_admin(&self, parts: &Parts) -> Response<Body> {
+        if parts.method != Method::GET && parts.method != Method::HEAD && !self.token.admits(parts) {
+            return http::respond(
+                StatusCode::UNAUTHORIZED,
+                "text/plain",
+                format!(
+                    "{} {} changes the tunnel: it needs `Authorization: Bearer <token>` with the token in {} (root only)\n",
+                    parts.method,
+                    parts.uri.path(),
+                    self.token.path.display()
+                ),
+            );
+        }
         match (&parts.method, parts.uri.path()) {
             (&Method::GET, "/config_dump") => {
                 #[derive(Serialize)]

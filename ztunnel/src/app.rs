@@ -21,13 +21,14 @@ use ztunnel_ebpf_common::OUTBOUND_PORT;
 
 use crate::{
     access_log::AccessLog,
-    admin::{Admin, AdminView, LogLevelSetter},
+    admin::{Admin, AdminToken, AdminView, LogLevelSetter},
     capture::{Capture, CaptureSettings},
     cgroup::{Cgroup, cgroup2_mount},
     config::{Config, OnPolicyChange},
     enrollment::Enrollment,
     http,
     identity::runtime::IdentityRuntime,
+    limits::{ConnectionLimits, PerSource, Refusals, WorkloadBudgets},
     metrics::Metrics,
     netns::Netns,
     proxy::{
@@ -38,7 +39,7 @@ use crate::{
         },
         outbound::ListenerScope,
     },
-    sockopt,
+    sockopt::{self, SocketPolicy},
     state::State,
 };
 
@@ -63,7 +64,24 @@ pub fn run(config_path: &Path, set_log_level: LogLevelSetter) -> anyhow::Result<
         None => Cgroup::current(&mount)?,
     };
     let tunnel_cgroup_id = tunnel_cgroup.id()?;
-    sockopt::raise_nofile_limit();
+    let (files_before, files) = sockopt::raise_nofile_limit();
+    let limits = config.limits.resolve(files);
+    tracing::info!(
+        open_files = files,
+        raised_from = files_before,
+        max_connections = limits.max_connections,
+        soft_connections = limits.soft_connections,
+        connections_per_workload = limits.connections_per_workload,
+        sockets_per_workload = config.sockets_per_workload(),
+        "limits"
+    );
+    if limits.max_connections as u64 * 2 + 1024 > files {
+        tracing::warn!(
+            open_files = files,
+            max_connections = limits.max_connections,
+            "limits.max_connections needs two descriptors per connection: the open-file limit will be reached first"
+        );
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -72,6 +90,7 @@ pub fn run(config_path: &Path, set_log_level: LogLevelSetter) -> anyhow::Result<
         .build()
         .context("starting the tokio runtime")?;
     runtime.block_on(serve(Start {
+        limits,
         config,
         config_path: config_path.to_owned(),
         mount,
@@ -83,6 +102,7 @@ pub fn run(config_path: &Path, set_log_level: LogLevelSetter) -> anyhow::Result<
 }
 
 struct Start {
+    limits: crate::config::ResolvedLimits,
     config: Arc<Config>,
     config_path: PathBuf,
     mount: PathBuf,
@@ -93,8 +113,16 @@ struct Start {
 }
 
 async fn serve(start: Start) -> anyhow::Result<()> {
-    let Start { config, config_path, mount, cgroup_root, tunnel_cgroup, tunnel_cgroup_id, set_log_level } =
-        start;
+    let Start {
+        limits,
+        config,
+        config_path,
+        mount,
+        cgroup_root,
+        tunnel_cgroup,
+        tunnel_cgroup_id,
+        set_log_level,
+    } = start;
     let node_netns = Netns::open_or_current(config.node.netns.as_deref()).context("node.netns")?;
     let bind = |addr: SocketAddr, what: &str| -> anyhow::Result<tokio::net::TcpListener> {
         let l = node_netns.tcp_listener(addr).with_context(|| format!("{what} listener {addr}"))?;
@@ -116,6 +144,8 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let access_log = Arc::new(AccessLog::start(&config.access_log, metrics.access_log_dropped.clone())?);
     let shutdown = CancellationToken::new();
+    let token = AdminToken::create(&config.node.admin_token())
+        .with_context(|| format!("writing the admin token {}", config.node.admin_token().display()))?;
     // Identity before capture: a CA or credential problem must stop the start
     // while the node is still untouched.
     let identity = IdentityRuntime::start(&config, &node_netns, metrics.clone(), shutdown.clone())?;
@@ -126,9 +156,11 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         tunnel_cgroup: tunnel_cgroup.clone(),
         tunnel_cgroup_id,
         max_connections: config.capture.max_connections,
+        max_sockets: config.capture.max_sockets,
     })?;
     metrics.set_capture(capture.counters());
     let admin = Arc::new(Admin {
+        token,
         view: Mutex::new(AdminView {
             node: config.node.name.clone(),
             config_file: config_path.display().to_string(),
@@ -142,6 +174,9 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     });
 
     let (state_tx, state_rx) = watch::channel(Arc::new(State::empty(config.clone())));
+    let sockets = SocketPolicy::from_config(&config.proxy.tcp_keepalive);
+    let refusals = Refusals::new(metrics.limit_refusals.clone());
+    let l = &config.limits;
     let ctx = Arc::new(ProxyContext {
         state: state_rx,
         records: capture.records(),
@@ -153,10 +188,19 @@ async fn serve(start: Start) -> anyhow::Result<()> {
                 idle_timeout: config.proxy.pool_idle_timeout,
                 connect_timeout: config.proxy.connect_timeout,
                 clock_skew: config.identity.clock_skew,
+                wait_timeout: l.pool_wait_timeout,
+                sockets,
                 ..PoolSettings::default()
             },
             identity.manager.bundle(),
         ),
+        limits: ConnectionLimits::new(limits, refusals.clone()),
+        handshakes: PerSource::handshakes(l.handshakes_per_source, l.handshakes, refusals.clone()),
+        hbone_sources: PerSource::connections(l.hbone_connections_per_source, refusals),
+        budgets: WorkloadBudgets::new(l.early_data_per_workload, l.deliveries_per_workload),
+        early_data_per_stream: l.early_data_per_stream,
+        handshake_timeout: l.handshake_timeout,
+        sockets,
 
         open: Arc::default(),
         cert_wait: config.identity.cert_wait,
@@ -219,6 +263,8 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(current.proxy.reload_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut cgroups = crate::cgroup::CgroupWatcher::new().context("watching cgroups")?;
+    cgroups.watch(enrollment.watched_dirs(&current));
     let mut last_lapse_check = std::time::SystemTime::now();
     loop {
         let forced = tokio::select! {
@@ -226,6 +272,13 @@ async fn serve(start: Start) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
             _ = sighup.recv() => true,
             _ = tick.tick() => false,
+            () = cgroups.changed() => {
+                // A cgroup came or went: a restarted unit is enrolled again
+                // now, not at the next tick.
+                let statuses = tokio::task::block_in_place(|| enrollment.apply(&current));
+                publish_status(&admin, &metrics, &enrollment, statuses, false);
+                continue;
+            }
         };
         match reloader.check(forced) {
             Reload::Unchanged if enrollment.has_pending() => {
@@ -255,6 +308,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
                 current = new;
             }
         }
+        cgroups.watch(enrollment.watched_dirs(&current));
         // An emergency allow that lapsed takes the connections it admitted
         // with it, as a policy change would.
         let now = std::time::SystemTime::now();

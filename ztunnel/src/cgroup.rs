@@ -111,6 +111,12 @@ impl Cgroup {
         self.path.join("cgroup.procs").exists()
     }
 
+    /// Levels below the hierarchy's root (`mount`): the level at which the
+    /// capture programs' ancestor walk meets it.
+    pub fn depth(&self, mount: &Path) -> usize {
+        self.path.strip_prefix(mount).map_or(0, |rel| rel.components().count())
+    }
+
     /// Whether `self` is `other` or one of its ancestors.
     pub fn contains(&self, other: &Cgroup) -> bool {
         other.path.starts_with(&self.path)
@@ -150,6 +156,8 @@ mod tests {
             Path::new("/sys/fs/cgroup/kubepods/pod1")
         );
         assert!(Cgroup::resolve(m, Path::new("/tmp/x")).is_err());
+        assert_eq!(Cgroup::resolve(m, Path::new("a/b/c")).unwrap().depth(m), 3);
+        assert_eq!(Cgroup::root(m).depth(m), 0);
         let parent = Cgroup::resolve(m, Path::new("a")).unwrap();
         let child = Cgroup::resolve(m, Path::new("a/b")).unwrap();
         assert!(parent.contains(&child));
@@ -164,5 +172,97 @@ mod tests {
         let me = Cgroup::current(&mount).unwrap();
         assert!(me.exists(), "{me}");
         assert!(me.id().unwrap() > 0);
+    }
+}
+
+/// Tells when cgroups appear or go below some directories, so enrollment
+/// runs at once rather than at the next tick: a unit restarted into a new
+/// cgroup is captured again within milliseconds (and until then, below a
+/// guard cgroup, its connections fail closed).
+pub struct CgroupWatcher {
+    inotify: tokio::io::unix::AsyncFd<InotifyFd>,
+    watched: std::collections::HashMap<PathBuf, nix::sys::inotify::WatchDescriptor>,
+}
+
+struct InotifyFd(nix::sys::inotify::Inotify);
+
+impl std::os::fd::AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsFd::as_fd(&self.0).as_raw_fd()
+    }
+}
+
+impl CgroupWatcher {
+    pub fn new() -> io::Result<Self> {
+        use nix::sys::inotify::{InitFlags, Inotify};
+        let inotify =
+            Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).map_err(io::Error::from)?;
+        // SAFETY: the Inotify owns its fd and keeps it open for as long as
+        // it lives, which is as long as the AsyncFd that owns it.
+        let inotify = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                InotifyFd(inotify),
+                tokio::io::Interest::READABLE,
+            )
+        }?;
+        Ok(Self { inotify, watched: Default::default() })
+    }
+
+    /// Watches exactly `dirs` (directories that do not exist are skipped and
+    /// retried on the next call).
+    pub fn watch(&mut self, dirs: impl IntoIterator<Item = PathBuf>) {
+        use nix::sys::inotify::AddWatchFlags;
+        let wanted: std::collections::HashSet<PathBuf> = dirs.into_iter().collect();
+        let gone: Vec<PathBuf> = self.watched.keys().filter(|d| !wanted.contains(*d)).cloned().collect();
+        for d in gone {
+            if let Some(wd) = self.watched.remove(&d) {
+                let _ = self.inotify.get_ref().0.rm_watch(wd);
+            }
+        }
+        for d in wanted {
+            if self.watched.contains_key(&d) {
+                continue;
+            }
+            let flags = AddWatchFlags::IN_CREATE | AddWatchFlags::IN_DELETE | AddWatchFlags::IN_ONLYDIR;
+            match self.inotify.get_ref().0.add_watch(&d, flags) {
+                Ok(wd) => {
+                    self.watched.insert(d, wd);
+                }
+                Err(e) => tracing::debug!("not watching {} for new cgroups: {e}", d.display()),
+            }
+        }
+    }
+
+    /// Waits until something appeared or went in a watched directory.
+    pub async fn changed(&self) {
+        loop {
+            let Ok(mut guard) = self.inotify.readable().await else {
+                return std::future::pending().await;
+            };
+            match guard.get_inner().0.read_events() {
+                Ok(events) if !events.is_empty() => return,
+                Ok(_) => guard.clear_ready(),
+                Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+                Err(e) => {
+                    tracing::warn!("watching cgroups: {e}");
+                    return std::future::pending().await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod watch_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_cgroup_made_below_a_watched_directory_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = CgroupWatcher::new().unwrap();
+        w.watch([dir.path().to_owned()]);
+        let noticed = w.changed();
+        fs::create_dir(dir.path().join("unit.service")).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), noticed).await.expect("noticed");
     }
 }

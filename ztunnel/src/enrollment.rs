@@ -17,10 +17,11 @@ use std::{
     sync::Arc,
 };
 
-use ipnet::IpNet;
 use serde::Serialize;
 use tokio::sync::watch;
-use ztunnel_ebpf_common::{INBOUND_HBONE_PORT as HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use ztunnel_ebpf_common::{
+    INBOUND_HBONE_PORT as HBONE_PORT, INBOUND_PLAINTEXT_PORT, MAX_CGROUP_DEPTH, OUTBOUND_PORT,
+};
 
 use crate::{
     capture::{Capture, DesiredMaps, WorkloadCapture, addr_key},
@@ -182,6 +183,19 @@ impl Enrollment {
             || self.enrolled.values().any(|e| !e.capture.ready || e.cgroup_replaced())
     }
 
+    /// Directories where a workload's cgroup can appear again: the guard
+    /// cgroups and the parent of every local workload's cgroup.
+    pub fn watched_dirs(&self, config: &Config) -> Vec<PathBuf> {
+        let guards =
+            config.capture.guard_cgroups.iter().filter_map(|g| Cgroup::resolve(&self.cgroup_mount, g).ok());
+        let parents = config
+            .local_workloads()
+            .filter_map(|w| w.cgroup.as_ref())
+            .filter_map(|c| Cgroup::resolve(&self.cgroup_mount, c).ok())
+            .filter_map(|c| c.path().parent().map(|p| p.to_owned()));
+        guards.map(|g| g.path().to_owned()).chain(parents).collect()
+    }
+
     /// Why the capture maps do not match the configuration, if they do not.
     pub fn sync_error(&self) -> Option<&str> {
         self.sync_error.as_deref()
@@ -241,7 +255,18 @@ impl Enrollment {
         for e in self.enrolled.values() {
             desired_maps.add(&e.capture);
         }
+        let mut guard_error = None;
+        for g in &config.capture.guard_cgroups {
+            match Cgroup::resolve(&self.cgroup_mount, g).and_then(|c| c.id()) {
+                Ok(id) => desired_maps.add_guard(id),
+                Err(e) => guard_error = Some(format!("capture.guard_cgroups: {e}")),
+            }
+        }
         match self.capture.sync(&desired_maps) {
+            Ok(()) if guard_error.is_some() => {
+                tracing::error!("{}", guard_error.as_deref().unwrap_or_default());
+                self.sync_error = guard_error;
+            }
             Ok(()) => {
                 if self.sync_error.take().is_some() {
                     tracing::info!("capture maps match the configuration again");
@@ -276,6 +301,7 @@ impl Enrollment {
             let key = w.to_string();
             by_key.get(&key).cloned().or_else(|| Workload::from_config(config, w).ok().map(Arc::new))
         }));
+        self.ctx.budgets.retain(|id| local.contains_key(&id));
         let _ = self.state_tx.send(Arc::new(State {
             generation: self.generation,
             config: config.clone(),
@@ -354,6 +380,12 @@ impl Enrollment {
             )));
         }
         let cgroup_id = cgroup.id().map_err(|e| failed(e.to_string()))?;
+        let depth = cgroup.depth(&self.cgroup_mount);
+        if depth > MAX_CGROUP_DEPTH as usize {
+            return Err(failed(format!(
+                "cgroup {cgroup} is {depth} levels deep; capture finds workloads at most {MAX_CGROUP_DEPTH} levels below the cgroup root"
+            )));
+        }
         if cgroup.contains(&self.tunnel_cgroup) {
             return Err(failed(format!(
                 "cgroup {cgroup} contains the tunnel's own cgroup {}: the tunnel never captures itself",
@@ -373,14 +405,16 @@ impl Enrollment {
             workload_id: id,
             cgroup_id,
             ready: false,
+            host: !is_pod,
+            max_sockets: config.sockets_per_workload(),
             exclude_outbound_ports: wc.capture.exclude_outbound_ports.clone(),
             exclude_outbound_cidrs: wc.capture.exclude_outbound_cidrs.clone(),
             exclude_inbound_ports: wc.capture.exclude_inbound_ports.clone(),
+            // The workload's own addresses never leave it: like loopback, they
+            // are not captured.
+            own_addresses: workload.addresses.clone(),
             inbound_addresses: if is_pod { workload.addresses.clone() } else { Vec::new() },
         };
-        // The workload's own addresses never leave it: like loopback, they
-        // are not captured.
-        capture.exclude_outbound_cidrs.extend(workload.addresses.iter().map(|a| IpNet::from(*a)));
 
         let netns = match (&wc.netns, &previous) {
             (Some(_), Some(p)) => Ok(p.local.netns.clone()),

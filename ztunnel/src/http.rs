@@ -37,7 +37,11 @@ where
                 let response = handler(&parts);
                 async move { Ok::<_, Infallible>(response) }
             });
+            // A client that never finishes its request does not keep the
+            // connection forever.
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
@@ -70,14 +74,26 @@ pub fn query_param<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
 
 /// `GET path` on `addr` (the CLI talking to a running tunnel's admin port).
 pub async fn get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(StatusCode, Bytes)> {
+    request(addr, hyper::Method::GET, path, None).await
+}
+
+/// `method path` on `addr`, with the admin token when one is given.
+pub async fn request(
+    addr: std::net::SocketAddr,
+    method: hyper::Method,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(StatusCode, Bytes)> {
     use http_body_util::BodyExt as _;
     let stream = tokio::net::TcpStream::connect(addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let request = hyper::Request::builder()
-        .uri(path)
-        .header(hyper::header::HOST, addr.to_string())
-        .body(http_body_util::Empty::<Bytes>::new())?;
+    let mut request =
+        hyper::Request::builder().method(method).uri(path).header(hyper::header::HOST, addr.to_string());
+    if let Some(t) = token {
+        request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let request = request.body(http_body_util::Empty::<Bytes>::new())?;
     let response = sender.send_request(request).await?;
     let status = response.status();
     let body = http_body_util::Limited::new(response.into_body(), 16 * 1024 * 1024)

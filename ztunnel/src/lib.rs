@@ -7,6 +7,7 @@
 //! | `capture` | the eBPF programs and maps that send workloads' connections to the tunnel |
 //! | `enrollment` | makes capture match the configuration, at start and on reload |
 //! | `proxy` | listeners, per-connection handling, the byte relay |
+//! | `limits` | fair shares: connections in all, per workload, per source |
 //! | `identity` | SPIFFE IDs |
 //! | `k8s` | Kubernetes mode: discovery, the policy CRD, pods' cgroups and namespaces |
 //! | `admin`, `metrics`, `access_log` | what operators see |
@@ -24,6 +25,7 @@ pub mod enrollment;
 pub mod http;
 pub mod identity;
 pub mod k8s;
+pub mod limits;
 pub mod metrics;
 pub mod netns;
 pub mod policy;

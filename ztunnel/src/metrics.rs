@@ -56,6 +56,11 @@ pub struct TcpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
     pub decision: String,
     pub reason: String,
@@ -76,6 +81,7 @@ pub struct Metrics {
     pub handshake_failures: Family<HandshakeLabels, Counter>,
     /// Access log lines lost because the writer could not keep up.
     pub access_log_dropped: Counter,
+    pub limit_refusals: Family<LimitLabels, Counter>,
     capture: CaptureCollector,
 }
 
@@ -148,6 +154,12 @@ impl Metrics {
             "Authorization decisions, by decision (allow, deny, would_deny) and reason",
             policy_decisions.clone(),
         );
+        let limit_refusals = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "ztunnel_limit_refusals",
+            "Connections refused by a limit (limit_total, limit_workload, limit_fair_share, limit_handshakes_per_source, ...)",
+            limit_refusals.clone(),
+        );
         let access_log_dropped = Counter::default();
         registry.register(
             "ztunnel_access_log_dropped",
@@ -156,6 +168,7 @@ impl Metrics {
         );
         Self {
             access_log_dropped,
+            limit_refusals,
             policy_decisions,
             capture,
             registry,
@@ -220,6 +233,10 @@ impl Metrics {
         self.tcp_closed.get_or_create(&labels).inc();
         self.tcp_received_bytes.get_or_create(&labels).inc_by(entry.bytes_sent);
         self.tcp_sent_bytes.get_or_create(&labels).inc_by(entry.bytes_received);
+    }
+
+    pub fn limit_refused(&self, limit: crate::limits::LimitExceeded) {
+        self.limit_refusals.get_or_create(&LimitLabels { limit: limit.reason() }).inc();
     }
 
     pub fn policy_decided(&self, decision: &str, reason: &str) {

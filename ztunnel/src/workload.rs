@@ -58,7 +58,9 @@ impl Workload {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    fn serves(&self, port: u16) -> bool {
+    /// Whether the workload serves `port` (a workload without `ports`
+    /// serves every port).
+    pub fn serves(&self, port: u16) -> bool {
         self.ports.is_empty() || self.ports.contains(&port)
     }
 }
@@ -83,6 +85,12 @@ impl Registry {
     /// The workload serving `dst`, if the mesh has one.
     pub fn find(&self, dst: SocketAddr) -> Option<&Arc<Workload>> {
         self.by_address.get(&canonical(dst.ip()))?.iter().find(|w| w.serves(dst.port()))
+    }
+
+    /// Whether several workloads share `ip` (a node's plain-host workloads),
+    /// telling their traffic apart by port.
+    pub fn is_shared(&self, ip: IpAddr) -> bool {
+        self.by_address.get(&canonical(ip)).is_some_and(|w| w.len() > 1)
     }
 }
 
@@ -154,6 +162,8 @@ mod tests {
         assert_eq!(find("198.18.0.1:80").as_deref(), Some("host-a"));
         assert_eq!(find("198.18.0.1:443").as_deref(), Some("host-b"));
         assert_eq!(find("198.18.0.1:22"), None);
+        assert!(reg.is_shared("198.18.0.1".parse().unwrap()));
+        assert!(!reg.is_shared("198.19.1.2".parse().unwrap()));
         assert_eq!(find("198.19.9.9:80"), None);
     }
 }

@@ -13,6 +13,27 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 /// Inbound HBONE listener; never steered, it is reached directly.
 pub const INBOUND_HBONE_PORT: u16 = 15008;
+/// The node's admin, metrics and readiness endpoints.
+pub const ADMIN_PORT: u16 = 15000;
+pub const METRICS_PORT: u16 = 15020;
+pub const READINESS_PORT: u16 = 15021;
+
+/// Whether a workload dialling `port` on one of its own addresses (loopback
+/// included) would reach its own tunnel instead of an application: the
+/// in-pod listeners, and for a plain-host workload (which shares the node's
+/// namespace) the node's endpoints too. Such a connection is refused, never
+/// looped back into the tunnel.
+#[inline(always)]
+pub const fn is_tunnel_port(port: u16, host_workload: bool) -> bool {
+    matches!(port, OUTBOUND_PORT | INBOUND_PLAINTEXT_PORT | INBOUND_HBONE_PORT)
+        || (host_workload && matches!(port, ADMIN_PORT | METRICS_PORT | READINESS_PORT))
+}
+
+/// Whether any workload could be refused a connection to `port` on loopback.
+#[inline(always)]
+pub const fn may_be_tunnel_port(port: u16) -> bool {
+    is_tunnel_port(port, true)
+}
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -32,7 +53,7 @@ pub const MAX_INBOUND_ADDRS: u32 = 16384;
 /// Bumped whenever a map's key or value layout changes: maps are pinned under a
 /// directory named after it, so an upgraded tunnel never reinterprets the bytes
 /// of a map pinned by an older one.
-pub const MAP_ABI_VERSION: u32 = 1;
+pub const MAP_ABI_VERSION: u32 = 2;
 
 /// Value of the `ENROLLED_CGROUPS` map, keyed by cgroup v2 id.
 #[repr(C)]
@@ -42,12 +63,47 @@ pub struct EnrolledWorkload {
     pub workload_id: u32,
     /// `WORKLOAD_*` flags.
     pub flags: u32,
+    /// TCP sockets the workload may hold at once (0: no limit). Bounds its
+    /// share of every capture map, so one workload cannot fill them for all.
+    pub max_sockets: u32,
+    pub _pad: u32,
 }
 
 /// The tunnel can serve this workload's outbound connections now. Without it
 /// the workload is enrolled but not ready, and its connect() fails (EPERM):
 /// capture fails closed, it never lets a connection go out in the clear.
 pub const WORKLOAD_READY: u32 = 1;
+/// A plain-host workload: it shares the node's namespace, so the node's
+/// admin, metrics and readiness ports are its tunnel's too.
+pub const WORKLOAD_HOST: u32 = 2;
+/// Not a workload but a guarded cgroup (e.g. the slice of a host's workload
+/// units): a task below it that is in no enrolled workload is refused, so a
+/// unit restarted into a new cgroup fails closed until it is enrolled again
+/// instead of connecting uncaptured.
+pub const WORKLOAD_GUARD: u32 = 4;
+
+/// Value of `SOCKET_OWNERS`, keyed by socket cookie: the workload whose task
+/// created the socket. A socket is attributed to where it was created (the
+/// cgroup its cgroup-BPF hooks belong to); a connect() by a task of another
+/// workload, or of none, is refused.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketOwner {
+    pub workload_id: u32,
+    pub _pad: u32,
+    /// cgroup v2 id of the task that created the socket.
+    pub cgroup_id: u64,
+}
+
+/// Value of `EXCLUDED_CIDRS` for an operator's exclusion.
+pub const CIDR_EXCLUDED: u8 = 1;
+/// Value of `EXCLUDED_CIDRS` for one of the workload's own addresses (never
+/// captured, like loopback).
+pub const CIDR_OWN_ADDRESS: u8 = 2;
+
+/// Default size of `SOCKET_OWNERS`: TCP sockets of workloads open at once on
+/// the node (allocated on use, not in advance).
+pub const MAX_WORKLOAD_SOCKETS: u32 = 262_144;
 
 /// What connect4/connect6 learn about a captured connection.
 #[repr(C)]
@@ -160,7 +216,20 @@ pub mod counter {
     /// A delivery could not be registered (map full): it would be steered
     /// back to the tunnel, which then refuses it.
     pub const DELIVERY_MAP_FULL: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// connect() refused: a workload dialled one of its own tunnel's ports.
+    pub const SELF_CALL: u32 = 9;
+    /// socket() refused: the workload holds its quota of TCP sockets.
+    pub const SOCKET_QUOTA: u32 = 10;
+    /// connect() refused: the socket was created in another workload's
+    /// cgroup, or outside any, than the task connecting it.
+    pub const FOREIGN_SOCKET: u32 = 11;
+    /// connect() refused: a task of a guarded cgroup in no enrolled workload.
+    pub const UNENROLLED_IN_GUARD: u32 = 12;
+    /// socket() refused: the socket owner map is full.
+    pub const SOCKET_MAP_FULL: u32 = 13;
+    /// connect() refused: a protocol capture cannot carry (MPTCP).
+    pub const REFUSED_PROTOCOL: u32 = 14;
+    pub const COUNT: u32 = 15;
 }
 
 /// Names of the maps, shared so that pin paths and lookups cannot drift.
@@ -174,8 +243,10 @@ pub mod map_name {
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     pub const CAPTURE_COUNTERS: &str = "CAPTURE_COUNTERS";
     pub const DELIVERIES: &str = "DELIVERIES";
+    pub const SOCKET_OWNERS: &str = "SOCKET_OWNERS";
+    pub const WORKLOAD_SOCKETS: &str = "WORKLOAD_SOCKETS";
     /// Every map that outlives the tunnel process (pinned in bpffs).
-    pub const PINNED: [&str; 9] = [
+    pub const PINNED: [&str; 11] = [
         ENROLLED_CGROUPS,
         CAPTURED_BY_COOKIE,
         CAPTURED_BY_TUPLE,
@@ -185,6 +256,8 @@ pub mod map_name {
         INBOUND_LISTENERS,
         CAPTURE_COUNTERS,
         DELIVERIES,
+        SOCKET_OWNERS,
+        WORKLOAD_SOCKETS,
     ];
 }
 
@@ -195,6 +268,8 @@ pub mod program_name {
     pub const SOCKOPS: &str = "ztunnel_sockops";
     pub const SK_LOOKUP: &str = "ztunnel_sk_lookup";
     pub const DELIVERY_SOCKOPS: &str = "ztunnel_delivery_sockops";
+    pub const SOCK_CREATE: &str = "ztunnel_sock_create";
+    pub const SOCK_RELEASE: &str = "ztunnel_sock_release";
 }
 
 /// Names of the globals the loader sets.
@@ -215,6 +290,7 @@ mod user {
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::AddrKey {}
     unsafe impl aya::Pod for super::DeliveryKey {}
+    unsafe impl aya::Pod for super::SocketOwner {}
 }
 
 #[cfg(test)]
@@ -223,8 +299,21 @@ mod tests {
     use core::mem::size_of;
 
     #[test]
+    fn the_node_endpoints_are_only_a_host_workloads_own() {
+        for p in [15001, 15006, 15008] {
+            assert!(is_tunnel_port(p, false) && is_tunnel_port(p, true));
+        }
+        for p in [15000, 15020, 15021] {
+            assert!(!is_tunnel_port(p, false), "a pod's own :{p} is its application's");
+            assert!(is_tunnel_port(p, true));
+        }
+        assert!(!may_be_tunnel_port(8080));
+    }
+
+    #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<EnrolledWorkload>(), 8);
+        assert_eq!(size_of::<EnrolledWorkload>(), 16);
+        assert_eq!(size_of::<SocketOwner>(), 16);
         assert_eq!(size_of::<CaptureRecord>(), 16 + 2 + 2 + 4 + 8 + 4 + 4);
         assert_eq!(size_of::<ConnTuple>(), 8 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<CidrKey>(), 4 + 4 + 16);

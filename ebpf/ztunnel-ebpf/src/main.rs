@@ -14,38 +14,57 @@
 //!   TCP to a workload address, any port but 15008, goes to the tunnel's plaintext
 //!   listener (15006) of that namespace; the accepted socket keeps the original
 //!   destination as its local address.
+//! * `ztunnel_sock_create` / `ztunnel_sock_release` (cgroup/sock_create and
+//!   sock_release, on the capture root): record which workload created each TCP
+//!   socket, and hold each workload to its quota of sockets. A socket belongs to
+//!   where it was created: connect() by a task of another workload (a socket
+//!   passed over a unix socket, or made in one cgroup and used from another) is
+//!   refused, never attributed to the caller.
 //!
 //! Every path fails closed: a workload that is enrolled but not ready, a full
 //! map, or a missing listener refuses the connection; nothing enrolled ever
 //! goes out or comes in around the tunnel.
 #![no_std]
 #![no_main]
+// The BPF target has no atomic read-modify-write types in core; the
+// intrinsic compiles to the BPF atomic add the kernel has had since 5.12.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     EbpfContext as _, Global,
-    bindings::{BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+    },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
         bpf_get_netns_cookie, bpf_get_socket_cookie,
     },
-    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::warn;
 use ztunnel_ebpf_common::{
-    AF_INET, AF_INET6, AddrKey, CIDR_KEY_FIXED_BITS, CaptureRecord, CidrKey, ConnTuple, DELIVERY_MARK,
-    DIRECTION_INBOUND, DIRECTION_OUTBOUND, DeliveryKey, EnrolledWorkload, INBOUND_HBONE_PORT,
+    AF_INET, AF_INET6, AddrKey, CIDR_KEY_FIXED_BITS, CIDR_OWN_ADDRESS, CaptureRecord, CidrKey, ConnTuple,
+    DELIVERY_MARK, DIRECTION_INBOUND, DIRECTION_OUTBOUND, DeliveryKey, EnrolledWorkload, INBOUND_HBONE_PORT,
     MAX_CGROUP_DEPTH, MAX_ENROLLED_CGROUPS, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, MAX_INBOUND_ADDRS,
-    OUTBOUND_PORT, PortKey, WORKLOAD_READY, counter,
+    MAX_WORKLOAD_SOCKETS, OUTBOUND_PORT, PortKey, SocketOwner, WORKLOAD_GUARD, WORKLOAD_HOST, WORKLOAD_READY,
+    counter, is_tunnel_port, may_be_tunnel_port,
 };
 
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_MPTCP: u32 = 262;
 const TCP_ESTABLISHED: u32 = 1;
 const TCP_CLOSE: u32 = 7;
 /// cgroup/connect verdicts.
 const CONNECT_ALLOW: i32 = 1;
 const CONNECT_REFUSE: i32 = 0;
+/// cgroup/sock_create verdicts.
+const SOCK_ALLOW: i32 = 1;
+const SOCK_REFUSE: i32 = 0;
 /// sk_lookup verdicts.
 const SK_DROP: u32 = 0;
 const SK_PASS: u32 = 1;
@@ -87,6 +106,14 @@ static CAPTURE_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counte
 // ztunnel_delivery_sockops for the length of their handshake.
 #[map]
 static DELIVERIES: HashMap<DeliveryKey, u8> = HashMap::with_max_entries(16384, 0);
+// Which workload created each live TCP socket (allocated on use: most
+// sockets on a node are nobody's).
+#[map]
+static SOCKET_OWNERS: HashMap<u64, SocketOwner> =
+    HashMap::with_max_entries(MAX_WORKLOAD_SOCKETS, BPF_F_NO_PREALLOC);
+// TCP sockets each workload holds, against its `max_sockets`.
+#[map]
+static WORKLOAD_SOCKETS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_ENROLLED_CGROUPS, 0);
 
 #[inline(always)]
 fn count(index: u32) {
@@ -96,11 +123,23 @@ fn count(index: u32) {
     }
 }
 
-/// The enrolled workload of the calling task: the deepest enrolled cgroup among
-/// the task's cgroup and its ancestors, so that a pod's containers (children of
-/// the pod's cgroup) are attributed to the pod. `None` for the tunnel itself.
+/// What the calling task is, by its cgroup.
+#[derive(Clone, Copy)]
+enum Task {
+    /// In no enrolled workload (and under no guard).
+    Outside,
+    /// In the tunnel's own cgroup: never captured.
+    Tunnel,
+    /// Below a guarded cgroup, in no enrolled workload below it.
+    Guarded,
+    Workload(EnrolledWorkload),
+}
+
+/// The calling task's deepest enrolled cgroup among its own and its
+/// ancestors, so that a pod's containers (children of the pod's cgroup) are
+/// the pod.
 #[inline(always)]
-fn enrolled_workload() -> Option<EnrolledWorkload> {
+fn current_task() -> Task {
     let tunnel = TUNNEL_CGROUP_ID.load();
     let mut found = None;
     let mut level = 1;
@@ -111,7 +150,7 @@ fn enrolled_workload() -> Option<EnrolledWorkload> {
             break;
         }
         if id == tunnel {
-            return None;
+            return Task::Tunnel;
         }
         // SAFETY: the value is copied out before the map can change.
         if let Some(w) = unsafe { ENROLLED_CGROUPS.get(&id) } {
@@ -119,18 +158,35 @@ fn enrolled_workload() -> Option<EnrolledWorkload> {
         }
         level += 1;
     }
-    found
+    match found {
+        None => Task::Outside,
+        Some(w) if w.flags & WORKLOAD_GUARD != 0 => Task::Guarded,
+        Some(w) => Task::Workload(w),
+    }
+}
+
+enum Exclusion {
+    None,
+    /// An operator's port or prefix exclusion.
+    Excluded,
+    /// One of the workload's own addresses.
+    OwnAddress,
 }
 
 #[inline(always)]
-fn is_excluded(workload_id: u32, family: u16, addr: [u32; 4], port: u16) -> bool {
+fn exclusion(workload_id: u32, family: u16, addr: [u32; 4], port: u16) -> Exclusion {
+    let key = Key::new(CIDR_KEY_FIXED_BITS + 128, CidrKey { workload_id, family: u32::from(family), addr });
+    match EXCLUDED_CIDRS.get(&key) {
+        Some(v) if *v == CIDR_OWN_ADDRESS => return Exclusion::OwnAddress,
+        Some(_) => return Exclusion::Excluded,
+        None => {}
+    }
     let port_key = PortKey { workload_id, port, direction: DIRECTION_OUTBOUND };
     // SAFETY: only presence is read.
     if unsafe { EXCLUDED_PORTS.get(&port_key) }.is_some() {
-        return true;
+        return Exclusion::Excluded;
     }
-    let key = Key::new(CIDR_KEY_FIXED_BITS + 128, CidrKey { workload_id, family: u32::from(family), addr });
-    EXCLUDED_CIDRS.get(&key).is_some()
+    Exclusion::None
 }
 
 enum Verdict {
@@ -140,15 +196,64 @@ enum Verdict {
 }
 
 /// Decides what happens to a TCP connect() to `addr`:`port`, and records the
-/// original destination when the connection is captured.
+/// original destination when the connection is captured. `loopback`: the
+/// destination is the task's own loopback (or the unspecified address).
 #[inline(always)]
-fn capture(ctx: &SockAddrContext, family: u16, addr: [u32; 4], port: u16) -> Verdict {
-    let Some(workload) = enrolled_workload() else {
+fn capture(
+    ctx: &SockAddrContext,
+    protocol: u32,
+    family: u16,
+    addr: [u32; 4],
+    port: u16,
+    loopback: bool,
+) -> Verdict {
+    // Most loopback traffic is an application talking to itself: no lookup.
+    if loopback && !may_be_tunnel_port(port) {
         return Verdict::Pass;
+    }
+    let task = current_task();
+    // SAFETY: the context is a valid bpf_sock_addr.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out.
+    let owner = unsafe { SOCKET_OWNERS.get(&cookie) }.copied();
+    let workload = match (task, owner) {
+        (Task::Tunnel, _) | (Task::Outside, None) => return Verdict::Pass,
+        (Task::Guarded, _) => {
+            count(counter::UNENROLLED_IN_GUARD);
+            return Verdict::Refuse;
+        }
+        (Task::Workload(w), Some(o)) if o.workload_id == w.workload_id => w,
+        // A socket of another workload, of none, or a workload's socket in
+        // an outsider's hands: attributing it to either side could lend one
+        // workload another's identity.
+        _ => {
+            count(counter::FOREIGN_SOCKET);
+            return Verdict::Refuse;
+        }
     };
-    if is_excluded(workload.workload_id, family, addr, port) {
-        count(counter::EXCLUDED);
+    let host = workload.flags & WORKLOAD_HOST != 0;
+    if loopback {
+        if is_tunnel_port(port, host) {
+            count(counter::SELF_CALL);
+            return Verdict::Refuse;
+        }
         return Verdict::Pass;
+    }
+    match exclusion(workload.workload_id, family, addr, port) {
+        Exclusion::OwnAddress if is_tunnel_port(port, host) => {
+            count(counter::SELF_CALL);
+            return Verdict::Refuse;
+        }
+        Exclusion::OwnAddress | Exclusion::Excluded => {
+            count(counter::EXCLUDED);
+            return Verdict::Pass;
+        }
+        Exclusion::None => {}
+    }
+    // MPTCP subflows are separate sockets the records would not follow.
+    if protocol == IPPROTO_MPTCP {
+        count(counter::REFUSED_PROTOCOL);
+        return Verdict::Refuse;
     }
     if workload.flags & WORKLOAD_READY == 0 {
         count(counter::REFUSED_NOT_READY);
@@ -164,8 +269,6 @@ fn capture(ctx: &SockAddrContext, family: u16, addr: [u32; 4], port: u16) -> Ver
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         _pad: 0,
     };
-    // SAFETY: the context is a valid bpf_sock_addr.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if CAPTURED_BY_COOKIE.insert(&cookie, &record, 0).is_err() {
         count(counter::REFUSED_MAP_FULL);
         warn!(ctx, "ztunnel: capture record map full; connect() refused");
@@ -175,20 +278,24 @@ fn capture(ctx: &SockAddrContext, family: u16, addr: [u32; 4], port: u16) -> Ver
     Verdict::Redirect
 }
 
+#[inline(always)]
+fn is_stream(protocol: u32) -> bool {
+    protocol == IPPROTO_TCP || protocol == IPPROTO_MPTCP
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn ztunnel_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.protocol != IPPROTO_TCP {
+    let protocol = sa.protocol;
+    if !is_stream(protocol) {
         return CONNECT_ALLOW;
     }
     let ip = sa.user_ip4;
     // 127/8 is the workload's own loopback; 0.0.0.0 means the same.
-    if ip == 0 || ip.to_ne_bytes()[0] == 127 {
-        return CONNECT_ALLOW;
-    }
+    let loopback = ip == 0 || ip.to_ne_bytes()[0] == 127;
     let port = u16::from_be(sa.user_port as u16);
-    match capture(&ctx, AF_INET, [ip, 0, 0, 0], port) {
+    match capture(&ctx, protocol, AF_INET, [ip, 0, 0, 0], port, loopback) {
         Verdict::Pass => CONNECT_ALLOW,
         Verdict::Refuse => CONNECT_REFUSE,
         Verdict::Redirect => {
@@ -203,7 +310,8 @@ pub fn ztunnel_connect4(ctx: SockAddrContext) -> i32 {
 pub fn ztunnel_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: as in connect4.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.protocol != IPPROTO_TCP {
+    let protocol = sa.protocol;
+    if !is_stream(protocol) {
         return CONNECT_ALLOW;
     }
     let ip6 = sa.user_ip6;
@@ -212,10 +320,8 @@ pub fn ztunnel_connect6(ctx: SockAddrContext) -> i32 {
     // to the IPv4 listener through the mapped loopback address.
     if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_WORD {
         let ip = ip6[3];
-        if ip == 0 || ip.to_ne_bytes()[0] == 127 {
-            return CONNECT_ALLOW;
-        }
-        return match capture(&ctx, AF_INET, [ip, 0, 0, 0], port) {
+        let loopback = ip == 0 || ip.to_ne_bytes()[0] == 127;
+        return match capture(&ctx, protocol, AF_INET, [ip, 0, 0, 0], port, loopback) {
             Verdict::Pass => CONNECT_ALLOW,
             Verdict::Refuse => CONNECT_REFUSE,
             Verdict::Redirect => {
@@ -226,10 +332,9 @@ pub fn ztunnel_connect6(ctx: SockAddrContext) -> i32 {
         };
     }
     // ::1 and :: stay on the workload's own loopback.
-    if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && (ip6[3] == 0 || ip6[3] == LOOPBACK6_LAST_WORD) {
-        return CONNECT_ALLOW;
-    }
-    match capture(&ctx, AF_INET6, ip6, port) {
+    let loopback =
+        ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && (ip6[3] == 0 || ip6[3] == LOOPBACK6_LAST_WORD);
+    match capture(&ctx, protocol, AF_INET6, ip6, port, loopback) {
         Verdict::Pass => CONNECT_ALLOW,
         Verdict::Refuse => CONNECT_REFUSE,
         Verdict::Redirect => {
@@ -238,6 +343,69 @@ pub fn ztunnel_connect6(ctx: SockAddrContext) -> i32 {
             CONNECT_ALLOW
         }
     }
+}
+
+/// Records which workload creates each TCP socket, within its quota.
+#[cgroup_sock(sock_create)]
+pub fn ztunnel_sock_create(ctx: SockContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock.
+    let protocol = unsafe { (*ctx.sock).protocol };
+    if !is_stream(protocol) {
+        return SOCK_ALLOW;
+    }
+    let Task::Workload(workload) = current_task() else {
+        return SOCK_ALLOW;
+    };
+    let id = workload.workload_id;
+    // SAFETY: the value is read once; the count only guards a quota.
+    let held = unsafe { WORKLOAD_SOCKETS.get(&id) }.copied().unwrap_or(0);
+    if workload.max_sockets != 0 && held >= workload.max_sockets {
+        count(counter::SOCKET_QUOTA);
+        return SOCK_REFUSE;
+    }
+    // SAFETY: the context is a valid bpf_sock.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: plain helper call.
+    let owner = SocketOwner { workload_id: id, _pad: 0, cgroup_id: unsafe { bpf_get_current_cgroup_id() } };
+    if SOCKET_OWNERS.insert(&cookie, &owner, 0).is_err() {
+        count(counter::SOCKET_MAP_FULL);
+        return SOCK_REFUSE;
+    }
+    // BPF_NOEXIST: only the first socket of a workload creates its counter.
+    let _ = WORKLOAD_SOCKETS.insert(&id, &0, 1);
+    if let Some(n) = WORKLOAD_SOCKETS.get_ptr_mut(&id) {
+        add(n, 1);
+    }
+    SOCK_ALLOW
+}
+
+/// Forgets a workload's socket when its last file descriptor closes.
+#[cgroup_sock(sock_release)]
+pub fn ztunnel_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock.
+    if !is_stream(unsafe { (*ctx.sock).protocol }) {
+        return SOCK_ALLOW;
+    }
+    // SAFETY: the context is a valid bpf_sock.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(owner) = (unsafe { SOCKET_OWNERS.get(&cookie) }).copied() else {
+        return SOCK_ALLOW;
+    };
+    // Only the release that removes the entry gives the socket back.
+    if SOCKET_OWNERS.remove(&cookie).is_ok()
+        && let Some(n) = WORKLOAD_SOCKETS.get_ptr_mut(&owner.workload_id)
+    {
+        add(n, u32::MAX);
+    }
+    SOCK_ALLOW
+}
+
+/// Adds `delta` (u32::MAX: minus one) to a counter other CPUs update too.
+#[inline(always)]
+fn add(counter: *mut u32, delta: u32) {
+    // SAFETY: `counter` points into a live map value, aligned for u32.
+    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(counter, delta) };
 }
 
 /// The client end of the socket as the listener will see it: an IPv4-mapped

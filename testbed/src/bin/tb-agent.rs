@@ -7,8 +7,16 @@
 //! * `connect --to ADDR --count N --concurrency C --bytes B`: N connections,
 //!   C at a time, all held open until every one of a batch is established;
 //!   each checks the echo of B bytes. Prints one summary.
-//! * `probe --to ADDR`: one attempt; prints how it ended (ok, refused, denied,
-//!   reset, timeout).
+//! * `probe --to ADDR [--move-to CGROUP] [--mptcp]`: one attempt; prints how it
+//!   ended (ok, refused, denied, reset, timeout). `--move-to` makes the socket
+//!   first, then moves this process to another cgroup before connect() (a
+//!   socket used from another cgroup than the one it was made in).
+//! * `flood --to ADDR --count N`: opens N connections, holds every one that
+//!   succeeded until stdin closes; prints how many succeeded and how the
+//!   others failed.
+//! * `halfopen --to ADDR --count N --bytes B`: opens N raw connections, sends
+//!   the first B bytes of a TLS ClientHello on each (0: nothing), and holds
+//!   them until stdin closes.
 //! * `hold --to ADDR`: one connection kept open; each stdin line is sent and
 //!   its echo printed, until stdin closes.
 //! * `http --listen ADDR... --name NAME`: a small HTTP/1.1 server answering
@@ -79,6 +87,24 @@ enum Cmd {
         to: SocketAddr,
         #[arg(long, default_value_t = 3_000)]
         timeout_ms: u64,
+        #[arg(long)]
+        move_to: Option<std::path::PathBuf>,
+        #[arg(long)]
+        mptcp: bool,
+    },
+    Flood {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
+    Halfopen {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 0)]
+        bytes: usize,
     },
     Hold {
         #[arg(long)]
@@ -139,7 +165,11 @@ fn main() -> anyhow::Result<()> {
             }
             Cmd::Transfer { to, bytes } => transfer(to, bytes).await,
             Cmd::HalfClose { to, bytes } => half_close(to, bytes).await,
-            Cmd::Probe { to, timeout_ms } => probe(to, Duration::from_millis(timeout_ms)).await,
+            Cmd::Probe { to, timeout_ms, move_to, mptcp } => {
+                probe(to, Duration::from_millis(timeout_ms), move_to, mptcp).await
+            }
+            Cmd::Flood { to, count } => flood(to, count).await,
+            Cmd::Halfopen { to, count, bytes } => halfopen(to, count, bytes).await,
             Cmd::Hold { to } => hold(to).await,
             Cmd::Http { listen, name } => http(listen, name).await,
             Cmd::Echo { listen } => bare_echo(listen).await,
@@ -345,8 +375,36 @@ async fn one_exchange(
     Ok(info)
 }
 
-async fn probe(to: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
-    let out = match tokio::time::timeout(timeout, TcpStream::connect(to)).await {
+/// A socket of `to`'s family (MPTCP when asked), made before anything else.
+fn stream_socket(to: SocketAddr, mptcp: bool) -> std::io::Result<socket2::Socket> {
+    let protocol = if mptcp { socket2::Protocol::MPTCP } else { socket2::Protocol::TCP };
+    let s = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, Some(protocol))?;
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+async fn connect_socket(s: socket2::Socket, to: SocketAddr) -> std::io::Result<TcpStream> {
+    tokio::net::TcpSocket::from_std_stream(s.into()).connect(to).await
+}
+
+async fn probe(
+    to: SocketAddr,
+    timeout: Duration,
+    move_to: Option<std::path::PathBuf>,
+    mptcp: bool,
+) -> anyhow::Result<()> {
+    let socket = match stream_socket(to, mptcp) {
+        Ok(s) => s,
+        Err(e) => {
+            emit(json!({"result": "no_socket", "error": e.to_string()}));
+            return Ok(());
+        }
+    };
+    if let Some(dir) = move_to {
+        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("moving into {}", dir.display()))?;
+    }
+    let out = match tokio::time::timeout(timeout, connect_socket(socket, to)).await {
         Err(_) => json!({"result": "timeout"}),
         Ok(Err(e)) => json!({"result": classify(&e), "error": e.to_string()}),
         Ok(Ok(s)) => {
@@ -363,6 +421,58 @@ async fn probe(to: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
         }
     };
     emit(out);
+    Ok(())
+}
+
+async fn flood(to: SocketAddr, count: usize) -> anyhow::Result<()> {
+    let mut held = Vec::new();
+    let mut errors: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for _ in 0..count {
+        match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(to)).await {
+            Ok(Ok(mut s)) => {
+                // Held only once the server answered (its hello line).
+                let mut first = [0u8; 1];
+                match tokio::time::timeout(Duration::from_secs(5), s.read(&mut first)).await {
+                    Ok(Ok(1)) => held.push(s),
+                    Ok(Ok(_)) => *errors.entry("eof").or_default() += 1,
+                    Ok(Err(e)) => *errors.entry(classify(&e)).or_default() += 1,
+                    Err(_) => *errors.entry("timeout").or_default() += 1,
+                }
+            }
+            Ok(Err(e)) => *errors.entry(classify(&e)).or_default() += 1,
+            Err(_) => *errors.entry("timeout").or_default() += 1,
+        }
+    }
+    emit(json!({"event": "flooded", "ok": held.len(), "errors": errors}));
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    while stdin.next_line().await?.is_some() {}
+    drop(held);
+    Ok(())
+}
+
+/// The start of a TLS 1.3 ClientHello: a peer that stops mid-handshake.
+const CLIENT_HELLO_START: &[u8] = &[
+    0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a,
+    0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a, 0x5a,
+];
+
+async fn halfopen(to: SocketAddr, count: usize, bytes: usize) -> anyhow::Result<()> {
+    let mut held = Vec::new();
+    let mut errors: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let hello = &CLIENT_HELLO_START[..bytes.min(CLIENT_HELLO_START.len())];
+    for _ in 0..count {
+        match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(to)).await {
+            Ok(Ok(mut s)) => match s.write_all(hello).await {
+                Ok(()) => held.push(s),
+                Err(e) => *errors.entry(classify(&e)).or_default() += 1,
+            },
+            Ok(Err(e)) => *errors.entry(classify(&e)).or_default() += 1,
+            Err(_) => *errors.entry("timeout").or_default() += 1,
+        }
+    }
+    emit(json!({"event": "opened", "ok": held.len(), "errors": errors}));
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    while stdin.next_line().await?.is_some() {}
     Ok(())
 }
 

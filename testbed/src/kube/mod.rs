@@ -7,7 +7,26 @@
 //! while kube-rs clients (watchers, reflectors, the CA's TokenReview, the CNI
 //! plugin's GETs) talk to it over real sockets with a written kubeconfig.
 //!
+//! ```no_run
+//! use serde_json::json;
+//! use ztunnel_testbed::kube::{FakeApiServer, TokenInfo};
+//!
+//! # fn main() -> anyhow::Result<()> {
+//! let api = FakeApiServer::start()?;
+//! api.write_kubeconfig(std::path::Path::new("/tmp/kubeconfig"))?; // for `ztunnel run --kubernetes --kubeconfig`
+//! api.create("namespaces", "", json!({ "metadata": { "name": "shop", "labels": { "ztunnel.dev/dataplane": "enabled" } } }))?;
+//! api.create("pods", "shop", json!({ "metadata": { "name": "web-1" }, "spec": { "nodeName": "n1" } }))?;
+//! api.merge_patch("pods", "shop", "web-1", json!({ "status": { "phase": "Running", "podIP": "198.19.1.11" } }))?;
+//! api.register_token("node-token", TokenInfo::new("kube-system", "ztunnel", &["ztunnel-ca"], std::time::Duration::from_secs(3600)));
+//! api.kill_streams(); // every watcher must resume
+//! println!("{:?}", api.counts("pods"));
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # What it implements, as the real server does
+//! - A new server holds the namespaces a new cluster has
+//!   ([`SYSTEM_NAMESPACES`]) and nothing else.
 //! - Resources: core/v1 pods, namespaces, services, nodes;
 //!   discovery.k8s.io/v1 endpointslices; security.ztunnel.dev/v1
 //!   authorizationpolicies (a namespaced custom resource, stored as sent);
@@ -75,6 +94,8 @@
 //!   checks (custom resources are stored as sent), no immutable fields, no
 //!   ClusterIP conflict checks, pods' status is not split from their spec on
 //!   create/update of the main resource.
+//! - Objects a real cluster creates by itself: the `kubernetes` Service and
+//!   its EndpointSlice, nodes, service accounts.
 //! - Graceful deletion, finalizers, owner references and garbage
 //!   collection, namespace termination: DELETE removes the object at once and
 //!   deleting a namespace leaves its objects.
@@ -124,6 +145,9 @@ use self::{
     store::{ListQuery, Patch, Store},
     tokens::Registered,
 };
+
+/// The namespaces every cluster starts with; the fake creates them too.
+pub const SYSTEM_NAMESPACES: [&str; 4] = ["default", "kube-system", "kube-public", "kube-node-lease"];
 
 /// How the fake behaves where tests want to choose.
 #[derive(Debug, Clone)]
@@ -177,7 +201,7 @@ pub struct FakeApiServer {
 }
 
 impl FakeApiServer {
-    /// Starts a server with the default [`Options`] on 127.0.0.1:<ephemeral>.
+    /// Starts a server with the default [`Options`] on an ephemeral port of 127.0.0.1.
     pub fn start() -> anyhow::Result<Self> {
         Self::start_with(Options::default())
     }
@@ -205,6 +229,9 @@ impl FakeApiServer {
             counts: Mutex::default(),
         });
         let server = Self { shared, rt: Some(rt), serving: Mutex::new(None) };
+        for ns in SYSTEM_NAMESPACES {
+            server.create("namespaces", "", json!({ "metadata": { "name": ns } }))?;
+        }
         server.serve(listener);
         Ok(server)
     }
@@ -341,11 +368,18 @@ impl FakeApiServer {
         if let Some(s) = old {
             s.stop.cancel();
             self.kill_streams();
-            self.rt().block_on(async {
+            // Waited for from outside the runtime: the caller may itself be
+            // inside another one (a test's), where block_on would panic.
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            self.rt().spawn(async move {
                 let _ = s.accept.await;
                 s.tracker.close();
                 s.tracker.wait().await;
+                let _ = done_tx.send(());
             });
+            done_rx
+                .recv_timeout(Duration::from_secs(10))
+                .context("the fake API server's connections did not close within 10s")?;
         }
         let listener = {
             let _guard = self.rt().enter();

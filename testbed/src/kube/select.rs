@@ -212,27 +212,19 @@ impl FieldSelector {
 }
 
 fn split_unescaped(text: &str, sep: char) -> Vec<String> {
-    let mut parts = vec![String::new()];
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => {
-                let last = parts.last_mut().map(|p| {
-                    p.push('\\');
-                    p
-                });
-                if let (Some(p), Some(next)) = (last, chars.next()) {
-                    p.push(next);
-                }
-            }
-            c if c == sep => parts.push(String::new()),
-            c => {
-                if let Some(p) = parts.last_mut() {
-                    p.push(c)
-                }
-            }
+    let (mut parts, mut current, mut escaped) = (Vec::new(), String::new(), false);
+    for c in text.chars() {
+        if escaped {
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else if c == sep {
+            parts.push(std::mem::take(&mut current));
+            continue;
         }
+        current.push(c);
     }
+    parts.push(current);
     parts
 }
 

@@ -99,7 +99,7 @@ impl RogueServer {
                 let _ = ready_tx.send(());
                 let (_bundle_tx, bundle_rx) = watch::channel(Arc::new(bundle));
                 let config = tls::server_config(
-                    CurrentCert(Box::new(move || Some(cert.clone()))),
+                    CurrentCert(Box::new(move |_| Some(cert.clone()))),
                     bundle_rx,
                     Expect::TrustDomain("cluster.local".parse().expect("td")),
                     Duration::from_secs(60),
@@ -172,6 +172,7 @@ pub fn hbone_request(
                 Expect::Identity(server_identity),
                 Duration::from_secs(60),
                 &[b"h2"],
+                false,
             )
             .expect("client config");
             let tcp = match tokio::net::TcpStream::connect(target).await {

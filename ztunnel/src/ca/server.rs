@@ -42,12 +42,18 @@ pub struct ServeSettings {
     pub clock_skew: Duration,
 }
 
-/// Runs the signing service until `shutdown`.
 /// Connections the signing service holds open at once.
 const MAX_CONNECTIONS: usize = 1024;
+/// Connections from one address still in their TLS handshake: one node (or
+/// anyone who can reach the port) flooding it cannot starve the renewals of
+/// the others.
+const HANDSHAKES_PER_SOURCE: usize = 16;
+/// Time from accept to an authenticated node.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a client may take to send a request's headers.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Runs the signing service until `shutdown`.
 pub async fn serve(settings: ServeSettings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let dir = CaDir::new(&settings.dir);
     let state = dir.load().with_context(|| format!("loading the CA in {}", settings.dir.display()))?;
@@ -61,7 +67,7 @@ pub async fn serve(settings: ServeSettings, shutdown: CancellationToken) -> anyh
 
     let current = server_cert.clone();
     let tls = tls::server_config(
-        CurrentCert(Box::new(move || current.lock().ok().map(|c| c.1.certified.clone()))),
+        CurrentCert(Box::new(move |_| current.lock().ok().map(|c| c.1.certified.clone()))),
         bundle_rx,
         Expect::AnyNode(td.clone()),
         settings.clock_skew,
@@ -81,6 +87,8 @@ pub async fn serve(settings: ServeSettings, shutdown: CancellationToken) -> anyh
         shutdown.clone(),
     ));
     let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let handshakes =
+        crate::limits::PerSource::handshakes(HANDSHAKES_PER_SOURCE, MAX_CONNECTIONS, Default::default());
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -99,10 +107,17 @@ pub async fn serve(settings: ServeSettings, shutdown: CancellationToken) -> anyh
             tracing::warn!(target: "ca", %peer, "refused connection: {MAX_CONNECTIONS} connections already open");
             continue;
         };
+        let handshake = match handshakes.acquire(peer.ip()) {
+            Ok(h) => h,
+            Err(limit) => {
+                tracing::warn!(target: "ca", %peer, reason = limit.reason(), "refused connection: too many handshakes from it");
+                continue;
+            }
+        };
         let acceptor = acceptor.clone();
         let signer = signer.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(acceptor, stream, signer).await {
+            if let Err(e) = connection(acceptor, stream, signer, handshake).await {
                 tracing::warn!(target: "ca", %peer, "refused connection: {e}");
             }
             drop(permit);
@@ -125,8 +140,10 @@ async fn connection(
     acceptor: TlsAcceptor,
     stream: tokio::net::TcpStream,
     signer: Arc<Signer>,
+    handshake: crate::limits::SourcePermit,
 ) -> anyhow::Result<()> {
-    let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+    crate::sockopt::SocketPolicy::default().apply(&stream);
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
         .await
         .context("TLS handshake timed out")?
         .map_err(|e| {
@@ -144,6 +161,7 @@ async fn connection(
             other => anyhow::bail!("{other} is not a node"),
         }
     };
+    drop(handshake);
     let service = service_fn(move |req| {
         let signer = signer.clone();
         let node = node.clone();

@@ -24,6 +24,8 @@ use crate::{
 #[derive(Debug, Default)]
 pub struct Placement {
     nodes_by_identity: HashMap<SpiffeId, BTreeSet<String>>,
+    /// Every node with a workload.
+    nodes: BTreeSet<String>,
 }
 
 impl Placement {
@@ -34,13 +36,20 @@ impl Placement {
         default_node: Option<&str>,
     ) -> Self {
         let mut nodes_by_identity: HashMap<SpiffeId, BTreeSet<String>> = HashMap::new();
+        let mut nodes = BTreeSet::new();
         for w in workloads {
             let Ok(id) = w.spiffe_id(trust_domain) else { continue };
             if let Some(node) = w.node.as_deref().or(default_node) {
                 nodes_by_identity.entry(id).or_default().insert(node.to_owned());
+                nodes.insert(node.to_owned());
             }
         }
-        Self { nodes_by_identity }
+        Self { nodes_by_identity, nodes }
+    }
+
+    /// Whether `node` is in the mesh (has a workload) now.
+    pub fn has_node(&self, node: &str) -> bool {
+        self.nodes.contains(node)
     }
 
     pub fn is_placed(&self, id: &SpiffeId, node: &str) -> bool {
@@ -222,7 +231,14 @@ impl Signer {
                     Err(refuse("no workload with this identity is placed on the node".into()))
                 }
             }
-            PeerId::Node { node: wanted, .. } if wanted == node => Ok(self.policy.node_lifetime),
+            // A node taken out of the registry keeps nothing: its credential
+            // lapses instead of renewing forever.
+            PeerId::Node { node: wanted, .. } if wanted == node && self.placement().has_node(node) => {
+                Ok(self.policy.node_lifetime)
+            }
+            PeerId::Node { node: wanted, .. } if wanted == node => {
+                Err(refuse("the node is no longer in the registry".into()))
+            }
             PeerId::Node { .. } => Err(refuse("a node may renew only its own node credential".into())),
             PeerId::CaService { .. } => Err(refuse("the CA's own identity is never issued to nodes".into())),
         }

@@ -8,8 +8,9 @@ use std::{
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use ipnet::IpNet;
 use ztunnel_ebpf_common::{
-    AF_INET, AF_INET6, AddrKey, CIDR_KEY_FIXED_BITS, CaptureRecord, CidrKey, ConnTuple, DIRECTION_INBOUND,
-    DIRECTION_OUTBOUND, EnrolledWorkload, PortKey, WORKLOAD_READY,
+    AF_INET, AF_INET6, AddrKey, CIDR_EXCLUDED, CIDR_KEY_FIXED_BITS, CIDR_OWN_ADDRESS, CaptureRecord, CidrKey,
+    ConnTuple, DIRECTION_INBOUND, DIRECTION_OUTBOUND, EnrolledWorkload, PortKey, WORKLOAD_GUARD,
+    WORKLOAD_HOST, WORKLOAD_READY,
 };
 
 use super::COUNTER_NAMES;
@@ -81,9 +82,16 @@ pub struct WorkloadCapture {
     pub workload_id: u32,
     pub cgroup_id: u64,
     pub ready: bool,
+    /// A plain-host workload (in the node's namespace).
+    pub host: bool,
+    /// TCP sockets it may hold at once (0: no limit).
+    pub max_sockets: u32,
     pub exclude_outbound_ports: Vec<u16>,
     pub exclude_outbound_cidrs: Vec<IpNet>,
     pub exclude_inbound_ports: Vec<u16>,
+    /// The workload's own addresses: never captured, and its tunnel's ports
+    /// on them are refused.
+    pub own_addresses: Vec<IpAddr>,
     /// Addresses steered inbound (a pod's own); empty for plain-host workloads.
     pub inbound_addresses: Vec<IpAddr>,
 }
@@ -93,16 +101,32 @@ pub struct WorkloadCapture {
 pub struct DesiredMaps {
     pub enrolled: StdHashMap<u64, EnrolledWorkload>,
     pub excluded_ports: HashSet<PortKey>,
-    pub excluded_cidrs: Vec<(u32, CidrKey)>,
+    /// (prefix length, key, CIDR_EXCLUDED or CIDR_OWN_ADDRESS).
+    pub excluded_cidrs: Vec<(u32, CidrKey, u8)>,
     pub inbound_addrs: StdHashMap<AddrKey, u32>,
 }
 
 impl DesiredMaps {
+    /// A guarded cgroup: tasks below it in no enrolled workload are refused.
+    pub fn add_guard(&mut self, cgroup_id: u64) {
+        self.enrolled.entry(cgroup_id).or_insert(EnrolledWorkload {
+            workload_id: 0,
+            flags: WORKLOAD_GUARD,
+            max_sockets: 0,
+            _pad: 0,
+        });
+    }
+
     pub fn add(&mut self, w: &WorkloadCapture) {
         let id = w.workload_id;
+        let mut flags = if w.ready { WORKLOAD_READY } else { 0 };
+        if w.host {
+            flags |= WORKLOAD_HOST;
+        }
+        // A workload's own entry wins over a guard on the same cgroup.
         self.enrolled.insert(
             w.cgroup_id,
-            EnrolledWorkload { workload_id: id, flags: if w.ready { WORKLOAD_READY } else { 0 } },
+            EnrolledWorkload { workload_id: id, flags, max_sockets: w.max_sockets, _pad: 0 },
         );
         for &port in &w.exclude_outbound_ports {
             self.excluded_ports.insert(PortKey { workload_id: id, port, direction: DIRECTION_OUTBOUND });
@@ -110,11 +134,15 @@ impl DesiredMaps {
         for &port in &w.exclude_inbound_ports {
             self.excluded_ports.insert(PortKey { workload_id: id, port, direction: DIRECTION_INBOUND });
         }
-        for net in &w.exclude_outbound_cidrs {
+        let own = w.own_addresses.iter().map(|a| (IpNet::from(*a), CIDR_OWN_ADDRESS));
+        for (net, value) in w.exclude_outbound_cidrs.iter().map(|n| (*n, CIDR_EXCLUDED)).chain(own) {
             let net = net.trunc();
             let (addr, family) = addr_words(net.addr());
             let key = CidrKey { workload_id: id, family: u32::from(family), addr };
-            self.excluded_cidrs.push((CIDR_KEY_FIXED_BITS + u32::from(net.prefix_len()), key));
+            let prefix = CIDR_KEY_FIXED_BITS + u32::from(net.prefix_len());
+            // An own address is a host prefix: it wins over any exclusion.
+            self.excluded_cidrs.retain(|(p, k, _)| !(*p == prefix && *k == key));
+            self.excluded_cidrs.push((prefix, key, value));
         }
         for ip in &w.inbound_addresses {
             self.inbound_addrs.insert(addr_key(*ip), id);
@@ -186,9 +214,15 @@ mod tests {
             exclude_outbound_ports: vec![53],
             exclude_outbound_cidrs: vec!["198.19.0.9/16".parse().unwrap()],
             exclude_inbound_ports: vec![9090],
+            own_addresses: vec!["198.19.1.2".parse().unwrap()],
             inbound_addresses: vec!["198.19.1.2".parse().unwrap()],
+            ..WorkloadCapture::default()
         });
-        assert_eq!(d.enrolled[&99], EnrolledWorkload { workload_id: 7, flags: WORKLOAD_READY });
+        assert_eq!(d.excluded_cidrs[1].2, CIDR_OWN_ADDRESS, "own addresses are told apart");
+        assert_eq!(
+            d.enrolled[&99],
+            EnrolledWorkload { workload_id: 7, flags: WORKLOAD_READY, max_sockets: 0, _pad: 0 }
+        );
         assert!(d.excluded_ports.contains(&PortKey {
             workload_id: 7,
             port: 53,
@@ -199,7 +233,8 @@ mod tests {
             port: 9090,
             direction: DIRECTION_INBOUND
         }));
-        let (prefix, key) = d.excluded_cidrs[0];
+        let (prefix, key, value) = d.excluded_cidrs[0];
+        assert_eq!(value, CIDR_EXCLUDED);
         assert_eq!(prefix, 64 + 16);
         assert_eq!(key.addr[0].to_ne_bytes(), [198, 19, 0, 0], "host bits cleared");
         assert_eq!(d.inbound_addrs.len(), 1);

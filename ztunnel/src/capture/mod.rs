@@ -22,12 +22,14 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, MapData, MapInfo, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
 };
 use ztunnel_ebpf_common::{
-    AddrKey, CaptureRecord, CidrKey, ConnTuple, DeliveryKey, EnrolledWorkload, PortKey, counter, global_name,
-    map_name, program_name,
+    AddrKey, CaptureRecord, CidrKey, ConnTuple, DeliveryKey, EnrolledWorkload, PortKey, SocketOwner, counter,
+    global_name, map_name, program_name,
 };
+
+pub use ztunnel_ebpf_common::MAP_ABI_VERSION;
 
 pub use self::maps::{
     CaptureCounters, CaptureRecords, CapturedConnection, DesiredMaps, WorkloadCapture, addr_key,
@@ -73,6 +75,8 @@ pub struct CaptureSettings {
     pub tunnel_cgroup: Cgroup,
     pub tunnel_cgroup_id: u64,
     pub max_connections: u32,
+    /// Size of the socket owner map: TCP sockets of workloads on the node.
+    pub max_sockets: u32,
 }
 
 /// The loaded, attached capture programs and their maps.
@@ -85,6 +89,7 @@ pub struct Capture {
     excluded_ports: HashMap<MapData, PortKey, u8>,
     inbound_addrs: HashMap<MapData, AddrKey, u32>,
     inbound_listeners: SockHash<MapData, AddrKey>,
+    workload_sockets: HashMap<MapData, u32, u32>,
     records: Arc<CaptureRecords>,
 
     counters: Arc<CaptureCounters>,
@@ -110,6 +115,7 @@ impl Capture {
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .map_max_entries(map_name::CAPTURED_BY_TUPLE, settings.max_connections)
             .map_max_entries(map_name::CAPTURED_BY_COOKIE, settings.max_connections)
+            .map_max_entries(map_name::SOCKET_OWNERS, settings.max_sockets)
             .load(EBPF_OBJECT)
             .map_err(CaptureError::Load)?;
         check_pinned_maps(&pins)?;
@@ -138,6 +144,8 @@ impl Capture {
         attach_to_cgroup!(CgroupSockAddr, program_name::CONNECT4);
         attach_to_cgroup!(CgroupSockAddr, program_name::CONNECT6);
         attach_to_cgroup!(SockOps, program_name::SOCKOPS);
+        attach_to_cgroup!(CgroupSock, program_name::SOCK_CREATE);
+        attach_to_cgroup!(CgroupSock, program_name::SOCK_RELEASE);
         {
             let name = program_name::DELIVERY_SOCKOPS;
             let err = |source| CaptureError::Program { name, source };
@@ -169,6 +177,7 @@ impl Capture {
             excluded_ports: take_map(&mut ebpf, map_name::EXCLUDED_PORTS)?,
             inbound_addrs: take_map(&mut ebpf, map_name::INBOUND_ADDRS)?,
             inbound_listeners: take_map(&mut ebpf, map_name::INBOUND_LISTENERS)?,
+            workload_sockets: take_map(&mut ebpf, map_name::WORKLOAD_SOCKETS)?,
             records: Arc::new(CaptureRecords::new(take_map(&mut ebpf, map_name::CAPTURED_BY_TUPLE)?)),
 
             counters: Arc::new(CaptureCounters::new(take_map(&mut ebpf, map_name::CAPTURE_COUNTERS)?)),
@@ -187,7 +196,18 @@ impl Capture {
     /// Workload ids by cgroup id, as the pinned map holds them (an earlier
     /// tunnel's, after a restart).
     pub fn enrolled_ids(&self) -> StdHashMap<u64, u32> {
-        self.enrolled.iter().filter_map(Result::ok).map(|(k, v)| (k, v.workload_id)).collect()
+        self.enrolled
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.flags & ztunnel_ebpf_common::WORKLOAD_GUARD == 0)
+            .map(|(k, v)| (k, v.workload_id))
+            .collect()
+    }
+
+    /// TCP sockets each workload holds now, by workload id (the kernel's
+    /// count, against each workload's quota).
+    pub fn workload_sockets(&self) -> StdHashMap<u32, u32> {
+        self.workload_sockets.iter().filter_map(Result::ok).collect()
     }
 
     /// Capture records, shared with the proxies that look them up.
@@ -305,7 +325,7 @@ where
 /// Refuses maps pinned with another layout: reading them would misattribute
 /// connections. (MAP_ABI_VERSION in the pin path makes this a safety net.)
 fn check_pinned_maps(pins: &Pins) -> Result<(), CaptureError> {
-    let sizes: [(&str, u32, u32); 9] = [
+    let sizes: [(&str, u32, u32); 11] = [
         (map_name::ENROLLED_CGROUPS, size_of::<u64>() as u32, size_of::<EnrolledWorkload>() as u32),
         (map_name::CAPTURED_BY_COOKIE, size_of::<u64>() as u32, size_of::<CaptureRecord>() as u32),
         (map_name::CAPTURED_BY_TUPLE, size_of::<ConnTuple>() as u32, size_of::<CaptureRecord>() as u32),
@@ -315,6 +335,8 @@ fn check_pinned_maps(pins: &Pins) -> Result<(), CaptureError> {
         (map_name::INBOUND_LISTENERS, size_of::<AddrKey>() as u32, 4),
         (map_name::CAPTURE_COUNTERS, 4, 8),
         (map_name::DELIVERIES, size_of::<DeliveryKey>() as u32, 1),
+        (map_name::SOCKET_OWNERS, 8, size_of::<SocketOwner>() as u32),
+        (map_name::WORKLOAD_SOCKETS, 4, 4),
     ];
     for (name, key, value) in sizes {
         let path = pins.map(name);
@@ -459,17 +481,17 @@ where
 
 fn sync_cidrs(
     map: &mut LpmTrie<MapData, CidrKey, u8>,
-    desired: &[(u32, CidrKey)],
+    desired: &[(u32, CidrKey, u8)],
 ) -> Result<(), CaptureError> {
     let name = map_name::EXCLUDED_CIDRS;
     let err = |source| CaptureError::Map { name, source };
-    for (prefix_len, data) in desired {
-        map.insert(&aya::maps::lpm_trie::Key::new(*prefix_len, *data), 1, 0).map_err(err)?;
+    for (prefix_len, data, value) in desired {
+        map.insert(&aya::maps::lpm_trie::Key::new(*prefix_len, *data), *value, 0).map_err(err)?;
     }
     let existing = map.keys().collect::<Result<Vec<_>, _>>().map_err(err)?;
     for key in existing {
         let (prefix_len, data) = (key.prefix_len(), key.data());
-        if !desired.iter().any(|(p, d)| *p == prefix_len && *d == data) {
+        if !desired.iter().any(|(p, d, _)| *p == prefix_len && *d == data) {
             match map.remove(&key) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(source) => return Err(err(source)),
@@ -496,4 +518,10 @@ pub const COUNTER_NAMES: [(u32, &str); counter::COUNT as usize] = [
     (counter::INBOUND_UNKNOWN_ADDR, "inbound_unknown_address"),
     (counter::EXCLUDED, "excluded"),
     (counter::DELIVERY_MAP_FULL, "delivery_map_full"),
+    (counter::SELF_CALL, "self_call"),
+    (counter::SOCKET_QUOTA, "socket_quota"),
+    (counter::FOREIGN_SOCKET, "foreign_socket"),
+    (counter::UNENROLLED_IN_GUARD, "unenrolled_in_guard"),
+    (counter::SOCKET_MAP_FULL, "socket_map_full"),
+    (counter::REFUSED_PROTOCOL, "refused_protocol"),
 ];

@@ -3,6 +3,7 @@
 //! Everything is checked before anything is started: a file that loads is a
 //! file the tunnel can run. Every error names the file, the field and the line.
 
+pub mod limits;
 mod locate;
 pub mod registry;
 pub mod service;
@@ -19,6 +20,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize};
 
 pub use self::{
+    limits::{KeepaliveConfig, LimitsConfig, ResolvedLimits},
     locate::Step,
     service::{Endpoint, EndpointSlice, ServiceConfig, ServicePort},
 };
@@ -61,6 +63,8 @@ pub struct Config {
     #[serde(default)]
     pub proxy: ProxyConfig,
     #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
     pub access_log: AccessLogTarget,
     #[serde(default)]
     pub identity: IdentityConfig,
@@ -96,6 +100,21 @@ pub struct NodeConfig {
     /// The node's own addresses: plain-host workloads share them.
     #[serde(default)]
     pub addresses: Vec<IpAddr>,
+    /// Where the tunnel keeps its sockets and tokens: the admin token, the
+    /// CNI plugin's socket (root only).
+    #[serde(default = "default_run_dir")]
+    pub run_dir: PathBuf,
+}
+
+fn default_run_dir() -> PathBuf {
+    PathBuf::from("/var/run/ztunnel")
+}
+
+impl NodeConfig {
+    /// The admin token file.
+    pub fn admin_token(&self) -> PathBuf {
+        self.run_dir.join("admin.token")
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -115,6 +134,15 @@ pub struct CaptureConfig {
     /// new connections are refused (and counted). Fixed when the maps are first
     /// pinned: changing it takes `ztunnel uninstall` first.
     pub max_connections: u32,
+    /// TCP sockets of workloads the node can hold at once (the socket owner
+    /// map; allocated on use). Fixed when the maps are first pinned.
+    pub max_sockets: u32,
+    /// Cgroups whose every task must be in an enrolled workload (e.g. the
+    /// slice of a host's workload units): a task below one in no enrolled
+    /// workload is refused connect(), so a unit restarted into a new cgroup
+    /// fails closed until it is enrolled again (at once: new cgroups below a
+    /// guard are watched) instead of connecting uncaptured.
+    pub guard_cgroups: Vec<PathBuf>,
 }
 
 impl Default for CaptureConfig {
@@ -124,6 +152,8 @@ impl Default for CaptureConfig {
             tunnel_cgroup: None,
             bpf_pin_dir: PathBuf::from("/sys/fs/bpf/ztunnel"),
             max_connections: 65536,
+            max_sockets: ztunnel_ebpf_common::MAX_WORKLOAD_SOCKETS,
+            guard_cgroups: Vec::new(),
         }
     }
 }
@@ -166,6 +196,8 @@ pub struct ProxyConfig {
     /// Threads running the data path. Every wake-up that crosses threads
     /// costs a context switch: on small nodes fewer threads carry more.
     pub worker_threads: usize,
+    /// Keepalive on every socket the tunnel owns.
+    pub tcp_keepalive: KeepaliveConfig,
 }
 
 impl Default for ProxyConfig {
@@ -178,6 +210,7 @@ impl Default for ProxyConfig {
             // The tunnel shares the node's cores with its workloads: half of
             // them (1 on a 2-core node, at most 4) measured best here.
             worker_threads: std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, 4)),
+            tcp_keepalive: KeepaliveConfig::default(),
         }
     }
 }
@@ -478,6 +511,11 @@ impl Config {
         }
     }
 
+    /// TCP sockets one workload may hold (the kernel's quota).
+    pub fn sockets_per_workload(&self) -> u32 {
+        self.limits.sockets_per_workload.unwrap_or((self.capture.max_connections / 4).max(64))
+    }
+
     /// The policies in force, ready to evaluate.
     pub fn policy_set(&self) -> PolicySet<'_> {
         PolicySet {
@@ -565,14 +603,22 @@ impl Config {
             }
         }
         self.validate_addresses()?;
+        self.validate_host_workloads()?;
         self.validate_services()?;
         self.validate_settings()?;
         self.validate_capacity()?;
+        let entry = |list: &str, i: usize, field: &str| {
+            let mut path = vec![key(list), Step::Index(i)];
+            if !field.is_empty() {
+                path.push(key(field));
+            }
+            path
+        };
         if let Some((i, field, message)) = crate::policy::validate::policy_errors(&self.policies) {
-            return Err(Invalid::at([key("policies"), Step::Index(i), key(field)], message));
+            return Err(Invalid::at(entry("policies", i, field), message));
         }
         if let Some((i, field, message)) = crate::policy::validate::emergency_errors(&self.emergency_allows) {
-            return Err(Invalid::at([key("emergency_allows"), Step::Index(i), key(field)], message));
+            return Err(Invalid::at(entry("emergency_allows", i, field), message));
         }
         Ok(())
     }
@@ -614,6 +660,27 @@ impl Config {
                 return Err(Invalid::at(
                     [Step::Key(section.into()), Step::Key(field.into())],
                     "must be at least 1",
+                ));
+            }
+        }
+        if let Some((field, message)) = self.limits.problem() {
+            return Err(Invalid::at([Step::Key("limits".into()), Step::Key(field.into())], message));
+        }
+        let k = &self.proxy.tcp_keepalive;
+        if k.idle.is_zero() || k.interval.is_zero() || k.probes == 0 {
+            return Err(Invalid::at(
+                [Step::Key("proxy".into()), Step::Key("tcp_keepalive".into())],
+                "idle and interval must be more than 0s, probes at least 1",
+            ));
+        }
+        for (i, g) in self.capture.guard_cgroups.iter().enumerate() {
+            if let Some(root) = &self.capture.cgroup_root
+                && g.is_absolute()
+                && !g.starts_with(root)
+            {
+                return Err(Invalid::at(
+                    [Step::Key("capture".into()), Step::Key("guard_cgroups".into()), Step::Index(i)],
+                    format!("{} is outside capture.cgroup_root {}", g.display(), root.display()),
                 ));
             }
         }
@@ -661,6 +728,62 @@ impl Config {
                     [Step::Key("workloads".into())],
                     format!("{n} {what} on node {}; capture holds at most {max}", self.node.name),
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// This node's plain-host workloads share its addresses and are told
+    /// apart by port: with more than one, each names its ports and no port
+    /// is claimed twice. None may claim a tunnel port, and none may be
+    /// strict: its inbound plaintext is not steered to the tunnel (there is
+    /// no namespace of its own to steer in), so strict could not be kept.
+    fn validate_host_workloads(&self) -> Result<(), Invalid> {
+        let hosts: Vec<(usize, &WorkloadConfig)> = self
+            .workloads
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.is_on(&self.node.name) && w.netns.is_none())
+            .collect();
+        let at =
+            |i: usize, field: &str| [Step::Key("workloads".into()), Step::Index(i), Step::Key(field.into())];
+        for (n, &(i, w)) in hosts.iter().enumerate() {
+            if let Some(p) = w.ports.iter().find(|p| ztunnel_ebpf_common::is_tunnel_port(**p, true)) {
+                return Err(Invalid::at(
+                    at(i, "ports"),
+                    format!("port {p} of workload {w} is the tunnel's own"),
+                ));
+            }
+            if self.mtls_mode(w) == MtlsMode::Strict {
+                return Err(Invalid::at(
+                    at(i, "mtls"),
+                    format!(
+                        "workload {w} is a plain-host workload: `mtls: strict` is not supported for those (its inbound \
+                         plaintext cannot be steered to the tunnel); set `mtls: permissive` on it and firewall its ports, \
+                         or run it in a network namespace of its own"
+                    ),
+                ));
+            }
+            for &(j, other) in &hosts[..n] {
+                if w.ports.is_empty() || other.ports.is_empty() {
+                    let (bare, named) = if w.ports.is_empty() { (w, other) } else { (other, w) };
+                    return Err(Invalid::at(
+                        at(i, "ports"),
+                        format!(
+                            "workloads {bare} and {named} both run on node {} and share its addresses: each needs `ports`, \
+                             {bare} has none",
+                            self.node.name
+                        ),
+                    ));
+                }
+                if let Some(p) = w.ports.iter().find(|p| other.ports.contains(p)) {
+                    return Err(Invalid::at(
+                        at(i, "ports"),
+                        format!(
+                            "port {p} is claimed by both workloads[{j}] ({other}) and workloads[{i}] ({w})"
+                        ),
+                    ));
+                }
             }
         }
         Ok(())
@@ -931,6 +1054,36 @@ workloads:
         let yaml = readme.split("```yaml\n").nth(1).and_then(|s| s.split("```").next()).unwrap();
         let c = parse(yaml).unwrap();
         assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    }
+
+    #[test]
+    fn plain_host_workloads_of_a_node_are_told_apart_by_port() {
+        let head = "node: {name: a, addresses: [198.18.0.1]}\nworkloads:\n";
+        let two = |p1: &str, p2: &str| {
+            format!("{head}  - {{name: w1, cgroup: /x{p1}}}\n  - {{name: w2, cgroup: /y{p2}}}\n")
+        };
+        parse(&two(", ports: [7001]", ", ports: [7002]")).unwrap();
+        let err = parse(&two("", ", ports: [7002]")).unwrap_err();
+        assert!(err.contains("workloads default/w1 and default/w2 both run on node a"), "{err}");
+        assert!(err.contains("default/w1 has none"), "{err}");
+        let err = parse(&two(", ports: [7001, 7002]", ", ports: [7002]")).unwrap_err();
+        assert!(
+            err.contains(
+                "port 7002 is claimed by both workloads[0] (default/w1) and workloads[1] (default/w2)"
+            ),
+            "{err}"
+        );
+        let err = parse(&format!("{head}  - {{name: w1, cgroup: /x, ports: [15008]}}\n")).unwrap_err();
+        assert!(err.contains("port 15008 of workload default/w1 is the tunnel's own"), "{err}");
+        let err = parse(&format!("{head}  - {{name: w1, cgroup: /x, mtls: strict}}\n")).unwrap_err();
+        assert!(err.contains("`mtls: strict` is not supported"), "{err}");
+        let ns_strict =
+            format!("{head}  - {{name: w1, cgroup: /x}}\nnamespaces: {{default: {{mtls: strict}}}}\n");
+        assert!(parse(&ns_strict).unwrap_err().contains("plain-host workload"));
+        let overridden = format!(
+            "{head}  - {{name: w1, cgroup: /x, mtls: permissive}}\nnamespaces: {{default: {{mtls: strict}}}}\n"
+        );
+        parse(&overridden).unwrap();
     }
 
     #[test]

@@ -157,6 +157,7 @@ impl RemoteCa {
             Expect::CaService(self.trust_domain.clone()),
             self.clock_skew,
             &[b"http/1.1"],
+            false,
         )
         .map_err(|e| CaClientError::Tls { reason: "tls_config", error: e.to_string() })?;
         let tls = TlsConnector::from(Arc::new(config))

@@ -80,6 +80,11 @@ impl Decision {
         Self::new(Verdict::Deny, "plaintext_refused")
     }
 
+    /// The destination workload left this node (or changed identity).
+    pub fn workload_gone() -> Self {
+        Self::new(Verdict::Deny, "workload_gone")
+    }
+
     /// One line for logs and the CLI.
     pub fn explain(&self) -> String {
         let mut s = format!("{} ({})", self.verdict.as_str(), self.reason);

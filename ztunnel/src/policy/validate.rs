@@ -9,7 +9,8 @@ use super::{
 };
 use crate::workload::Workload;
 
-/// What is wrong with a policy or emergency allow: (index, field, message).
+/// What is wrong with a policy or emergency allow: (index, field, message);
+/// an empty field is the entry itself.
 pub type Problem = (usize, &'static str, String);
 
 /// Errors in policies (index into the list, field, message).
@@ -24,22 +25,64 @@ pub fn policy_errors(policies: &[Policy]) -> Option<Problem> {
         if let Some(j) = policies[..i].iter().position(|q| q.key() == p.key()) {
             return Some((i, "name", format!("policy {} is defined twice (also policies[{j}])", p.key())));
         }
-        for r in &p.rules {
-            for from in &r.from {
-                if let Some(bad) = bad_pattern(&from.source) {
-                    return Some((i, "rules", format!("policy {}: {bad}", p.key())));
+        if let Some(bad) = rule_problems(&p.rules).into_iter().next() {
+            return Some((i, "rules", format!("policy {}: {bad}", p.key())));
+        }
+    }
+    None
+}
+
+/// What is wrong in rules, each naming its place. Every one of these would
+/// load and then never match (or match everything), so a DENY would
+/// silently do nothing: Istio's control plane refuses them too.
+fn rule_problems(rules: &[Rule]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (ri, r) in rules.iter().enumerate() {
+        for (fi, from) in r.from.iter().enumerate() {
+            let at = format!("rules[{ri}].from[{fi}].source");
+            if from.source.is_empty() {
+                out.push(format!(
+                    "{at} is empty: name principals, namespaces or trust domains, or drop the entry"
+                ));
+            }
+            if let Some(bad) = bad_pattern(&from.source) {
+                out.push(format!("{at}: {bad}"));
+            }
+            for p in from.source.principals.iter().chain(&from.source.not_principals) {
+                if let Some(rest) = p.strip_prefix("spiffe://") {
+                    out.push(format!(
+                        "{at}: principal `{p}` never matches: principals are written without `spiffe://`, as `{rest}`"
+                    ));
                 }
             }
-            for to in &r.to {
-                for port in to.operation.ports.iter().chain(&to.operation.not_ports) {
-                    if port != "*" && port.parse::<u16>().is_err() {
-                        return Some((i, "rules", format!("policy {}: `{port}` is not a port", p.key())));
-                    }
+        }
+        for (ti, to) in r.to.iter().enumerate() {
+            let at = format!("rules[{ri}].to[{ti}].operation");
+            if to.operation.is_empty() {
+                out.push(format!("{at} is empty: name ports, or drop the entry"));
+            }
+            for port in to.operation.ports.iter().chain(&to.operation.not_ports) {
+                if let Some(problem) = port_problem(port) {
+                    out.push(format!("{at}: {problem}"));
                 }
             }
         }
     }
-    None
+    out
+}
+
+/// A port is `*` or a number as the connection's port is written: `05432`
+/// or `+5432` would never equal it.
+fn port_problem(port: &str) -> Option<String> {
+    if port == "*" {
+        return None;
+    }
+    match port.trim().parse::<u16>() {
+        Ok(0) => Some("port `0` is not a port".into()),
+        Ok(n) if n.to_string() == port => None,
+        Ok(n) => Some(format!("port `{port}` never matches: write `{n}`")),
+        Err(_) => Some(format!("`{port}` is not a port")),
+    }
 }
 
 /// A source value that is not exact, `prefix*`, `*suffix` or `*`.
@@ -83,6 +126,28 @@ pub fn emergency_errors(allows: &[EmergencyAllow]) -> Option<Problem> {
         }
         if e.namespace.is_empty() {
             return Some((i, "namespace", format!("emergency allow {} needs a namespace", e.key())));
+        }
+        // An exception must say whom it admits and to what: an open door
+        // "for everyone, to everything" is not an exception.
+        if e.from.is_empty() {
+            return Some((
+                i,
+                "",
+                format!(
+                    "emergency allow {} must name whom it admits (`from` with principals or namespaces)",
+                    e.key()
+                ),
+            ));
+        }
+        if e.to.is_empty() {
+            return Some((
+                i,
+                "",
+                format!("emergency allow {} must name what it admits (`to` with ports)", e.key()),
+            ));
+        }
+        if let Some(bad) = rule_problems(std::slice::from_ref(&e.rule())).into_iter().next() {
+            return Some((i, "from", format!("emergency allow {}: {bad}", e.key())));
         }
     }
     None
@@ -223,12 +288,47 @@ mod tests {
             (
                 "policies:\n  - {name: a, namespace: shop, action: ALLOW, rules: [{to: [{operation: {ports: ['http']}}]}]}\n",
                 "node.yaml:5:",
-                "policy shop/a: `http` is not a port",
+                "policy shop/a: rules[0].to[0].operation: `http` is not a port",
+            ),
+            (
+                "policies:\n  - {name: deny-db, namespace: shop, action: DENY, rules: [{to: [{operation: {ports: ['05432']}}]}]}\n",
+                "node.yaml:5:",
+                "policy shop/deny-db: rules[0].to[0].operation: port `05432` never matches: write `5432`",
+            ),
+            (
+                "policies:\n  - {name: deny-db, namespace: shop, action: DENY, rules: [{to: [{operation: {notPorts: ['+5432']}}]}]}\n",
+                "node.yaml:5:",
+                "port `+5432` never matches: write `5432`",
+            ),
+            (
+                "policies:\n  - {name: a, namespace: shop, action: DENY, rules: [{from: [{source: {}}]}]}\n",
+                "node.yaml:5:",
+                "policy shop/a: rules[0].from[0].source is empty",
+            ),
+            (
+                "policies:\n  - {name: a, namespace: shop, action: DENY, rules: [{to: [{operation: {}}]}]}\n",
+                "node.yaml:5:",
+                "policy shop/a: rules[0].to[0].operation is empty",
+            ),
+            (
+                "policies:\n  - {name: a, namespace: shop, action: DENY, rules: [{from: [{source: {principals: ['spiffe://cluster.local/ns/shop/sa/web']}}]}]}\n",
+                "node.yaml:5:",
+                "principal `spiffe://cluster.local/ns/shop/sa/web` never matches: principals are written without `spiffe://`, as `cluster.local/ns/shop/sa/web`",
+            ),
+            (
+                "emergency_allows:\n  - {name: e, namespace: shop, reason: incident, expires: '2030-01-01T00:00:00Z', to: [{operation: {ports: ['5432']}}]}\n",
+                "node.yaml:5:",
+                "emergency allow shop/e must name whom it admits",
+            ),
+            (
+                "emergency_allows:\n  - {name: e, namespace: shop, reason: incident, expires: '2030-01-01T00:00:00Z', from: [{source: {namespaces: [ops]}}]}\n",
+                "node.yaml:5:",
+                "emergency allow shop/e must name what it admits",
             ),
             (
                 "policies:\n  - {name: a, namespace: shop, action: ALLOW, rules: [{from: [{source: {principals: ['cluster.local/*/sa/web']}}]}]}\n",
                 "node.yaml:5:",
-                "policy shop/a: principals value `cluster.local/*/sa/web`",
+                "policy shop/a: rules[0].from[0].source: principals value `cluster.local/*/sa/web`",
             ),
             (
                 "policies:\n  - {name: a, namespace: shop, action: ALLOW}\n  - {name: a, namespace: shop, action: DENY}\n",
@@ -236,7 +336,7 @@ mod tests {
                 "policy shop/a is defined twice",
             ),
             (
-                "emergency_allows:\n  - {name: e, namespace: shop, reason: ' ', expires: '2030-01-01T00:00:00Z'}\n",
+                "emergency_allows:\n  - {name: e, namespace: shop, reason: ' ', expires: '2030-01-01T00:00:00Z', from: [{source: {namespaces: [ops]}}], to: [{operation: {ports: ['1']}}]}\n",
                 "node.yaml:5:",
                 "emergency allow shop/e needs a reason",
             ),
@@ -282,7 +382,7 @@ mod tests {
         );
         assert!(w.is_empty(), "{w:?}");
         let w = warnings(
-            "emergency_allows:\n  - {name: e, namespace: shop, reason: incident, expires: '2020-01-01T00:00:00Z'}\n",
+            "emergency_allows:\n  - {name: e, namespace: shop, reason: incident, expires: '2020-01-01T00:00:00Z', from: [{source: {namespaces: [ops]}}], to: [{operation: {ports: ['1']}}]}\n",
         );
         assert!(w.iter().any(|w| w.contains("emergency allow shop/e has expired")), "{w:?}");
     }

@@ -30,9 +30,58 @@ use crate::{
     workload::LocalWorkload,
 };
 
+/// A connection admitted to a local workload.
+pub struct Admitted {
+    /// The workload as the decision saw it.
+    pub target: Arc<LocalWorkload>,
+    /// Keeps the connection revocable while it is open.
+    pub registration: Registration,
+}
+
+/// Decides a connection from `caller` (None: plaintext) to the local
+/// workload `workload_id` on `port` and, when it is admitted, registers it,
+/// both under the lock that revalidation takes and with the state in force
+/// then: a reload between the decision and the registration cannot miss it.
+/// `identity`: the identity the caller's connection was made to (HBONE); a
+/// workload that changed identity since is refused like one that left.
+pub fn admit(
+    ctx: &ProxyContext,
+    caller: Option<&SpiffeId>,
+    workload_id: u32,
+    identity: Option<&SpiffeId>,
+    port: u16,
+    entry: &mut Entry,
+) -> Result<Admitted, (super::Failure, String)> {
+    let mut open = ctx.open.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let state = ctx.state.borrow().clone();
+    let target = match state.local.get(&workload_id) {
+        Some(t) if identity.is_none_or(|i| *i == t.workload.identity) => t.clone(),
+        _ => {
+            return Err((
+                super::Failure::UnknownWorkload,
+                format!("workload {workload_id} is no longer enrolled under this identity"),
+            ));
+        }
+    };
+    entry.destination_workload = Some(target.workload.key());
+    entry.destination_identity = Some(target.workload.identity.to_string());
+    let decision = decide(ctx, &state, caller, &target, port, entry);
+    if !decision.verdict.admits() {
+        let failure = if decision.reason == "plaintext_refused" {
+            super::Failure::PlaintextRefused
+        } else {
+            super::Failure::PolicyDenied(decision.reason)
+        };
+        return Err((failure, decision.explain()));
+    }
+    let registration =
+        ctx.open.insert(&mut open, caller.cloned(), target.id, target.workload.identity.clone(), port);
+    Ok(Admitted { target, registration })
+}
+
 /// Decides a connection from `caller` (None: plaintext) to `target` on
 /// `port`, and records the decision in `entry` and the metrics.
-pub fn decide(
+fn decide(
     ctx: &ProxyContext,
     state: &State,
     caller: Option<&SpiffeId>,
@@ -72,6 +121,7 @@ pub fn record(decision: &Decision, entry: &mut Entry) {
 struct Open {
     source: Option<SpiffeId>,
     workload_id: u32,
+    identity: SpiffeId,
     port: u16,
     revoke: CancellationToken,
     revoked_by: Arc<Mutex<Option<Decision>>>,
@@ -109,36 +159,51 @@ impl Drop for Registration {
 }
 
 impl OpenConnections {
-    pub fn register(self: &Arc<Self>, source: Option<SpiffeId>, workload_id: u32, port: u16) -> Registration {
+    fn insert(
+        self: &Arc<Self>,
+        open: &mut HashMap<u64, Open>,
+        source: Option<SpiffeId>,
+        workload_id: u32,
+        identity: SpiffeId,
+        port: u16,
+    ) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let revoke = CancellationToken::new();
         let revoked_by = Arc::new(Mutex::new(None));
-        if let Ok(mut open) = self.open.lock() {
-            open.insert(
-                id,
-                Open { source, workload_id, port, revoke: revoke.clone(), revoked_by: revoked_by.clone() },
-            );
-        }
+        open.insert(
+            id,
+            Open {
+                source,
+                workload_id,
+                identity,
+                port,
+                revoke: revoke.clone(),
+                revoked_by: revoked_by.clone(),
+            },
+        );
         Registration { id, owner: self.clone(), revoke, revoked_by }
     }
 
     /// Decides every open connection again under `state`; closes those now
-    /// denied (by policy, or plaintext to a workload now strict). Returns how
-    /// many were closed.
+    /// denied (by policy, or plaintext to a workload now strict) and those
+    /// whose workload left the node or changed identity. Returns how many
+    /// were closed.
     pub fn revalidate(&self, state: &State) -> usize {
-        let Ok(open) = self.open.lock() else { return 0 };
+        let open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = SystemTime::now();
         let mut closed = 0;
         for conn in open.values().filter(|c| !c.revoke.is_cancelled()) {
-            let Some(target) = state.local.get(&conn.workload_id) else { continue };
-            let decision = policy::decide(
-                &state.config,
-                &target.config,
-                &target.workload,
-                conn.source.as_ref(),
-                conn.port,
-                now,
-            );
+            let decision = match state.local.get(&conn.workload_id) {
+                Some(target) if target.workload.identity == conn.identity => policy::decide(
+                    &state.config,
+                    &target.config,
+                    &target.workload,
+                    conn.source.as_ref(),
+                    conn.port,
+                    now,
+                ),
+                _ => Decision::workload_gone(),
+            };
             if decision.verdict == Verdict::Deny {
                 if let Ok(mut by) = conn.revoked_by.lock() {
                     *by = Some(decision);

@@ -23,7 +23,6 @@
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{FromRawFd as _, IntoRawFd as _},
-    time::Duration,
 };
 
 use rtnetlink::{
@@ -35,8 +34,9 @@ use rtnetlink::{
 };
 use tokio::net::TcpStream;
 
-use super::Failure;
-use crate::netns::Netns;
+use super::{Failure, ProxyContext};
+use crate::limits::LimitExceeded;
+use crate::{netns::Netns, workload::LocalWorkload};
 
 pub use ztunnel_ebpf_common::DELIVERY_MARK;
 /// The routing table holding `local default dev lo`.
@@ -121,20 +121,33 @@ fn ignore_exists(r: Result<(), rtnetlink::Error>) -> Result<(), rtnetlink::Error
     }
 }
 
-/// Connects to `dst` inside `netns` with `source` (the caller's address) as
-/// the source, when the families match; otherwise from the workload's own
-/// address. The source port is picked at connect() from the whole 4-tuple
-/// (IP_BIND_ADDRESS_NO_PORT), so ports in TIME_WAIT toward other
-/// destinations are not lost; the delivery sockops program registers the
-/// connection before its SYN leaves.
+/// Connects to `dst` inside `target`'s namespace with `source` (the caller's
+/// address) as the source, when the families match; otherwise from the
+/// workload's own address. The source port is picked at connect() from the
+/// whole 4-tuple (IP_BIND_ADDRESS_NO_PORT), so ports in TIME_WAIT toward
+/// other destinations are not lost; the delivery sockops program registers
+/// the connection before its SYN leaves. A workload has only so many
+/// deliveries in flight (`limits.deliveries_per_workload`): one that does
+/// not answer cannot fill the registrations every workload needs.
 pub async fn connect_as(
-    netns: &Netns,
+    ctx: &ProxyContext,
+    target: &LocalWorkload,
     source: IpAddr,
     dst: SocketAddr,
-    timeout: Duration,
 ) -> Result<TcpStream, (Failure, String)> {
+    let budget = ctx.budgets.of(target.id);
+    let Ok(_in_flight) = budget.deliveries.try_acquire() else {
+        ctx.metrics.limit_refused(LimitExceeded::Deliveries);
+        return Err((
+            Failure::Limit(LimitExceeded::Deliveries),
+            format!("{} has too many connections being opened to it", target.workload.key()),
+        ));
+    };
+    let timeout = ctx.connect_timeout;
     let transparent = source.is_ipv4() == dst.is_ipv4() && source != dst.ip();
-    let socket = netns.socket_for(dst).await.map_err(|e| (Failure::Io, format!("delivery socket: {e}")))?;
+    let socket =
+        target.netns.socket_for(dst).await.map_err(|e| (Failure::Io, format!("delivery socket: {e}")))?;
+    ctx.sockets.apply(&socket);
     if transparent {
         let configure = || -> std::io::Result<()> {
             if dst.is_ipv4() {

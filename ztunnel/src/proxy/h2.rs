@@ -11,12 +11,14 @@
 //! * Both sides send a PING every 10 s and drop a connection that does not
 //!   answer within 20 s.
 
-use std::{io, time::Duration};
+use std::{io, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
+use tokio::sync::watch;
 
 use super::relay::{ChunkRead, ChunkWrite};
+use crate::limits::Budget;
 
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
@@ -83,6 +85,8 @@ pub fn h2_to_io(e: h2::Error) -> io::Error {
 /// The receiving half of a CONNECT stream.
 pub struct H2Reader {
     state: ReaderState,
+    /// Told when the CONNECT is answered (client streams).
+    answered: Option<watch::Sender<bool>>,
 }
 
 enum ReaderState {
@@ -101,17 +105,23 @@ pub struct ConnectRefused {
 
 impl H2Reader {
     pub fn new(recv: RecvStream) -> Self {
-        Self { state: ReaderState::Body(recv) }
+        Self { state: ReaderState::Body(recv), answered: None }
     }
 
-    /// The response side of a client stream whose CONNECT is still pending.
-    pub fn awaiting(response: h2::client::ResponseFuture) -> Self {
-        Self { state: ReaderState::Awaiting(response) }
+    /// The response side of a client stream whose CONNECT is still pending;
+    /// `answered` learns when it is answered (the writer's early data waits
+    /// on it).
+    pub fn awaiting(response: h2::client::ResponseFuture, answered: watch::Sender<bool>) -> Self {
+        Self { state: ReaderState::Awaiting(response), answered: Some(answered) }
     }
 
     async fn body(&mut self) -> io::Result<&mut RecvStream> {
         if let ReaderState::Awaiting(response) = &mut self.state {
-            let response = response.await.map_err(h2_to_io)?;
+            let response = response.await;
+            if let Some(a) = self.answered.take() {
+                let _ = a.send(true);
+            }
+            let response = response.map_err(h2_to_io)?;
             let status = response.status().as_u16();
             if status != 200 {
                 return Err(io::Error::new(io::ErrorKind::ConnectionRefused, ConnectRefused { status }));
@@ -154,11 +164,77 @@ impl ChunkRead for H2Reader {
 /// The sending half of a CONNECT stream.
 pub struct H2Writer {
     send: SendStream<Bytes>,
+    early: Option<EarlyData>,
+}
+
+/// Bytes a client sends before its CONNECT is answered: the tunnel holds
+/// them for a destination that may be slow to answer, so they are bounded
+/// per stream and, through the source workload's budget, per workload. Past
+/// either bound the client is read no further until the answer comes.
+pub struct EarlyData {
+    answered: watch::Receiver<bool>,
+    per_stream: usize,
+    sent: usize,
+    budget: Arc<Budget>,
+    /// Bytes taken from the budget, given back once answered.
+    held: usize,
+}
+
+impl EarlyData {
+    /// A pair for one stream: the reader's side, and the writer's gate.
+    pub fn new(per_stream: usize, budget: Arc<Budget>) -> (watch::Sender<bool>, Self) {
+        let (tx, answered) = watch::channel(false);
+        (tx, Self { answered, per_stream, sent: 0, budget, held: 0 })
+    }
+
+    fn release(&mut self) {
+        self.budget.early_data.add_permits(std::mem::take(&mut self.held));
+    }
+}
+
+impl Drop for EarlyData {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl H2Writer {
     pub fn new(send: SendStream<Bytes>) -> Self {
-        Self { send }
+        Self { send, early: None }
+    }
+
+    /// A client stream whose early data is bounded by `early`.
+    pub fn with_early_data(send: SendStream<Bytes>, early: EarlyData) -> Self {
+        Self { send, early: Some(early) }
+    }
+
+    /// How much of `len` bytes may go now; waits for the answer when nothing
+    /// may. Once the stream is answered there is no bound.
+    async fn early_allowance(&mut self, len: usize) -> usize {
+        let Some(early) = &mut self.early else { return len };
+        loop {
+            if *early.answered.borrow() {
+                early.release();
+                self.early = None;
+                return len;
+            }
+            let room = early.per_stream.saturating_sub(early.sent).min(len);
+            let available = early.budget.early_data.available_permits().min(room);
+            if available > 0
+                && let Ok(p) = early.budget.early_data.try_acquire_many(available as u32)
+            {
+                p.forget();
+                early.held += available;
+                early.sent += available;
+                return available;
+            }
+            // Nothing may go until the answer (or the stream's end).
+            if early.answered.changed().await.is_err() {
+                early.release();
+                self.early = None;
+                return len;
+            }
+        }
     }
 
     /// Resets the stream: how a TCP reset crosses HBONE.
@@ -169,6 +245,21 @@ impl H2Writer {
 
 impl ChunkWrite for H2Writer {
     async fn write_chunk(&mut self, mut chunk: Bytes) -> io::Result<()> {
+        while self.early.is_some() && !chunk.is_empty() {
+            let n = self.early_allowance(chunk.len()).await;
+            let part = chunk.split_to(n);
+            self.send_all(part).await?;
+        }
+        self.send_all(chunk).await
+    }
+
+    async fn finish(&mut self) -> io::Result<()> {
+        self.send.send_data(Bytes::new(), true).map_err(h2_to_io)
+    }
+}
+
+impl H2Writer {
+    async fn send_all(&mut self, mut chunk: Bytes) -> io::Result<()> {
         while !chunk.is_empty() {
             self.send.reserve_capacity(chunk.len());
             let granted = std::future::poll_fn(|cx| self.send.poll_capacity(cx)).await;
@@ -183,9 +274,5 @@ impl ChunkWrite for H2Writer {
             self.send.send_data(chunk.split_to(n), false).map_err(h2_to_io)?;
         }
         Ok(())
-    }
-
-    async fn finish(&mut self) -> io::Result<()> {
-        self.send.send_data(Bytes::new(), true).map_err(h2_to_io)
     }
 }

@@ -3,14 +3,19 @@
 //! The accepted socket's local address is the original destination (the pod's
 //! address and the port the caller dialled). A workload in `strict` mTLS mode
 //! refuses them (reset); in `permissive` mode they are handed to the workload
-//! with the caller's address as source, and counted as plaintext.
+//! with the caller's address as source, and counted as plaintext. A
+//! connection that reached the listener without being steered (dialled
+//! directly, or the tunnel's own delivery come back) is refused: carried, it
+//! would loop or lose its caller's identity.
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::TcpStream;
 
+use ztunnel_ebpf_common::{DELIVERY_MARK, is_tunnel_port};
+
 use super::{Failure, ProxyContext, authz, delivery, outbound::relay_tcp};
-use crate::{access_log::Entry, config::MtlsMode, sockopt};
+use crate::{access_log::Entry, sockopt, workload::canonical};
 
 pub async fn handle_plaintext(stream: TcpStream, peer: SocketAddr, workload_id: u32, ctx: Arc<ProxyContext>) {
     let started = Instant::now();
@@ -45,29 +50,43 @@ async fn carry(
         Err(e) => return refuse(&stream, Failure::Io, e.to_string()),
     };
     entry.destination_address = original_dst.to_string();
-    let state = ctx.state.borrow().clone();
-    let Some(workload) = state.local.get(&workload_id).cloned() else {
-        return refuse(&stream, Failure::UnknownWorkload, format!("workload id {workload_id}"));
-    };
-    entry.destination_workload = Some(workload.workload.key());
-    entry.destination_identity = Some(workload.workload.identity.to_string());
-    let mode = state.config.mtls_mode(&workload.config);
-    if mode == MtlsMode::Strict {
+    // Steered connections keep the address and port the caller dialled; one
+    // that names the listener itself dialled it directly (from inside the
+    // namespace), and would be delivered back into this listener forever.
+    let ip = canonical(original_dst.ip());
+    if ip.is_loopback() || ip.is_unspecified() || is_tunnel_port(original_dst.port(), false) {
         return refuse(
             &stream,
-            Failure::PlaintextRefused,
-            format!("{} is in strict mTLS mode: plaintext from {peer} refused", workload.workload.key()),
+            Failure::SelfCall,
+            format!("{peer} dialled the tunnel's {original_dst} directly"),
         );
     }
-    let decision = authz::decide(ctx, &state, None, &workload, original_dst.port(), entry);
-    if !decision.verdict.admits() {
-        return refuse(&stream, Failure::PolicyDenied(decision.reason), decision.explain());
+    // With tcp_fwmark_accept, a SYN of the tunnel's own delivery marks the
+    // socket it lands on: that delivery lost its registration (a full map)
+    // and was steered back here. Carrying it would hand the workload a
+    // connection with the caller's identity lost; it is refused instead.
+    if sockopt::mark(&stream).is_ok_and(|m| m == DELIVERY_MARK) {
+        tracing::warn!(%peer, %original_dst, "a delivery came back to the tunnel (registration lost): refused");
+        return refuse(&stream, Failure::DeliveryLoop, format!("delivery from {peer} was not registered"));
     }
-    let registration = ctx.open.register(None, workload.id, original_dst.port());
-    let upstream =
-        match delivery::connect_as(&workload.netns, peer.ip(), original_dst, ctx.connect_timeout).await {
-            Ok(s) => s,
-            Err((failure, error)) => return refuse(&stream, failure, error),
-        };
-    relay_tcp(stream, upstream, entry, Some(&registration)).await
+    let admitted = match authz::admit(ctx, None, workload_id, None, original_dst.port(), entry) {
+        Ok(a) => a,
+        Err((failure, error)) => return refuse(&stream, failure, error),
+    };
+    let workload = admitted.target.clone();
+    let _permit = match ctx.limits.acquire(workload.id) {
+        Ok(p) => p,
+        Err(limit) => {
+            return refuse(
+                &stream,
+                Failure::Limit(limit),
+                format!("{} is at a limit", workload.workload.key()),
+            );
+        }
+    };
+    let upstream = match delivery::connect_as(ctx, &workload, peer.ip(), original_dst).await {
+        Ok(s) => s,
+        Err((failure, error)) => return refuse(&stream, failure, error),
+    };
+    relay_tcp(stream, upstream, entry, Some(&admitted.registration)).await
 }

@@ -21,9 +21,10 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::net::TcpStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use crate::limits::{ConnectionLimits, LimitExceeded, PerSource, WorkloadBudgets};
 use crate::{
     access_log::AccessLog, capture::CaptureRecords, identity::manager::CertManager, metrics::Metrics,
-    netns::Netns, state::StateWatch,
+    netns::Netns, sockopt::SocketPolicy, state::StateWatch,
 };
 
 /// What every connection handler needs.
@@ -36,6 +37,20 @@ pub struct ProxyContext {
     pub pool: Arc<hbone::pool::Pool>,
     /// Admitted inbound connections, re-decided when policy changes.
     pub open: Arc<authz::OpenConnections>,
+    /// Connections carried, in all and per workload.
+    pub limits: Arc<ConnectionLimits>,
+    /// Inbound HBONE connections still in their handshake, per source.
+    pub handshakes: Arc<PerSource>,
+    /// Authenticated inbound HBONE connections, per source.
+    pub hbone_sources: Arc<PerSource>,
+    /// Early data and in-flight deliveries, per workload.
+    pub budgets: WorkloadBudgets,
+    /// Early data one HBONE stream may send before its answer.
+    pub early_data_per_stream: usize,
+    /// From accept to an authenticated caller on :15008.
+    pub handshake_timeout: Duration,
+    /// Keepalive and close behaviour of every socket.
+    pub sockets: SocketPolicy,
 
     pub connect_timeout: Duration,
     /// How long a connection waits for its workload's first certificate.
@@ -67,8 +82,16 @@ pub enum Failure {
     BadRequest,
     /// `:authority` names another address than the connection reached.
     AuthorityMismatch,
-    /// `:authority` targets one of the tunnel's own ports.
+    /// A workload calling its own tunnel: a tunnel port, or a loopback
+    /// address, as the destination.
     SelfCall,
+    /// A connection the tunnel made to deliver to a workload came back to it
+    /// (its registration was lost): refused, never carried as plaintext.
+    DeliveryLoop,
+    /// A limit of the tunnel's (see `limits`).
+    Limit(LimitExceeded),
+    /// A service address with no ready endpoint for the port.
+    NoEndpoint,
     /// Opening the HBONE stream failed; the reason comes from the TLS or
     /// HTTP/2 layer (expired, unknown_ca, wrong_identity, policy_denied, ...).
     Hbone(&'static str),
@@ -97,6 +120,9 @@ impl Failure {
             Failure::BadRequest => "bad_request",
             Failure::AuthorityMismatch => "authority_mismatch",
             Failure::SelfCall => "self_call",
+            Failure::DeliveryLoop => "delivery_loop",
+            Failure::Limit(l) => l.reason(),
+            Failure::NoEndpoint => "no_endpoint",
             Failure::Hbone(reason) => reason,
             Failure::PlaintextRefused => "plaintext_refused",
             Failure::PolicyDenied(reason) => reason,
@@ -109,8 +135,14 @@ impl Failure {
 /// Dials `dst` from inside `netns` (the source workload's, so the peer sees
 /// the workload's own address); the socket belongs to the tunnel's cgroup and
 /// is therefore never captured.
-pub async fn dial(netns: &Netns, dst: SocketAddr, timeout: Duration) -> Result<TcpStream, (Failure, String)> {
+pub async fn dial(
+    netns: &Netns,
+    dst: SocketAddr,
+    timeout: Duration,
+    sockets: &SocketPolicy,
+) -> Result<TcpStream, (Failure, String)> {
     let socket = netns.tcp_socket(dst).await.map_err(|e| (Failure::Io, e.to_string()))?;
+    sockets.apply(&socket);
     match tokio::time::timeout(timeout, socket.connect(dst)).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) => Err((Failure::DestinationUnreachable, e.to_string())),
@@ -134,6 +166,7 @@ where
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
+                ctx.sockets.apply(&stream);
                 ctx.connections.spawn(handle(stream, peer));
             }
             Err(e) => {

@@ -19,7 +19,10 @@ use tokio::net::TcpStream;
 
 use super::{
     Failure, ProxyContext, dial,
-    hbone::{HBONE_PORT, connect_request, pool::PoolKey},
+    hbone::{
+        HBONE_PORT, connect_request,
+        pool::{EarlyBounds, PoolKey},
+    },
     relay::{self, BufReader, Writer},
 };
 use crate::{
@@ -117,6 +120,14 @@ async fn carry(
     if !scope.admits(&source) {
         return refuse(&stream, Failure::WrongListener, format!("{scope:?}"));
     }
+    let _permit = match ctx.limits.acquire(source.id) {
+        Ok(p) => p,
+        Err(limit) => {
+            let error =
+                format!("{} is at a limit ({} open)", source.workload.key(), ctx.limits.of(source.id));
+            return refuse(&stream, Failure::Limit(limit), error);
+        }
+    };
     let destination = state.registry.find(captured.original_dst).cloned();
     if let Some(d) = &destination {
         entry.destination_workload = Some(d.key());
@@ -135,16 +146,23 @@ async fn carry(
                     ),
                 );
             }
-            let upstream = match dial(&source.netns, captured.original_dst, ctx.connect_timeout).await {
-                Ok(s) => s,
-                Err((failure, error)) => return refuse(&stream, failure, error),
-            };
+            let upstream =
+                match dial(&source.netns, captured.original_dst, ctx.connect_timeout, &ctx.sockets).await {
+                    Ok(s) => s,
+                    Err((failure, error)) => return refuse(&stream, failure, error),
+                };
             entry.source_address = upstream.local_addr().ok().map(|a| a.to_string());
             relay_tcp(stream, upstream, entry, None).await
         }
         Route::Hbone(destination) => {
             entry.mode = "hbone";
             entry.connection_security_policy = "mutual_tls";
+            // A mesh workload's tunnel ports are its tunnel's: the callee
+            // would refuse them; so does the caller, without a round trip.
+            if super::hbone::is_reserved_port(captured.original_dst.port()) {
+                let error = format!("{} is a tunnel port", captured.original_dst);
+                return refuse(&stream, Failure::SelfCall, error);
+            }
             let credential = match ctx.certs.wait(&source.workload.identity, ctx.cert_wait).await {
                 Ok(c) => c,
                 Err(e) => return refuse(&stream, Failure::NoCertificate, e.to_string()),
@@ -157,9 +175,12 @@ async fn carry(
                 source_identity: source.workload.identity.clone(),
                 destination_identity: destination.identity.clone(),
                 destination: SocketAddr::new(captured.original_dst.ip(), HBONE_PORT),
+                shared_address: state.registry.is_shared(captured.original_dst.ip()),
             };
             let request = connect_request(captured.original_dst, &source.workload, source_addr);
-            let hbone = match ctx.pool.open(&key, &source.netns, &credential, request).await {
+            let early =
+                EarlyBounds { per_stream: ctx.early_data_per_stream, budget: ctx.budgets.of(source.id) };
+            let hbone = match ctx.pool.open(&key, &source.netns, &credential, request, &early).await {
                 Ok(s) => s,
                 Err(e) => return refuse(&stream, Failure::Hbone(e.reason()), e.to_string()),
             };
@@ -192,7 +213,11 @@ pub(super) async fn relay_tcp(
             sockopt::reset_on_close(&upstream);
             Err(super::authz::revoked(registration, entry))
         }
-        Some(Ok(())) => Ok(()),
+        Some(Ok(())) => {
+            sockopt::graceful_close(&downstream);
+            sockopt::graceful_close(&upstream);
+            Ok(())
+        }
         Some(Err(e)) => {
             // The side that did not fail learns of it the way TCP says.
             match e.side {
@@ -220,7 +245,10 @@ async fn relay_tcp_h2(
     entry.bytes_sent = transferred.sent();
     entry.bytes_received = transferred.received();
     match result {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            sockopt::graceful_close(&downstream);
+            Ok(())
+        }
         Err(e) => {
             match e.side {
                 relay::Side::Downstream => writer.reset(),

@@ -2,9 +2,12 @@
 //! SPIFFE identity (not by DNS name), for HBONE between tunnels and for node
 //! tunnels talking to the CA.
 //!
-//! Every configuration is TLS 1.3 only, sends no SNI and disables session
-//! resumption, as Istio's ztunnel does: each connection proves its identity
-//! with a full handshake against the current certificates and trust bundle.
+//! Every configuration is TLS 1.3 only and disables session resumption, as
+//! Istio's ztunnel does: each connection proves its identity with a full
+//! handshake against the current certificates and trust bundle. No SNI is
+//! sent, except to a node address several plain-host workloads share: there
+//! SNI names the destination port, so the node presents that port's
+//! workload's certificate (Istio never calls such an address).
 
 pub mod verify;
 
@@ -179,8 +182,12 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 }
 
 /// Presents whatever certificate the source currently holds, so renewals take
-/// effect on the next handshake without touching listeners.
-pub struct CurrentCert(pub Box<dyn Fn() -> Option<Arc<CertifiedKey>> + Send + Sync>);
+/// effect on the next handshake without touching listeners. The closure gets
+/// the client's SNI, if it sent one.
+pub struct CurrentCert(pub Box<CertForSni>);
+
+/// Picks the certificate to present, given the client's SNI.
+pub type CertForSni = dyn Fn(Option<&str>) -> Option<Arc<CertifiedKey>> + Send + Sync;
 
 impl fmt::Debug for CurrentCert {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -189,8 +196,8 @@ impl fmt::Debug for CurrentCert {
 }
 
 impl ResolvesServerCert for CurrentCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        (self.0)()
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        (self.0)(hello.server_name())
     }
 }
 
@@ -207,20 +214,22 @@ impl rustls::client::ResolvesClientCert for FixedClientCert {
     }
 }
 
-/// A client configuration presenting `cert`, requiring the server to be `expect`.
+/// A client configuration presenting `cert`, requiring the server to be
+/// `expect`; `sni`: whether the server name given at connect is sent.
 pub fn client_config(
     cert: Arc<CertifiedKey>,
     bundle: BundleSource,
     expect: Expect,
     skew: Duration,
     alpn: &[&[u8]],
+    sni: bool,
 ) -> Result<ClientConfig, rustls::Error> {
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(SpiffeServerVerifier::new(bundle, expect, skew))
         .with_client_cert_resolver(Arc::new(FixedClientCert(cert)));
-    config.enable_sni = false;
+    config.enable_sni = sni;
     config.resumption = Resumption::disabled();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
@@ -265,14 +274,14 @@ mod tests {
     ) -> (Result<(), rustls::Error>, Result<(), rustls::Error>) {
         let skew = Duration::from_secs(60);
         let server = server_config(
-            CurrentCert(Box::new(move || Some(server_cert.clone()))),
+            CurrentCert(Box::new(move |_| Some(server_cert.clone()))),
             bundle.clone(),
             Expect::TrustDomain("cluster.local".parse().unwrap()),
             skew,
             &[b"h2"],
         )
         .unwrap();
-        let client = client_config(client_cert, bundle, client_expects, skew, &[b"h2"]).unwrap();
+        let client = client_config(client_cert, bundle, client_expects, skew, &[b"h2"], false).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {

@@ -5,17 +5,70 @@
 pub mod pool;
 pub mod server;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
-use http::{HeaderValue, Method, Request, Version};
+use http::{HeaderValue, Method, Request, StatusCode, Uri, Version};
 
-use crate::workload::Workload;
+use super::Failure;
+use crate::workload::{Workload, canonical};
 
 pub const HBONE_PORT: u16 = 15008;
 pub const ALPN_H2: &[u8] = b"h2";
 
-/// Ports a CONNECT may never target: the tunnel's own listeners.
-pub const RESERVED_PORTS: [u16; 3] = [15001, 15006, 15008];
+/// Whether a CONNECT may never target `port`: the tunnel's own listeners
+/// and endpoints (Istio's `illegal_ports`).
+pub fn is_reserved_port(port: u16) -> bool {
+    ztunnel_ebpf_common::is_tunnel_port(port, true)
+}
+
+/// Why the server refuses a CONNECT before anything is dialled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectRefusal {
+    pub status: StatusCode,
+    pub failure: Failure,
+    pub error: String,
+}
+
+/// Checks a CONNECT as the server receives it: a CONNECT to `ip:port`
+/// (IPv6 in brackets) naming exactly the address the connection reached
+/// (`landed`), never a loopback or unspecified address and never one of
+/// the tunnel's own ports. Returns the destination. Takes anything a peer
+/// sends: it never panics.
+pub fn check_connect(method: &Method, uri: &Uri, landed: IpAddr) -> Result<SocketAddr, ConnectRefusal> {
+    let refuse = |status, failure, error: String| Err(ConnectRefusal { status, failure, error });
+    if method != Method::CONNECT {
+        return refuse(StatusCode::BAD_REQUEST, Failure::BadRequest, format!("{method} is not CONNECT"));
+    }
+    if uri.scheme().is_some() || uri.path_and_query().is_some_and(|p| !p.as_str().is_empty() && p != "/") {
+        return refuse(StatusCode::BAD_REQUEST, Failure::BadRequest, format!("`{uri}` is not ip:port"));
+    }
+    let Some(dst) = parse_authority(uri.authority()) else {
+        return refuse(StatusCode::BAD_REQUEST, Failure::BadRequest, format!("`{uri}` is not ip:port"));
+    };
+    let ip = canonical(dst.ip());
+    if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            Failure::SelfCall,
+            format!("{dst}: not a workload's address"),
+        );
+    }
+    if ip != canonical(landed) {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            Failure::AuthorityMismatch,
+            format!("{dst} is not the address this connection reached ({landed})"),
+        );
+    }
+    if is_reserved_port(dst.port()) || dst.port() == 0 {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Failure::SelfCall,
+            format!("port {} is the tunnel's own", dst.port()),
+        );
+    }
+    Ok(dst)
+}
 
 /// Why an HBONE stream could not be opened.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -28,6 +81,8 @@ pub enum HboneError {
     Protocol { target: SocketAddr, error: String },
     #[error("{target} answered {status}")]
     Status { target: SocketAddr, status: u16 },
+    #[error("no pooled connection to {target} had room within {waited:?}")]
+    PoolTimeout { target: SocketAddr, waited: std::time::Duration },
 }
 
 impl HboneError {
@@ -38,6 +93,7 @@ impl HboneError {
             HboneError::Tls { reason, .. } => reason,
             HboneError::Protocol { .. } => "hbone_protocol",
             HboneError::Status { status, .. } => status_reason(*status),
+            HboneError::PoolTimeout { .. } => "pool_timeout",
         }
     }
 }
@@ -90,9 +146,15 @@ fn traceparent() -> String {
     format!("00-{:016x}{:016x}-{:016x}-00", fastrand::u64(..), fastrand::u64(..), fastrand::u64(1..))
 }
 
-/// `:authority` as a socket address (`ip:port`, IPv6 in brackets).
+/// `:authority` as a socket address (`ip:port`, IPv6 in brackets): no host
+/// names, no user info, no scoped IPv6.
 pub fn parse_authority(authority: Option<&http::uri::Authority>) -> Option<SocketAddr> {
-    authority?.as_str().parse().ok()
+    let a = authority?.as_str();
+    let addr: SocketAddr = a.parse().ok()?;
+    match addr {
+        SocketAddr::V6(v6) if v6.scope_id() != 0 || v6.flowinfo() != 0 => None,
+        _ => Some(addr),
+    }
 }
 
 #[cfg(test)]
@@ -121,5 +183,32 @@ mod tests {
         let tp = req.headers()["traceparent"].to_str().unwrap();
         assert_eq!(tp.len(), 55, "{tp}");
         assert_eq!(parse_authority(req.uri().authority()), Some("[fd7a::2]:8080".parse().unwrap()));
+    }
+
+    #[test]
+    fn connects_are_checked_before_anything_is_dialled() {
+        let landed: IpAddr = "198.19.1.11".parse().unwrap();
+        let check = |method: &str, uri: &str| {
+            let m: Method = method.parse().unwrap();
+            check_connect(&m, &uri.parse().unwrap(), landed).map_err(|r| (r.status.as_u16(), r.failure))
+        };
+        assert_eq!(check("CONNECT", "198.19.1.11:8080"), Ok("198.19.1.11:8080".parse().unwrap()));
+        assert_eq!(check("GET", "198.19.1.11:8080"), Err((400, Failure::BadRequest)));
+        assert_eq!(check("CONNECT", "web:8080"), Err((400, Failure::BadRequest)));
+        assert_eq!(check("CONNECT", "198.19.1.12:8080"), Err((400, Failure::AuthorityMismatch)));
+        for port in [15000, 15001, 15006, 15008, 15020, 15021, 0] {
+            assert_eq!(
+                check("CONNECT", &format!("198.19.1.11:{port}")),
+                Err((503, Failure::SelfCall)),
+                "{port}"
+            );
+        }
+        for a in ["127.0.0.1:8080", "[::1]:8080", "0.0.0.0:8080", "[::ffff:127.0.0.1]:80"] {
+            assert_eq!(check("CONNECT", a), Err((400, Failure::SelfCall)), "{a}");
+        }
+        let v6 =
+            check_connect(&Method::CONNECT, &"[fd7a::2]:80".parse().unwrap(), "fd7a::2".parse().unwrap());
+        assert!(v6.is_ok());
+        assert!(parse_authority(Some(&"[fe80::1%25eth0]:80".parse().unwrap())).is_none());
     }
 }

@@ -38,7 +38,7 @@ use super::{ALPN_H2, HboneError};
 use crate::{
     identity::{cert::Credential, spiffe::SpiffeId},
     netns::Netns,
-    proxy::h2::{H2Reader, H2Writer, MAX_STREAMS_PER_CONNECTION, client_builder, keepalive},
+    proxy::h2::{EarlyData, H2Reader, H2Writer, MAX_STREAMS_PER_CONNECTION, client_builder, keepalive},
     tls::{self, BundleSource, verify::Expect},
 };
 
@@ -48,6 +48,10 @@ pub struct PoolKey {
     pub source_identity: SpiffeId,
     pub destination_identity: SpiffeId,
     pub destination: SocketAddr,
+    /// The destination is a node address shared by plain-host workloads:
+    /// the handshake names the destination port in SNI, so the node presents
+    /// that port's workload's certificate.
+    pub shared_address: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -56,6 +60,9 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
     pub clock_skew: Duration,
+    /// How long a stream waits for a connection to open or to have room.
+    pub wait_timeout: Duration,
+    pub sockets: crate::sockopt::SocketPolicy,
 }
 
 impl Default for PoolSettings {
@@ -65,8 +72,27 @@ impl Default for PoolSettings {
             idle_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(10),
             clock_skew: Duration::from_secs(60),
+            wait_timeout: Duration::from_secs(10),
+            sockets: crate::sockopt::SocketPolicy::default(),
         }
     }
+}
+
+/// What a new stream may send before its CONNECT is answered.
+pub struct EarlyBounds {
+    pub per_stream: usize,
+    /// The source workload's budget.
+    pub budget: Arc<crate::limits::Budget>,
+}
+
+/// The SNI that names destination `port` of a shared node address.
+pub fn sni_for_port(port: u16) -> String {
+    format!("port-{port}.hbone.ztunnel.invalid")
+}
+
+/// The destination port an SNI of [`sni_for_port`] names.
+pub fn port_from_sni(sni: &str) -> Option<u16> {
+    sni.strip_prefix("port-")?.strip_suffix(".hbone.ztunnel.invalid")?.parse().ok()
 }
 
 struct Connection {
@@ -216,14 +242,32 @@ impl Pool {
         entries.entry(key.clone()).or_default().opening.clone()
     }
 
-    /// Opens a CONNECT stream: on a pooled connection with room, or a new one.
+    /// Opens a CONNECT stream: on a pooled connection with room, or a new
+    /// one; gives up after `wait_timeout`.
     pub async fn open(
         &self,
         key: &PoolKey,
         netns: &Netns,
         credential: &Credential,
         request: Request<()>,
+        early: &EarlyBounds,
     ) -> Result<HboneStream, HboneError> {
+        let wait = self.settings.wait_timeout;
+        match tokio::time::timeout(wait, self.open_stream(key, netns, credential, request, early)).await {
+            Ok(r) => r,
+            Err(_) => Err(HboneError::PoolTimeout { target: key.destination, waited: wait }),
+        }
+    }
+
+    async fn open_stream(
+        &self,
+        key: &PoolKey,
+        netns: &Netns,
+        credential: &Credential,
+        request: Request<()>,
+        early: &EarlyBounds,
+    ) -> Result<HboneStream, HboneError> {
+        let port = request.uri().port_u16().unwrap_or(0);
         // A connection can die between its last use and this one (GOAWAY,
         // peer restart): one retry on a fresh connection.
         for attempt in 0..2 {
@@ -241,7 +285,7 @@ impl Pool {
                     }
                     match self.reserve(key, credential) {
                         Some(s) => s,
-                        None => match self.open_connection(key, netns, credential).await {
+                        None => match self.open_connection(key, netns, credential, port).await {
                             Ok(s) => s,
                             Err(e) => {
                                 *opening = Some((Instant::now(), e.clone()));
@@ -252,10 +296,16 @@ impl Pool {
                 }
             };
             match send(&slot.0, key.destination, clone_request(&request)).await {
-                Ok((reader, writer)) => {
+                Ok((response, send)) => {
+                    // The caller's bytes may follow the CONNECT at once (the
+                    // server buffers them until it has reached the
+                    // destination), within `early`'s bounds. The answer is
+                    // awaited by the first read; a refusal (401, 503, ...)
+                    // surfaces there.
+                    let (answered, early) = EarlyData::new(early.per_stream, early.budget.clone());
                     return Ok(HboneStream {
-                        reader,
-                        writer,
+                        reader: H2Reader::awaiting(response, answered),
+                        writer: H2Writer::with_early_data(send, early),
                         connection_id: slot.0.id,
                         _slot: SlotGuard(slot),
                     });
@@ -278,11 +328,13 @@ impl Pool {
         key: &PoolKey,
         netns: &Netns,
         credential: &Credential,
+        port: u16,
     ) -> Result<Slot, HboneError> {
         let target = key.destination;
         let unreachable = |error: String| HboneError::Unreachable { target, error };
         let setup = async {
             let socket = netns.tcp_socket(target).await.map_err(|e| unreachable(e.to_string()))?;
+            self.settings.sockets.apply(&socket);
             let tcp = socket.connect(target).await.map_err(|e| unreachable(e.to_string()))?;
             let config = tls::client_config(
                 credential.certified.clone(),
@@ -290,23 +342,30 @@ impl Pool {
                 Expect::Identity(key.destination_identity.clone()),
                 self.settings.clock_skew,
                 &[ALPN_H2],
+                key.shared_address,
             )
             .map_err(|e| HboneError::Tls {
                 target,
                 reason: "tls_config",
                 error: e.to_string(),
             })?;
-            // No SNI is sent; the name only satisfies the API.
-            let tls = TlsConnector::from(Arc::new(config))
-                .connect(ServerName::IpAddress(target.ip().into()), tcp)
-                .await
-                .map_err(|e| {
-                    let (reason, error) = e
-                        .get_ref()
-                        .and_then(|i| i.downcast_ref::<rustls::Error>())
-                        .map_or(("tls_error", e.to_string()), tls::verify::handshake_reason);
-                    HboneError::Tls { target, reason, error }
-                })?;
+            // Without SNI the name only satisfies the API.
+            let name = if key.shared_address {
+                ServerName::try_from(sni_for_port(port)).map_err(|e| HboneError::Tls {
+                    target,
+                    reason: "tls_config",
+                    error: e.to_string(),
+                })?
+            } else {
+                ServerName::IpAddress(target.ip().into())
+            };
+            let tls = TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| {
+                let (reason, error) = e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<rustls::Error>())
+                    .map_or(("tls_error", e.to_string()), tls::verify::handshake_reason);
+                HboneError::Tls { target, reason, error }
+            })?;
             let (_, session) = tls.get_ref();
             let peer_not_after = session
                 .peer_certificates()
@@ -377,14 +436,10 @@ async fn send(
     conn: &Connection,
     target: SocketAddr,
     request: Request<()>,
-) -> Result<(H2Reader, H2Writer), SendError> {
+) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), SendError> {
     let protocol = |e: h2::Error| SendError::Connection(h2_failure(target, &e));
     let mut sender = conn.sender.clone().ready().await.map_err(protocol)?;
-    let (response, send) = sender.send_request(request, false).map_err(protocol)?;
-    // The caller's bytes may follow the CONNECT at once: the server buffers
-    // them until it has reached the destination. The answer is awaited by
-    // the first read; a refusal (401, 503, ...) surfaces there.
-    Ok((H2Reader::awaiting(response), H2Writer::new(send)))
+    sender.send_request(request, false).map_err(protocol)
 }
 
 /// An HTTP/2 failure, with the TLS reason when the peer's TLS refused us:

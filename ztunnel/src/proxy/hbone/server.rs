@@ -6,29 +6,43 @@
 //! | case | answer |
 //! | --- | --- |
 //! | not CONNECT, or `:authority` not `ip:port` | 400 |
-//! | `:authority` IP is not the address the connection landed on | 400 |
-//! | `:authority` port is one of the tunnel's own (15001, 15006, 15008) | 503 |
+//! | `:authority` IP is not the address the connection landed on, or loopback | 400 |
+//! | `:authority` port is one of the tunnel's own (15000, 15001, 15006, 15008, 15020, 15021) | 503 |
+//! | no workload serves the port (a node address), or a limit is reached | 503 |
 //! | policy denies | 401 |
 //! | the destination cannot be reached | 503 |
 //! | otherwise, once the destination accepted | 200 |
+//!
+//! Before a caller is authenticated it holds little: a handshake has
+//! `limits.handshake_timeout` to finish (TLS and the HTTP/2 preface), and one
+//! source address may have only so many connections in their handshake, and
+//! so many authenticated ones, so a flood from one address cannot starve the
+//! others. When a root leaves the trust bundle, connections of callers that
+//! chained only to it are closed.
+//!
+//! A node address is shared by its plain-host workloads: the caller names the
+//! destination port in SNI and the node presents that port's workload's
+//! certificate; each stream is then decided for the workload that owns its
+//! port, which must have the identity the connection was made to.
 //!
 //! The workload sees the caller's real address as its peer: the TCP peer of
 //! the HBONE connection (never the `forwarded` header, which the caller
 //! controls).
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Instant, SystemTime},
 };
 
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
+use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::{ALPN_H2, RESERVED_PORTS, parse_authority};
+use super::{ALPN_H2, check_connect, pool::port_from_sni};
 use crate::{
     access_log::Entry,
     identity::{node_id::PeerId, spiffe::SpiffeId},
@@ -39,9 +53,39 @@ use crate::{
         relay::{self, BufReader, Writer},
     },
     sockopt,
-    tls::{self, CurrentCert, verify::Expect},
-    workload::LocalWorkload,
+    state::State,
+    tls::{
+        self, CurrentCert,
+        verify::{Expect, verify_peer},
+    },
+    workload::{LocalWorkload, canonical},
 };
+
+/// The local workload a connection (or a stream) is for.
+fn local_target(
+    state: &State,
+    scope: ListenerScope,
+    landed: IpAddr,
+    port: Option<u16>,
+) -> Option<Arc<LocalWorkload>> {
+    match scope {
+        ListenerScope::Pod(id) => state.local.get(&id).cloned(),
+        ListenerScope::Node => {
+            let landed = canonical(landed);
+            let mut sharing =
+                state.local.values().filter(|w| !w.is_pod() && w.workload.addresses.contains(&landed));
+            match port {
+                Some(p) => sharing.find(|w| w.workload.serves(p)).cloned(),
+                // No port named: only an address with one identity is
+                // unambiguous.
+                None => {
+                    let first = sharing.next()?.clone();
+                    sharing.all(|w| w.workload.identity == first.workload.identity).then_some(first)
+                }
+            }
+        }
+    }
+}
 
 /// One accepted connection on a `:15008` listener.
 pub async fn serve_connection(
@@ -54,31 +98,27 @@ pub async fn serve_connection(
         Ok(a) => a,
         Err(_) => return,
     };
+    let refuse = |failure: Failure, error: String| {
+        refused_handshake(&ctx, peer, landed, None, failure.reason(), error);
+    };
+    let _handshake = match ctx.handshakes.acquire(peer.ip()) {
+        Ok(p) => p,
+        Err(limit) => {
+            sockopt::reset_on_close(&stream);
+            return refuse(
+                Failure::Limit(limit),
+                format!("{peer} has too many connections in their handshake"),
+            );
+        }
+    };
+    let deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
     let state = ctx.state.borrow().clone();
-    let target = match scope {
-        ListenerScope::Pod(id) => state.local.get(&id).cloned(),
-        ListenerScope::Node => state
-            .local
-            .values()
-            .find(|w| !w.is_pod() && w.workload.addresses.contains(&crate::workload::canonical(landed.ip())))
-            .cloned(),
-    };
-    let Some(target) = target else {
+    let Some(target) = authenticate_target(&ctx, &state, scope, landed, peer).await else {
         sockopt::reset_on_close(&stream);
         return;
     };
-    let identity = target.workload.identity.clone();
-    // A workload enrolled a moment ago may still be fetching its first
-    // certificate: the caller waits for it (bounded) instead of failing.
-    if let Err(e) = ctx.certs.wait(&identity, ctx.cert_wait).await {
-        refused_handshake(&ctx, peer, landed, &target, "no_certificate", e.to_string());
-        sockopt::reset_on_close(&stream);
-        return;
-    }
-    let certs = ctx.certs.clone();
-    let cert = CurrentCert(Box::new(move || certs.credential(&identity).map(|c| c.certified.clone())));
     let config = match tls::server_config(
-        cert,
+        presented_cert(&ctx, scope, landed),
         ctx.certs.bundle(),
         Expect::TrustDomain(target.workload.identity.trust_domain().clone()),
         ctx.clock_skew,
@@ -91,7 +131,7 @@ pub async fn serve_connection(
         }
     };
     let accepted =
-        tokio::time::timeout(ctx.connect_timeout, TlsAcceptor::from(Arc::new(config)).accept(stream)).await;
+        tokio::time::timeout_at(deadline, TlsAcceptor::from(Arc::new(config)).accept(stream)).await;
     let tls = match accepted {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -101,60 +141,74 @@ pub async fn serve_connection(
                 .get_ref()
                 .and_then(|i| i.downcast_ref::<rustls::Error>())
                 .map_or((fallback, e.to_string()), tls::verify::handshake_reason);
-            refused_handshake(&ctx, peer, landed, &target, reason, error);
+            refused_handshake(&ctx, peer, landed, Some(&target), reason, error);
             return;
         }
         Err(_) => {
-            refused_handshake(
-                &ctx,
-                peer,
-                landed,
-                &target,
-                "handshake_timeout",
-                "no TLS handshake in time".into(),
-            );
+            let error = format!("no TLS handshake within {:?}", ctx.handshake_timeout);
+            refused_handshake(&ctx, peer, landed, Some(&target), "handshake_timeout", error);
             return;
         }
     };
-    let peer_cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
-    let source = peer_cert
+    let session = tls.get_ref().1;
+    let chain: Vec<CertificateDer<'static>> = session
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    // The identity this connection presented: a node address's port owner
+    // (by SNI), or the pod.
+    let sni_port = session.server_name().and_then(port_from_sni);
+    let presented = match scope {
+        ListenerScope::Pod(_) => Some(target.workload.identity.clone()),
+        ListenerScope::Node => {
+            local_target(&state, scope, landed.ip(), sni_port).map(|t| t.workload.identity.clone())
+        }
+    };
+    let source = chain
+        .first()
         .and_then(|c| tls::verify::peer_id(c).ok())
         .and_then(|p| if let PeerId::Workload(id) = p { Some(id) } else { None });
     // When the caller's certificate expires the connection takes no new
     // streams (a well-behaved caller moved to a renewed one long before).
-    let expires_in = peer_cert
+    let expires_in = chain
+        .first()
         .and_then(tls::verify::not_after)
         .and_then(|t| (t + ctx.clock_skew).duration_since(SystemTime::now()).ok())
         .unwrap_or_default();
-    let Some(source) = source else {
-        refused_handshake(
-            &ctx,
-            peer,
-            landed,
-            &target,
-            "no_spiffe_id",
-            "caller has no workload identity".into(),
-        );
+    let (Some(source), Some(presented)) = (source, presented) else {
+        let error = "caller has no workload identity, or named no workload of this address".to_owned();
+        refused_handshake(&ctx, peer, landed, Some(&target), "no_spiffe_id", error);
         return;
     };
-    let handshake = tokio::time::timeout(ctx.connect_timeout, server_builder().handshake::<_, Bytes>(tls));
+    let handshake = tokio::time::timeout_at(deadline, server_builder().handshake::<_, Bytes>(tls));
     let mut connection = match handshake.await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            refused_handshake(&ctx, peer, landed, &target, "hbone_protocol", e.to_string());
+            refused_handshake(&ctx, peer, landed, Some(&target), "hbone_protocol", e.to_string());
             return;
         }
         Err(_) => {
             let error = "no HTTP/2 preface in time after TLS".to_owned();
-            refused_handshake(&ctx, peer, landed, &target, "handshake_timeout", error);
+            refused_handshake(&ctx, peer, landed, Some(&target), "handshake_timeout", error);
+            return;
+        }
+    };
+    drop(_handshake);
+    let _authenticated = match ctx.hbone_sources.acquire(peer.ip()) {
+        Ok(p) => p,
+        Err(limit) => {
+            let error = format!("{peer} holds too many HBONE connections");
+            refused_handshake(&ctx, peer, landed, Some(&target), limit.reason(), error);
             return;
         }
     };
     let mut keepalive = connection.ping_pong().map(|pp| Box::pin(keepalive(pp)));
-    let caller = Arc::new(Caller { peer, landed, source, target });
+    let caller = Arc::new(Caller { peer, landed, source, presented, scope });
     let expiry = tokio::time::sleep(expires_in);
     tokio::pin!(expiry);
     let mut expired = false;
+    let mut bundle = ctx.certs.bundle();
+    bundle.borrow_and_update();
     loop {
         let next = tokio::select! {
             next = connection.accept() => next,
@@ -162,6 +216,18 @@ pub async fn serve_connection(
                 tracing::debug!(%peer, "the caller's certificate expired: no new streams on this connection");
                 expired = true;
                 connection.graceful_shutdown();
+                continue;
+            }
+            changed = bundle.changed() => {
+                if changed.is_ok() && !still_trusted(&chain, &bundle.borrow_and_update(), &ctx) {
+                    tracing::info!(
+                        %peer,
+                        source = %caller.source,
+                        "the caller's root left the trust bundle: connection closed"
+                    );
+                    ctx.metrics.handshake_failed("inbound", "root_removed");
+                    return;
+                }
                 continue;
             }
             e = async { match keepalive.as_mut() { Some(k) => k.await, None => std::future::pending().await } } => {
@@ -188,19 +254,84 @@ pub async fn serve_connection(
     }
 }
 
-/// Who is calling, on which connection, to which local workload.
+/// The workload whose certificate a connection to `landed` will get (on a
+/// shared node address, any of them until SNI names one), after waiting
+/// (bounded) for the certificates of the workloads there: one enrolled a
+/// moment ago may still be fetching its first.
+async fn authenticate_target(
+    ctx: &ProxyContext,
+    state: &State,
+    scope: ListenerScope,
+    landed: SocketAddr,
+    peer: SocketAddr,
+) -> Option<Arc<LocalWorkload>> {
+    let there: Vec<Arc<LocalWorkload>> = match scope {
+        ListenerScope::Pod(id) => state.local.get(&id).cloned().into_iter().collect(),
+        ListenerScope::Node => {
+            let landed = canonical(landed.ip());
+            state
+                .local
+                .values()
+                .filter(|w| !w.is_pod() && w.workload.addresses.contains(&landed))
+                .cloned()
+                .collect()
+        }
+    };
+    let Some(target) = there.first().cloned() else {
+        refused_handshake(ctx, peer, landed, None, "unknown_workload", format!("no workload at {landed}"));
+        return None;
+    };
+    let mut waited = std::collections::HashSet::new();
+    for w in &there {
+        if waited.insert(w.workload.identity.clone())
+            && let Err(e) = ctx.certs.wait(&w.workload.identity, ctx.cert_wait).await
+        {
+            refused_handshake(ctx, peer, landed, Some(w), "no_certificate", e.to_string());
+            return None;
+        }
+    }
+    Some(target)
+}
+
+/// The certificate presented for a handshake: the pod's, or on a node
+/// address the one of the workload owning the port SNI names.
+fn presented_cert(ctx: &ProxyContext, scope: ListenerScope, landed: SocketAddr) -> CurrentCert {
+    let certs = ctx.certs.clone();
+    let state = ctx.state.clone();
+    CurrentCert(Box::new(move |sni| {
+        let state = state.borrow().clone();
+        let target = local_target(&state, scope, landed.ip(), sni.and_then(port_from_sni))?;
+        certs.credential(&target.workload.identity).map(|c| c.certified.clone())
+    }))
+}
+
+/// Whether a caller's chain still leads to a root of `bundle`.
+fn still_trusted(
+    chain: &[CertificateDer<'static>],
+    bundle: &tls::verify::TrustBundle,
+    ctx: &ProxyContext,
+) -> bool {
+    let Some((leaf, intermediates)) = chain.split_first() else { return false };
+    let Some(id) = tls::verify::peer_id(leaf).ok() else { return false };
+    let expect = Expect::TrustDomain(id.trust_domain().clone());
+    verify_peer(leaf, intermediates, bundle, &expect, UnixTime::now(), ctx.clock_skew).is_ok()
+}
+
+/// Who is calling, on which connection.
 struct Caller {
     peer: SocketAddr,
     landed: SocketAddr,
     source: SpiffeId,
-    target: Arc<LocalWorkload>,
+    /// The identity the connection was made to.
+    presented: SpiffeId,
+    scope: ListenerScope,
 }
 
 fn refused_handshake(
     ctx: &ProxyContext,
     peer: SocketAddr,
     landed: SocketAddr,
-    target: &LocalWorkload,
+    target: Option<&LocalWorkload>,
     reason: &str,
     error: String,
 ) {
@@ -208,8 +339,8 @@ fn refused_handshake(
     let mut entry = Entry::now("inbound", "hbone");
     entry.source_address = Some(peer.to_string());
     entry.destination_address = landed.to_string();
-    entry.destination_workload = Some(target.workload.key());
-    entry.destination_identity = Some(target.workload.identity.to_string());
+    entry.destination_workload = target.map(|t| t.workload.key());
+    entry.destination_identity = target.map(|t| t.workload.identity.to_string());
     entry.decision = "deny";
     entry.reason = reason.to_owned();
     entry.error = Some(error);
@@ -227,8 +358,7 @@ async fn handle_stream(
     let mut entry = Entry::now("inbound", "hbone");
     entry.source_address = Some(caller.peer.to_string());
     entry.source_identity = Some(caller.source.to_string());
-    entry.destination_workload = Some(caller.target.workload.key());
-    entry.destination_identity = Some(caller.target.workload.identity.to_string());
+    entry.destination_identity = Some(caller.presented.to_string());
     entry.destination_address = request.uri().to_string();
     let result = carry(request, &mut respond, &caller, &ctx, &mut entry).await;
     if let Err((status, failure, error)) = result {
@@ -258,60 +388,45 @@ async fn carry(
     ctx: &ProxyContext,
     entry: &mut Entry,
 ) -> Result<(), StreamFailure> {
-    let bad = |failure, error: String| Err((Some(StatusCode::BAD_REQUEST), failure, error));
-    if request.method() != Method::CONNECT {
-        return bad(Failure::BadRequest, format!("{} is not CONNECT", request.method()));
-    }
-    let Some(dst) = parse_authority(request.uri().authority()) else {
-        return bad(Failure::BadRequest, format!("`{}` is not ip:port", request.uri()));
-    };
+    let dst = check_connect(request.method(), request.uri(), caller.landed.ip())
+        .map_err(|r| (Some(r.status), r.failure, r.error))?;
     entry.destination_address = dst.to_string();
-    if crate::workload::canonical(dst.ip()) != crate::workload::canonical(caller.landed.ip()) {
-        return bad(
-            Failure::AuthorityMismatch,
-            format!("{dst} is not the address this connection reached ({})", caller.landed.ip()),
-        );
-    }
-    if RESERVED_PORTS.contains(&dst.port()) {
-        return Err((
-            Some(StatusCode::SERVICE_UNAVAILABLE),
-            Failure::SelfCall,
-            format!("port {} is the tunnel's own", dst.port()),
-        ));
-    }
+    let unavailable = |failure, error| Err((Some(StatusCode::SERVICE_UNAVAILABLE), failure, error));
     // The workload as it is now: a pooled connection outlives reloads that
     // change its labels or modes, and each stream is decided on the current.
-    let state = ctx.state.borrow().clone();
-    let target = match state.local.get(&caller.target.id) {
-        Some(t) if t.workload.identity == caller.target.workload.identity => t.clone(),
-        _ => {
-            return Err((
-                Some(StatusCode::SERVICE_UNAVAILABLE),
-                Failure::UnknownWorkload,
-                format!("{} is no longer enrolled under this identity", caller.target.workload.key()),
-            ));
+    let target_id = {
+        let state = ctx.state.borrow().clone();
+        match local_target(&state, caller.scope, caller.landed.ip(), Some(dst.port())) {
+            Some(t) => t.id,
+            None => return unavailable(Failure::UnknownWorkload, format!("no workload serves {dst}")),
         }
     };
-    let decision = authz::decide(ctx, &state, Some(&caller.source), &target, dst.port(), entry);
-    if !decision.verdict.admits() {
-        return Err((
-            Some(StatusCode::UNAUTHORIZED),
-            Failure::PolicyDenied(decision.reason),
-            decision.explain(),
-        ));
-    }
-    let registration = ctx.open.register(Some(caller.source.clone()), target.id, dst.port());
-    let upstream = match delivery::connect_as(&target.netns, caller.peer.ip(), dst, ctx.connect_timeout).await
-    {
+    let admitted =
+        authz::admit(ctx, Some(&caller.source), target_id, Some(&caller.presented), dst.port(), entry)
+            .map_err(|(failure, error)| {
+                let status = match failure {
+                    Failure::PolicyDenied(_) => StatusCode::UNAUTHORIZED,
+                    _ => StatusCode::SERVICE_UNAVAILABLE,
+                };
+                (Some(status), failure, error)
+            })?;
+    let target = admitted.target.clone();
+    let _permit = match ctx.limits.acquire(target.id) {
+        Ok(p) => p,
+        Err(limit) => {
+            return unavailable(Failure::Limit(limit), format!("{} is at a limit", target.workload.key()));
+        }
+    };
+    let upstream = match delivery::connect_as(ctx, &target, caller.peer.ip(), dst).await {
         Ok(s) => s,
-        Err((failure, error)) => return Err((Some(StatusCode::SERVICE_UNAVAILABLE), failure, error)),
+        Err((failure, error)) => return unavailable(failure, error),
     };
     let send = match respond.send_response(Response::new(()), false) {
         Ok(s) => s,
         Err(e) => return Err((None, Failure::Reset, e.to_string())),
     };
     let recv = request.into_body();
-    relay_h2_tcp(H2Reader::new(recv), H2Writer::new(send), upstream, entry, Some(&registration))
+    relay_h2_tcp(H2Reader::new(recv), H2Writer::new(send), upstream, entry, Some(&admitted.registration))
         .await
         .map_err(|(f, e)| (None, f, e))
 }
@@ -339,7 +454,10 @@ pub async fn relay_h2_tcp(
             writer.reset();
             Err(authz::revoked(registration, entry))
         }
-        Some(Ok(())) => Ok(()),
+        Some(Ok(())) => {
+            sockopt::graceful_close(&tcp);
+            Ok(())
+        }
         Some(Err(e)) => {
             match e.side {
                 relay::Side::Downstream => sockopt::reset_on_close(&tcp),
