@@ -433,7 +433,13 @@ impl Hoard {
 
     /// `count` raw connections to `to`, each sent the first `bytes` of a TLS
     /// ClientHello.
-    pub fn halfopen(tb: &Testbed, place: &Place, to: SocketAddr, count: usize, bytes: usize) -> anyhow::Result<Self> {
+    pub fn halfopen(
+        tb: &Testbed,
+        place: &Place,
+        to: SocketAddr,
+        count: usize,
+        bytes: usize,
+    ) -> anyhow::Result<Self> {
         let mut cmd = tb.agent(place)?;
         cmd.args(["halfopen", "--to", &to.to_string(), "--count", &count.to_string()]);
         cmd.args(["--bytes", &bytes.to_string()]);

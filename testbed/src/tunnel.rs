@@ -288,7 +288,10 @@ impl Tunnel {
     /// The admin token the tunnel wrote at start.
     pub fn admin_token(&self) -> anyhow::Result<String> {
         let path = self.run_dir.join("admin.token");
-        Ok(std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?.trim().to_owned())
+        Ok(std::fs::read_to_string(&path)
+            .with_context(|| format!("read {}", path.display()))?
+            .trim()
+            .to_owned())
     }
 
     /// Descriptors the tunnel holds now.

@@ -238,7 +238,9 @@ fn changing_the_tunnel_through_its_admin_endpoint_needs_the_token() -> anyhow::R
     assert!(body.contains("admin.token"), "{body}");
     assert_eq!(tunnel.admin_post("/logging?level=debug", Some("not-the-token"))?.0, 401);
     let token = tunnel.admin_token()?;
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(tunnel.run_dir.join("admin.token"))?.permissions());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(tunnel.run_dir.join("admin.token"))?.permissions(),
+    );
     assert_eq!(mode & 0o777, 0o600, "only root reads the token");
     let (status, body) = tunnel.admin_post("/logging?level=debug", Some(&token))?;
     assert_eq!(status, 200, "{body}");
@@ -266,7 +268,8 @@ fn policy_mistakes_are_refused_at_reload_and_the_running_policy_stays() -> anyho
         ),
     ];
     for (rule, want) in mistakes {
-        config["policies"] = json!([{"name": "deny-db", "namespace": "default", "action": "DENY", "rules": [rule]}]);
+        config["policies"] =
+            json!([{"name": "deny-db", "namespace": "default", "action": "DENY", "rules": [rule]}]);
         let error = tunnel.reload_error(&config)?;
         assert!(error.contains("policy default/deny-db") && error.contains(want), "{error}");
     }

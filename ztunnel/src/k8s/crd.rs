@@ -441,10 +441,27 @@ fn to_model(
         rules,
     };
     if let Some((_, field, message)) = crate::policy::validate::policy_errors(std::slice::from_ref(&policy)) {
-        let field = if field == "rules" { "spec.rules" } else { "metadata" };
-        return Err(PolicyProblem { field: field.into(), message, reason: "invalid" });
+        let (field, message) = locate_rule_problem(field, &policy.key(), message);
+        return Err(PolicyProblem { field, message, reason: "invalid" });
     }
     Ok(policy)
+}
+
+/// The policy checks say `policy ns/name: rules[0].to[0].operation: ...`;
+/// an object's problem names its field (`spec.rules[0].to[0].operation`).
+fn locate_rule_problem(field: &str, key: &str, message: String) -> (String, String) {
+    if field != "rules" {
+        return ("metadata".into(), message);
+    }
+    let rest = message.strip_prefix(&format!("policy {key}: ")).unwrap_or(&message);
+    let place_end = rest.find([':', ' ']).unwrap_or(0);
+    let (place, tail) = rest.split_at(place_end);
+    if place.starts_with("rules[") {
+        let tail = tail.strip_prefix(": ").unwrap_or(tail.trim_start());
+        (format!("spec.{place}"), tail.to_owned())
+    } else {
+        ("spec.rules".into(), rest.to_owned())
+    }
 }
 
 #[cfg(test)]
@@ -519,7 +536,8 @@ mod tests {
         assert_eq!(c.policy.action, Action::Deny);
         assert_eq!(c.policy.rules, vec![model::Rule::default()], "one empty rule matches every connection");
         assert_eq!(c.policy.selector.unwrap().match_labels.get("app").map(String::as_str), Some("db"));
-        assert!(c.problems[0].message.contains("principals value `a/*/b`"), "{:?}", c.problems);
+        assert!(c.problems[0].message.starts_with("principals value `a/*/b`"), "{:?}", c.problems);
+        assert_eq!(c.problems[0].field, "spec.rules[0].from[0].source");
     }
 
     #[test]
@@ -529,6 +547,14 @@ mod tests {
         assert_eq!(c.policy.action, Action::Allow);
         assert!(c.policy.rules.is_empty(), "an ALLOW with no rules admits nothing");
         assert_eq!(c.problems[0].field, "spec.rules[0].to[0].operation.ports[0]");
+    }
+
+    #[test]
+    fn an_empty_source_is_an_error_as_in_istio() {
+        let c = convert(&object("p", "action: DENY\nrules: [{from: [{source: {}}]}]\n"));
+        assert!(c.failed_closed);
+        assert_eq!(c.problems[0].field, "spec.rules[0].from[0].source");
+        assert!(c.problems[0].message.starts_with("is empty"), "{:?}", c.problems);
     }
 
     #[test]

@@ -337,7 +337,7 @@ spec:
             ),
             (
                 "spec:\n  rules: [{from: [{source: {namespaces: ['a*b']}}]}]\n",
-                "document 2 (AuthorizationPolicy shop/p): spec.rules: policy shop/p: namespaces value `a*b`",
+                "document 2 (AuthorizationPolicy shop/p): spec.rules[0].from[0].source: namespaces value `a*b`",
             ),
             (
                 "spec:\n  rules: [{to: [{operation: {methods: [GET]}}]}]\n",
