@@ -11,7 +11,6 @@ use std::{
     time::Duration,
 };
 
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -149,11 +148,9 @@ async fn within<T>(f: impl Future<Output = T>) -> Option<T> {
     tokio::time::timeout(PATIENCE, f).await.ok()
 }
 
+/// The client `ztunnel run --kubernetes --kubeconfig <f>` makes.
 async fn client(kubeconfig: &Path) -> kube::Client {
-    let kubeconfig = Kubeconfig::read_from(kubeconfig).unwrap();
-    let config =
-        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.unwrap();
-    kube::Client::try_from(config).unwrap()
+    ztunnel::k8s::client(Some(kubeconfig)).await.unwrap()
 }
 
 fn mesh_pods(s: &ClusterState) -> BTreeSet<String> {

@@ -46,6 +46,31 @@ use crate::{
     netns::{HeldNetns, NetnsRef},
 };
 
+/// The API server could not be reached as configured.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot read kubeconfig {path}: {source}")]
+    Kubeconfig { path: PathBuf, source: kube::config::KubeconfigError },
+    #[error("no Kubernetes configuration (not in a pod, no KUBECONFIG, no ~/.kube/config): {0}")]
+    Infer(#[from] kube::config::InferConfigError),
+    #[error("cannot make a Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// A client for the API server: from `kubeconfig` when given (its current
+/// context), else in-cluster (the pod's ServiceAccount) or `$KUBECONFIG`.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, ClientError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let err = |source| ClientError::Kubeconfig { path: path.to_owned(), source };
+            let file = kube::config::Kubeconfig::read_from(path).map_err(err)?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default()).await.map_err(err)?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
 /// How long a namespace handed over by the CNI plugin is kept for a pod the
 /// API server has not shown yet (the ADD can come before the watch event).
 pub const CNI_GRACE: Duration = Duration::from_secs(120);
