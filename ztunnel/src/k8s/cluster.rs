@@ -37,7 +37,8 @@ pub type Labels = BTreeMap<String, String>;
 
 /// A mesh-relevant pod. Kept: pods Running with an IP (destinations, on any
 /// node), and pods of this node that are not yet (their CNI ADD may come
-/// before the API server reports an IP).
+/// before the API server reports an IP) or that opted out (so that a CNI
+/// ADD for one can be told "not in the mesh" rather than "not seen yet").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pod {
     pub uid: Arc<str>,
@@ -50,6 +51,9 @@ pub struct Pod {
     pub ips: Box<[IpAddr]>,
     /// Running with an IP: a destination other workloads can reach.
     pub running: bool,
+    /// Labelled `ztunnel.dev/dataplane=disabled` (kept for this node's pods
+    /// only; never a workload).
+    pub opted_out: bool,
 }
 
 /// A namespace: opted in or not, and its modes.
@@ -169,9 +173,9 @@ impl Pod {
         if spec.host_network == Some(true) {
             return None;
         }
-        match meta.labels.as_ref().and_then(|l| l.get(DATAPLANE_LABEL)).map(String::as_str) {
-            Some("disabled") => return None,
-            None | Some("enabled") => {}
+        let opted_out = match meta.labels.as_ref().and_then(|l| l.get(DATAPLANE_LABEL)).map(String::as_str) {
+            Some("disabled") => true,
+            None | Some("enabled") => false,
             Some(other) => {
                 // Not an opt-out: the pod stays in the mesh (the side a typo
                 // must fall on), and the typo is reported.
@@ -180,9 +184,13 @@ impl Pod {
                     "label {DATAPLANE_LABEL}={other:?} is neither `enabled` nor `disabled`; the pod is not opted out"
                 );
                 filter.metrics.invalid("Pod", DATAPLANE_LABEL);
+                false
             }
-        }
+        };
         let node = spec.node_name.as_deref().filter(|n| !n.is_empty())?;
+        if opted_out && node != filter.node {
+            return None;
+        }
         let status = pod.status.as_ref();
         let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
         if matches!(phase, "Succeeded" | "Failed") {
@@ -213,6 +221,7 @@ impl Pod {
             labels: interner.labels(meta.labels.as_ref()),
             ips: ips.into(),
             running,
+            opted_out,
         })
     }
 }
@@ -423,6 +432,18 @@ impl PolicyEntry {
     }
 }
 
+/// For the CNI server: whether a pod at sandbox creation is enrolled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CniVerdict {
+    /// A mesh pod: enroll it before answering.
+    Enroll,
+    /// Its namespace is not opted in, or it opted out: pass it through.
+    NotInMesh,
+    /// The namespace is in the mesh but the watch has not shown the pod yet
+    /// (the ADD can come first): wait for the next state.
+    NotSeenYet,
+}
+
 /// `namespace/name`.
 pub type ObjectKey = (Arc<str>, Box<str>);
 
@@ -450,14 +471,31 @@ impl ClusterState {
         self.namespaces.get(namespace).is_some_and(|n| n.enabled)
     }
 
-    /// Pods of opted-in namespaces (Running with an IP, or of `node`).
+    /// Pods of opted-in namespaces that did not opt out (Running with an
+    /// IP, or of this node).
     pub fn mesh_pods(&self) -> impl Iterator<Item = &Arc<Pod>> {
-        self.pods.values().filter(|p| self.enabled(&p.namespace))
+        self.pods.values().filter(|p| self.is_mesh(p))
     }
 
     /// The mesh pod with this UID.
     pub fn mesh_pod(&self, uid: &str) -> Option<&Arc<Pod>> {
-        self.pods.get(uid).filter(|p| self.enabled(&p.namespace))
+        self.pods.get(uid).filter(|p| self.is_mesh(p))
+    }
+
+    fn is_mesh(&self, p: &Pod) -> bool {
+        !p.opted_out && self.enabled(&p.namespace)
+    }
+
+    /// What a CNI ADD for this node's pod `uid` in `namespace` should do.
+    pub fn cni_verdict(&self, namespace: &str, uid: &str) -> CniVerdict {
+        if !self.enabled(namespace) {
+            return CniVerdict::NotInMesh;
+        }
+        match self.pods.get(uid) {
+            Some(p) if p.opted_out => CniVerdict::NotInMesh,
+            Some(_) => CniVerdict::Enroll,
+            None => CniVerdict::NotSeenYet,
+        }
     }
 
     /// Modes of the opted-in namespaces.
@@ -610,9 +648,11 @@ pub(crate) mod tests {
         done.status.as_mut().unwrap().phase = Some("Succeeded".into());
         let mut unscheduled = pod("shop", "u", "", &[]);
         unscheduled.spec.as_mut().unwrap().node_name = None;
+        let mut out_here = out.clone();
+        out_here.spec.as_mut().unwrap().node_name = Some("node-a".into());
         for (why, p) in [
             ("host network", host),
-            ("opted out", out),
+            ("opted out, elsewhere", out),
             ("finished", done),
             ("the tunnel's own", pod("ztunnel-system", "ztunnel-x", "node-b", &["198.19.1.9"])),
             ("not running, elsewhere", pod("shop", "p", "node-b", &[])),
@@ -620,9 +660,32 @@ pub(crate) mod tests {
         ] {
             assert_eq!(Pod::from_k8s(&p, &f, &mut i), None, "{why}");
         }
-        // This node's pod is kept before it runs (its CNI ADD may come first).
+        // This node's pod is kept before it runs (its CNI ADD may come first),
+        // and when it opted out (its CNI ADD is answered "not in the mesh").
         let here = Pod::from_k8s(&pod("shop", "p", "node-a", &[]), &f, &mut i).unwrap();
         assert!(!here.running);
+        assert!(Pod::from_k8s(&out_here, &f, &mut i).unwrap().opted_out);
+    }
+
+    #[test]
+    fn the_cni_verdict_tells_not_in_the_mesh_from_not_seen_yet() {
+        let mut i = Interner::default();
+        let f = filter();
+        let mut state = ClusterState::default();
+        let ns = Namespace::from_k8s(&namespace("shop", &[(DATAPLANE_LABEL, "enabled")]), None, &f, &mut i)
+            .unwrap();
+        Arc::make_mut(&mut state.namespaces).insert(ns.name.clone(), Arc::new(ns));
+        let mut out = pod("shop", "out", "node-a", &[]);
+        out.metadata.labels = Some([(DATAPLANE_LABEL.to_owned(), "disabled".to_owned())].into());
+        for p in [pod("shop", "in", "node-a", &[]), out] {
+            let p = Pod::from_k8s(&p, &f, &mut i).unwrap();
+            Arc::make_mut(&mut state.pods).insert(p.uid.clone(), Arc::new(p));
+        }
+        assert_eq!(state.cni_verdict("shop", &uid("shop", "in")), CniVerdict::Enroll);
+        assert_eq!(state.cni_verdict("shop", &uid("shop", "out")), CniVerdict::NotInMesh);
+        assert_eq!(state.cni_verdict("shop", &uid("shop", "later")), CniVerdict::NotSeenYet);
+        assert_eq!(state.cni_verdict("dev", &uid("dev", "x")), CniVerdict::NotInMesh);
+        assert_eq!(state.mesh_pods().count(), 1, "an opted-out pod is no workload");
     }
 
     #[test]

@@ -32,7 +32,7 @@ use std::{
 };
 
 pub use self::{
-    cluster::ClusterState,
+    cluster::{ClusterState, CniVerdict},
     discovery::{DiscoveryConfig, spawn as spawn_discovery},
     metrics::K8sMetrics,
     node::PodCgroups,
@@ -193,7 +193,7 @@ impl LocalPods {
     pub fn resolve(&mut self, cluster: &ClusterState, node: &str) -> bool {
         let before = self.pods.len();
         self.pods.retain(|uid, p| match cluster.pods.get(uid) {
-            Some(pod) => &*pod.node == node && cluster.enabled(&pod.namespace),
+            Some(pod) => &*pod.node == node && cluster.mesh_pod(uid).is_some(),
             // Not shown by the API server yet: only a fresh CNI handover waits.
             None => !p.seen && p.cni_at.is_some_and(|t| t.elapsed() < CNI_GRACE),
         });
