@@ -9,6 +9,7 @@
 //! | `proxy` | listeners, per-connection handling, the byte relay |
 //! | `limits` | fair shares: connections in all, per workload, per source |
 //! | `identity` | SPIFFE IDs |
+//! | `k8s` | Kubernetes mode: discovery, the policy CRD, pods' cgroups and namespaces |
 //! | `admin`, `metrics`, `access_log` | what operators see |
 //! | `app` | `ztunnel run`: wiring, reload, graceful shutdown |
 
@@ -23,6 +24,7 @@ pub mod config;
 pub mod enrollment;
 pub mod http;
 pub mod identity;
+pub mod k8s;
 pub mod limits;
 pub mod metrics;
 pub mod netns;

@@ -32,11 +32,18 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Check a configuration file and exit (0: valid).
+    /// Check a configuration file, or the AuthorizationPolicy documents of a
+    /// Kubernetes manifest (other kinds are skipped), and exit (0: valid).
     Validate {
+        #[arg(long, required_unless_present = "manifest", conflicts_with = "manifest")]
+        config: Option<PathBuf>,
+        /// A multi-document YAML manifest (`kubectl kustomize` output), or a
+        /// directory of them.
         #[arg(long)]
-        config: PathBuf,
+        manifest: Option<PathBuf>,
     },
+    /// Print the AuthorizationPolicy CustomResourceDefinition (YAML).
+    Crd,
     /// Authorization policy: explain one decision, or print who may call what.
     Policy {
         #[command(subcommand)]
@@ -79,7 +86,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run { config } => ztunnel::app::run(&config, set_log_level),
-        Command::Validate { config } => Config::load(&config)
+        Command::Validate { config: Some(config), .. } => Config::load(&config)
             .inspect(|c| {
                 for w in c.warnings() {
                     eprintln!("warning: {w}");
@@ -95,6 +102,11 @@ fn main() -> ExitCode {
                 );
             })
             .map_err(Into::into),
+        Command::Validate { config: None, manifest } => match manifest {
+            Some(m) => validate_manifest(&m),
+            None => Err(anyhow::anyhow!("--config or --manifest is required")),
+        },
+        Command::Crd => ztunnel::k8s::crd::crd_yaml().map(|yaml| print!("{yaml}")).map_err(Into::into),
         Command::Uninstall { config, pin_dir } => uninstall(config, pin_dir),
         Command::Ca { command } => ztunnel::cli::ca(command),
         Command::Policy { command } => {
@@ -115,6 +127,31 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `validate --manifest`: a file, or every YAML file under a directory.
+fn validate_manifest(path: &std::path::Path) -> anyhow::Result<()> {
+    use ztunnel::k8s::manifest;
+    let (mut problems, mut policies, mut skipped) = (0, 0, 0);
+    for file in manifest::manifest_files(path)? {
+        let report = manifest::validate_file(&file)?;
+        for e in &report.errors {
+            eprintln!("{}: {e}", file.display());
+        }
+        problems += report.errors.len();
+        policies += report.policies;
+        skipped += report.skipped;
+    }
+    anyhow::ensure!(
+        problems == 0,
+        "{}: {problems} problem(s) in {policies} AuthorizationPolicy document(s)",
+        path.display()
+    );
+    println!(
+        "{}: valid ({policies} AuthorizationPolicy documents, {skipped} other documents skipped)",
+        path.display()
+    );
+    Ok(())
 }
 
 fn uninstall(config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> anyhow::Result<()> {
