@@ -10,6 +10,7 @@
 //! | `identity` | SPIFFE IDs |
 //! | `admin`, `metrics`, `access_log` | what operators see |
 //! | `app` | `ztunnel run`: wiring, reload, graceful shutdown |
+//! | `precheck` | `ztunnel precheck`: whether a node can run the tunnel, before install |
 
 pub mod access_log;
 pub mod admin;
@@ -25,6 +26,7 @@ pub mod identity;
 pub mod metrics;
 pub mod netns;
 pub mod policy;
+pub mod precheck;
 pub mod proxy;
 pub mod sockopt;
 pub mod state;
