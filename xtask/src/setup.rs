@@ -220,7 +220,15 @@ fn bpf_linker() -> anyhow::Result<()> {
     }
     status(
         Command::new("cargo")
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--force",
+                "--quiet",
+            ])
             .args(["--no-default-features", "--features", &format!("llvm-{major}")])
             .env("LLVM_PREFIX", &prefix)
             .env("PATH", path_with_cargo_bin()),

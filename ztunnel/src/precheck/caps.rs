@@ -6,7 +6,7 @@ use super::Finding;
 /// (bit, name, what the tunnel does with it).
 const NEEDED: &[(u32, &str, &str)] = &[
     (39, "CAP_BPF", "create the capture maps and load the programs"),
-    (38, "CAP_PERFMON", "the verifier's pointer rules for programs that read socket and cgroup data"),
+    (38, "CAP_PERFMON", "load programs that read socket and cgroup data (the verifier's pointer rules)"),
     (12, "CAP_NET_ADMIN", "attach programs to cgroups and network namespaces; mark delivery sockets"),
     (21, "CAP_SYS_ADMIN", "mount bpffs, pin links, enter workloads' network namespaces (setns)"),
     (13, "CAP_NET_RAW", "IP_TRANSPARENT: deliver to a workload with the caller's address as source"),

@@ -81,8 +81,8 @@ impl Scratch {
         Self { cgroup, netns }
     }
 
-    fn cgroup(&self) -> Result<&File, Step> {
-        self.cgroup.as_ref().map(|c| &c.dir).map_err(|e| Step::NoScratch(e.clone()))
+    fn cgroup(&self) -> Result<&ScratchCgroup, Step> {
+        self.cgroup.as_ref().map_err(|e| Step::NoScratch(e.clone()))
     }
 
     fn netns(&self) -> Result<&OwnedFd, Step> {
@@ -144,16 +144,16 @@ enum Step {
 
 /// Loads `program`, attaches it where its type attaches, and detaches it.
 /// Returns where it was attached.
-fn try_program(program: &mut Program, scratch: &Scratch) -> Result<&'static str, Step> {
+fn try_program(program: &mut Program, scratch: &Scratch) -> Result<String, Step> {
     // The cgroup program types share no trait for attach/detach.
     macro_rules! on_cgroup {
         ($p:expr) => {{
             let p = $p;
             p.load().map_err(Step::Load)?;
             let cgroup = scratch.cgroup()?;
-            let id = p.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(Step::Attach)?;
+            let id = p.attach(cgroup.dir.as_fd(), CgroupAttachMode::Single).map_err(Step::Attach)?;
             p.detach(id).map_err(Step::Detach)?;
-            Ok("a scratch cgroup")
+            Ok(format!("scratch cgroup {}", cgroup.path.display()))
         }};
     }
     match program {
@@ -167,16 +167,17 @@ fn try_program(program: &mut Program, scratch: &Scratch) -> Result<&'static str,
             p.load().map_err(Step::Load)?;
             let cgroup = scratch.cgroup()?;
             let attach_type = p.expected_attach_type().unwrap_or(CgroupSkbAttachType::Ingress);
-            let id = p.attach(cgroup.as_fd(), attach_type, CgroupAttachMode::Single).map_err(Step::Attach)?;
+            let id =
+                p.attach(cgroup.dir.as_fd(), attach_type, CgroupAttachMode::Single).map_err(Step::Attach)?;
             p.detach(id).map_err(Step::Detach)?;
-            Ok("a scratch cgroup")
+            Ok(format!("scratch cgroup {}", cgroup.path.display()))
         }
         Program::SkLookup(p) => {
             p.load().map_err(Step::Load)?;
             let netns = scratch.netns()?;
             let id = p.attach(netns.as_fd()).map_err(Step::Attach)?;
             p.detach(id).map_err(Step::Detach)?;
-            Ok("a scratch network namespace")
+            Ok("a scratch network namespace".to_owned())
         }
         _ => Err(Step::Unsupported),
     }
