@@ -37,10 +37,10 @@ pub struct Options {
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     let as_json = opts.json;
-    if !crate::is_root() {
+    if !crate::root::is_root() {
         bail!("the benchmark needs root: it attaches eBPF programs and makes network namespaces");
     }
-    let release = std::env::current_dir()?.join("target/release");
+    let release = crate::target_dir()?.join(crate::Profile::Release.dir_name());
     // SAFETY: single-threaded at this point; the testbed reads these later.
     unsafe {
         std::env::set_var("ZTUNNEL_BIN", release.join("ztunnel"));

@@ -29,7 +29,7 @@ struct Call<'a> {
 }
 
 pub fn run() -> anyhow::Result<()> {
-    if !crate::is_root() {
+    if !crate::root::is_root() {
         bail!("the demo needs root: it attaches eBPF programs and makes network namespaces");
     }
     let mut tb = Testbed::new("demo")?;

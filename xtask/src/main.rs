@@ -2,20 +2,28 @@
 //!
 //! | task | what |
 //! | --- | --- |
-//! | `setup` | installs what builds and tests need (idempotent, quick when done) |
+//! | `setup` | installs what builds and tests need (idempotent, quick when done), then `ztunnel precheck` |
 //! | `build` | setup, then builds every binary |
-//! | `test` | setup, build, then the whole test suite (root) |
-//! | `demo` | setup, build, then the demo on the testbed (root) |
-//! | `bench [--json]` | setup, release build, then the benchmark (root) |
+//! | `test` | setup, build, then the whole test suite (the test binaries as root) |
+//! | `demo` | setup, build, then the demo on the testbed (as root) |
+//! | `bench [--json]` | setup, release build, then the benchmark (as root) |
 //! | `kind-demo` | ztunnel in a two-node kind cluster (docker, kind, kubectl) |
+//!
+//! Run by an ordinary user, every task builds as that user and runs only what
+//! needs root through sudo (see `root`); run as root, everything runs directly.
 
 mod bench;
 mod demo;
 mod deploy_tools;
 mod kind_demo;
+mod precheck;
+mod root;
 mod setup;
 
-use std::process::{Command, ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -30,7 +38,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what the build and the tests need: Debian packages, nightly
-    /// rust-src, bpf-linker built against the nightly's LLVM.
+    /// rust-src, bpf-linker built against the nightly's LLVM; then build
+    /// ztunnel and run `ztunnel precheck` on this machine.
     Setup,
     /// Build every binary (debug, or --release).
     Build {
@@ -38,7 +47,7 @@ enum Task {
         release: bool,
     },
     /// Run the whole test suite: unit tests and the integration tests over
-    /// real eBPF capture and network namespaces (needs root).
+    /// real eBPF capture and network namespaces (the test binaries run as root).
     Test {
         /// Tests run this many at a time.
         #[arg(long, env = "ZTUNNEL_TEST_THREADS", default_value_t = 2)]
@@ -49,16 +58,13 @@ enum Task {
     /// Bring up simulated nodes and workloads and show capture at work.
     Demo,
     /// Measure the same workloads directly and through the tunnels.
-    Bench {
-        /// One flat JSON object on stdout instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Seconds per measurement.
-        #[arg(long, default_value_t = 5)]
-        seconds: u64,
-        /// Only this measurement: throughput, rr or crr.
-        #[arg(long)]
-        only: Option<String>,
+    Bench(BenchArgs),
+    /// The root part of `demo` or `bench`, started through sudo by the same
+    /// task run as an ordinary user, once everything is built.
+    #[command(hide = true)]
+    AsRoot {
+        #[command(subcommand)]
+        task: RootTask,
     },
     /// ztunnel in a two-node kind cluster: build and load the image, make
     /// the CA's Secret, apply the kind overlay and the samples, and show
@@ -72,18 +78,81 @@ enum Task {
     },
 }
 
+#[derive(clap::Args, Clone)]
+struct BenchArgs {
+    /// One flat JSON object on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Only this measurement: throughput, rr or crr.
+    #[arg(long)]
+    only: Option<String>,
+}
+
+impl BenchArgs {
+    fn args(&self) -> Vec<String> {
+        let mut args = vec!["--seconds".to_owned(), self.seconds.to_string()];
+        if self.json {
+            args.push("--json".into());
+        }
+        if let Some(only) = &self.only {
+            args.extend(["--only".to_owned(), only.clone()]);
+        }
+        args
+    }
+}
+
+#[derive(Subcommand)]
+enum RootTask {
+    Demo,
+    Bench(BenchArgs),
+}
+
+const WHY_DEMO: &str = "the precheck and the demo attach eBPF programs and make network namespaces and cgroups, \
+                        so they run as root";
+const WHY_TEST: &str = "the precheck and the test binaries attach eBPF programs and make network namespaces \
+                        and cgroups, so they run as root";
+const WHY_BENCH: &str = "the precheck and the benchmark attach eBPF programs and make network namespaces and \
+                         cgroups, so they run as root";
+const WHY_SETUP: &str = "the precheck loads and attaches the tunnel's eBPF programs, so it runs as root";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
-        Task::Setup => setup::run(),
-        Task::Build { release } => setup::run().and_then(|()| build(release)),
-        Task::Test { test_threads, filter } => {
-            setup::run().and_then(|()| build(false)).and_then(|()| test(test_threads, filter))
+        Task::Setup => setup::run(Some(WHY_SETUP))
+            .and_then(|()| build(Profile::Debug, Output::Quiet))
+            .and_then(|()| precheck::on_this_machine(Profile::Debug)),
+        Task::Build { release } => {
+            setup::run(None).and_then(|()| build(Profile::from(release), Output::Full))
         }
-        Task::Demo => setup::run().and_then(|()| build(false)).and_then(|()| demo::run()),
-        Task::Bench { json, seconds, only } => setup::run()
-            .and_then(|()| build(true))
-            .and_then(|()| bench::run(&bench::Options { json, seconds, only })),
+        Task::Test { test_threads, filter } => setup::run(Some(WHY_TEST))
+            .and_then(|()| build(Profile::Debug, Output::Full))
+            .and_then(|()| precheck::for_the_testbed(Profile::Debug))
+            .and_then(|()| test(test_threads, filter)),
+        Task::Demo => setup::run(Some(WHY_DEMO))
+            .and_then(|()| build(Profile::Debug, Output::Quiet))
+            .and_then(|()| precheck::for_the_testbed(Profile::Debug))
+            .and_then(|()| as_root(&["demo".to_owned()], demo::run)),
+        Task::Bench(args) => setup::run(Some(WHY_BENCH))
+            .and_then(|()| build(Profile::Release, Output::Quiet))
+            .and_then(|()| precheck::for_the_testbed(Profile::Release))
+            .and_then(|()| {
+                let mut root_args = vec!["bench".to_owned()];
+                root_args.extend(args.args());
+                as_root(&root_args, || bench_run(&args))
+            }),
+        Task::AsRoot { task } => {
+            if !root::is_root() {
+                eprintln!("xtask: `as-root` is started by xtask itself, through sudo");
+                return ExitCode::FAILURE;
+            }
+            match task {
+                RootTask::Demo => demo::run(),
+                RootTask::Bench(args) => bench_run(&args),
+            }
+        }
         Task::KindDemo { name } => kind_demo::run(&kind_demo::Options { name }),
     };
     match result {
@@ -93,6 +162,71 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn bench_run(args: &BenchArgs) -> anyhow::Result<()> {
+    bench::run(&bench::Options { json: args.json, seconds: args.seconds, only: args.only.clone() })
+}
+
+/// Runs `task` here when root; else this same xtask binary with `as-root
+/// <args>` through sudo (everything is built by then).
+fn as_root(args: &[String], task: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    if root::is_root() {
+        return task();
+    }
+    let exe = std::env::current_exe().context("current_exe")?;
+    let mut cmd = root::command(exe);
+    cmd.arg("as-root").args(args);
+    let what = format!("{cmd:?}");
+    let s = cmd.status().with_context(|| format!("cannot run {what}"))?;
+    if !s.success() {
+        // The root part has printed why.
+        bail!("{} failed ({s})", args.join(" "));
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    Debug,
+    Release,
+}
+
+impl From<bool> for Profile {
+    fn from(release: bool) -> Self {
+        if release { Profile::Release } else { Profile::Debug }
+    }
+}
+
+impl Profile {
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            Profile::Debug => "debug",
+            Profile::Release => "release",
+        }
+    }
+}
+
+/// Whether cargo's progress lines are shown (`build`, `test`) or kept out of
+/// the task's output (`demo`, `bench`, `setup`); warnings and errors always show.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Output {
+    Full,
+    Quiet,
+}
+
+/// Where cargo puts what it builds: this xtask binary is in `<target>/debug`.
+pub fn target_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("current_exe")?;
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .with_context(|| format!("{} is not in a cargo target directory", exe.display()))
+}
+
+/// A built binary.
+pub fn built(profile: Profile, name: &str) -> anyhow::Result<PathBuf> {
+    Ok(target_dir()?.join(profile.dir_name()).join(name))
 }
 
 /// `cargo` with ~/.cargo/bin on PATH (where bpf-linker is installed).
@@ -116,29 +250,36 @@ pub fn status(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build(release: bool) -> anyhow::Result<()> {
+fn build(profile: Profile, output: Output) -> anyhow::Result<()> {
+    setup::check_ownership(&target_dir()?)?;
     let mut cmd = cargo();
     cmd.args(["build", "--package", "ztunnel", "--package", "ztunnel-testbed", "--bins"]);
-    if release {
+    if profile == Profile::Release {
         cmd.arg("--release");
+    }
+    if output == Output::Quiet {
+        eprintln!(
+            "xtask: building ztunnel and the testbed ({}; the first build takes minutes)",
+            profile.dir_name()
+        );
+        cmd.arg("--quiet");
     }
     status(&mut cmd)
 }
 
+/// cargo builds the tests as the user; each test binary then runs as root
+/// through cargo's `runner` (nothing to change as root).
 fn test(threads: usize, filter: Option<String>) -> anyhow::Result<()> {
-    if !is_root() {
-        bail!("the test suite needs root: it attaches eBPF programs and makes network namespaces");
-    }
     let mut cmd = cargo();
     // The eBPF crate only builds for the BPF target (ztunnel's build.rs does that).
-    cmd.args(["test", "--workspace", "--exclude", "ztunnel-ebpf", "--no-fail-fast", "--"]);
+    cmd.args(["test", "--workspace", "--exclude", "ztunnel-ebpf", "--no-fail-fast"]);
+    if !root::is_root() {
+        cmd.args(["--config", &root::cargo_runner_config()]);
+    }
+    cmd.arg("--");
     cmd.arg(format!("--test-threads={threads}"));
     if let Some(f) = filter {
         cmd.arg(f);
     }
     status(&mut cmd)
-}
-
-pub fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }

@@ -1,16 +1,19 @@
-//! `cargo xtask setup`: everything a fresh Debian machine with rustup and root
-//! lacks to build and test ztunnel. Each step checks before it acts, so a
-//! machine that is already set up passes in well under a second.
+//! `cargo xtask setup`: everything a fresh Debian machine with rustup and
+//! sudo (or root) lacks to build and test ztunnel. Each step checks before it
+//! acts, so a machine that is already set up passes in well under a second.
+//! Only apt-get runs as root; the toolchain steps run as the user, into the
+//! user's own rustup and cargo homes.
 
 use std::{
     ffi::OsString,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     process::Command,
 };
 
 use anyhow::{Context as _, bail};
 
-use crate::status;
+use crate::{root, status};
 
 /// Debian packages the build, tests, demo and benchmark use.
 const PACKAGES: &[(&str, &str)] = &[
@@ -23,13 +26,32 @@ const PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "promtool: checks and unit-tests the alert rules in deploy/prometheus"),
     ("systemd", "systemd-analyze verify: checks the units in deploy/systemd"),
     ("python3-venv", "the venv with kubernetes-validate that checks deploy/kubernetes"),
+    (
+        "iptables",
+        "ztunnel precheck reads the node's iptables rules; its tests write some in a scratch namespace",
+    ),
+    ("nftables", "ztunnel precheck reads the node's nftables rules"),
+    ("sudo", "an ordinary user's tasks run what needs root through it; a test runs the demo as such a user"),
+    ("git", "a test clones the repository for an ordinary user"),
 ];
 
 /// bpf-linker release matched to aya 0.14 and the nightly's LLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-pub fn run() -> anyhow::Result<()> {
-    debian_packages()?;
+/// Installs what is missing. `task_needs_root` says why the task will need
+/// root later (None: it does not): sudo is asked for once, up front, with that
+/// reason and apt-get's, so that no prompt comes after a long build.
+pub fn run(task_needs_root: Option<&str>) -> anyhow::Result<()> {
+    let missing = missing_packages();
+    let mut reasons = Vec::new();
+    if !missing.is_empty() {
+        reasons.push(format!("apt-get installs {}", missing.join(" ")));
+    }
+    reasons.extend(task_needs_root.map(str::to_owned));
+    if !reasons.is_empty() {
+        root::ask(&reasons.join("; "))?;
+    }
+    debian_packages(&missing)?;
     nightly()?;
     rust_src()?;
     bpf_linker()?;
@@ -41,10 +63,47 @@ pub fn home() -> PathBuf {
     std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from)
 }
 
-/// PATH with ~/.cargo/bin first: bpf-linker lives there and aya-build looks
-/// for it on PATH.
+/// Where rustup's cargo keeps its binaries and caches: $CARGO_HOME, else
+/// ~/.cargo.
+fn cargo_home() -> PathBuf {
+    std::env::var_os("CARGO_HOME").map_or_else(|| home().join(".cargo"), PathBuf::from)
+}
+
+/// Refuses to build into a target/ or cargo home that an earlier `sudo cargo`
+/// left partly owned by root: the user's build would fail half-way with a
+/// permission error.
+pub fn check_ownership(target: &Path) -> anyhow::Result<()> {
+    if root::is_root() {
+        return Ok(());
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    let home = cargo_home();
+    let mut places = vec![target.to_owned(), home.join("registry"), home.join("git")];
+    for profile in ["debug", "release"] {
+        for sub in ["", "build", "deps", ".fingerprint", "incremental"] {
+            places.push(target.join(profile).join(sub));
+        }
+    }
+    for place in places {
+        if let Ok(meta) = std::fs::metadata(&place)
+            && meta.uid() != me
+        {
+            bail!(
+                "{} belongs to uid {}, not to you (an earlier `sudo cargo ...`?): \
+                 `sudo chown -R \"$(id -un):\" {}` gives it back, then run this again",
+                place.display(),
+                meta.uid(),
+                place.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// PATH with the cargo bin directory first: bpf-linker lives there and
+/// aya-build looks for it on PATH.
 pub fn path_with_cargo_bin() -> OsString {
-    let bin = home().join(".cargo").join("bin");
+    let bin = cargo_home().join("bin");
     let mut paths = vec![bin];
     if let Some(p) = std::env::var_os("PATH") {
         paths.extend(std::env::split_paths(&p));
@@ -52,8 +111,8 @@ pub fn path_with_cargo_bin() -> OsString {
     std::env::join_paths(paths).unwrap_or_default()
 }
 
-fn debian_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES
+fn missing_packages() -> Vec<&'static str> {
+    PACKAGES
         .iter()
         .map(|(p, _)| *p)
         .filter(|p| {
@@ -62,21 +121,22 @@ fn debian_packages() -> anyhow::Result<()> {
                 .output()
                 .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
         })
-        .collect();
+        .collect()
+}
+
+fn debian_packages(missing: &[&str]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    if !crate::is_root() {
-        bail!("Debian packages missing ({}); run `cargo xtask setup` as root", missing.join(" "));
-    }
     eprintln!("setup: installing {}", missing.join(" "));
-    status(Command::new("apt-get").args(["update", "-qq"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
-    status(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    // As root directly; else through sudo (asked for by `run`).
+    let apt = || {
+        let mut cmd = root::command("apt-get");
+        cmd.env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    status(apt().args(["update", "-qq"]))?;
+    status(apt().args(["install", "-y", "-qq", "--no-install-recommends"]).args(missing))
 }
 
 /// The nightly toolchain builds the eBPF programs (-Z build-std). A machine
@@ -150,7 +210,7 @@ fn bpf_linker() -> anyhow::Result<()> {
     let (llvm, major) = nightly_llvm(&sysroot)?;
     let prefix = home().join(".local/share/bpf-linker-llvm");
     let linked = std::fs::read_link(prefix.join("lib/libLLVM.so")).ok();
-    let binary = home().join(".cargo/bin/bpf-linker");
+    let binary = cargo_home().join("bin/bpf-linker");
     if linked.as_deref() == Some(llvm.as_path()) && bpf_linker_works(&binary) {
         return Ok(());
     }
@@ -164,7 +224,15 @@ fn bpf_linker() -> anyhow::Result<()> {
     }
     status(
         Command::new("cargo")
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--force",
+                "--quiet",
+            ])
             .args(["--no-default-features", "--features", &format!("llvm-{major}")])
             .env("LLVM_PREFIX", &prefix)
             .env("PATH", path_with_cargo_bin()),

@@ -12,6 +12,7 @@
 //! | `k8s` | Kubernetes mode: discovery, the policy CRD, pods' cgroups and namespaces |
 //! | `admin`, `metrics`, `access_log` | what operators see |
 //! | `app` | `ztunnel run`: wiring, reload, graceful shutdown |
+//! | `precheck` | `ztunnel precheck`: whether a node can run the tunnel, before install |
 
 pub mod access_log;
 pub mod admin;
@@ -29,6 +30,7 @@ pub mod limits;
 pub mod metrics;
 pub mod netns;
 pub mod policy;
+pub mod precheck;
 pub mod proxy;
 pub mod sockopt;
 pub mod state;

@@ -62,6 +62,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check whether this node can run the tunnel, before anything is
+    /// installed: kernel and BTF, cgroup v2, each eBPF program loaded and
+    /// attached to a scratch cgroup or namespace, bpffs, capabilities, open
+    /// file limit, other meshes' rules, the pin directory. One line per
+    /// check; exit 0 only when the node can run the tunnel. Run as root.
+    Precheck {
+        /// One JSON object on stdout instead of lines.
+        #[arg(long)]
+        json: bool,
+        /// Read the pin directory, cgroup root and connection limit from
+        /// this configuration file (default: the defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A Kubernetes node: check the CNI configuration too.
+        #[arg(long)]
+        kubernetes: bool,
+        /// Where the container runtime reads CNI configuration.
+        #[arg(long, default_value = ztunnel::precheck::DEFAULT_CNI_CONF_DIR, requires = "kubernetes")]
+        cni_conf_dir: PathBuf,
+        /// On failure, post a Warning Event on this pod (POD_NAME,
+        /// POD_NAMESPACE, POD_UID) and hold instead of exiting, so that a
+        /// DaemonSet shows one clear event rather than a crash loop.
+        #[arg(long, requires = "kubernetes")]
+        report_event: bool,
+    },
     /// Remove capture from this node: unpin every program, link and map, so
     /// nothing stays attached to any cgroup or namespace. Stop the tunnel
     /// first; enrolled workloads then connect directly again.
@@ -119,6 +144,10 @@ fn main() -> ExitCode {
             };
         }
         Command::Certs { admin, json } => ztunnel::cli::certs(admin, json),
+        Command::Precheck { json, config, kubernetes, cni_conf_dir, report_event } => {
+            let options = ztunnel::precheck::Options { config, kubernetes, cni_conf_dir };
+            return precheck(&options, json, report_event);
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -166,6 +195,30 @@ fn uninstall(config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> anyhow::Resul
         println!("nothing installed at {}", pin_dir.display());
     }
     Ok(())
+}
+
+/// Exit 0 when the node can run the tunnel, 1 when it cannot, 2 when the
+/// report cannot be written.
+fn precheck(options: &ztunnel::precheck::Options, json: bool, report_event: bool) -> ExitCode {
+    let report = ztunnel::precheck::run(options);
+    let written = if json {
+        serde_json::to_string_pretty(&report).map(|text| println!("{text}")).map_err(anyhow::Error::from)
+    } else {
+        print!("{}", report.text());
+        Ok(())
+    };
+    let written = written.and_then(|()| std::io::Write::flush(&mut std::io::stdout()).map_err(Into::into));
+    if let Err(e) = written {
+        eprintln!("ztunnel: {e:#}");
+        return ExitCode::from(2);
+    }
+    if report.ok {
+        return ExitCode::SUCCESS;
+    }
+    if report_event && let Err(e) = ztunnel::precheck::event::report_and_hold(&report) {
+        eprintln!("ztunnel: {e}");
+    }
+    ExitCode::FAILURE
 }
 
 fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<ztunnel::admin::LogLevelSetter> {

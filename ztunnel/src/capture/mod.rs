@@ -103,21 +103,7 @@ impl Capture {
         pins::ensure_bpffs(&settings.pin_dir)?;
         let pins = Pins::new(&settings.pin_dir);
         pins.create()?;
-        let map_paths: Vec<(&str, PathBuf)> =
-            map_name::PINNED.iter().map(|name| (*name, pins.map(name))).collect();
-        let mut loader = EbpfLoader::new();
-        for (name, path) in &map_paths {
-            loader.map_pin_path(name, path.as_path());
-        }
-        let log_level = aya_log_level();
-        let mut ebpf = loader
-            .override_global(global_name::TUNNEL_CGROUP_ID, &settings.tunnel_cgroup_id, true)
-            .override_global("AYA_LOG_LEVEL", &log_level, false)
-            .map_max_entries(map_name::CAPTURED_BY_TUPLE, settings.max_connections)
-            .map_max_entries(map_name::CAPTURED_BY_COOKIE, settings.max_connections)
-            .map_max_entries(map_name::SOCKET_OWNERS, settings.max_sockets)
-            .load(EBPF_OBJECT)
-            .map_err(CaptureError::Load)?;
+        let mut ebpf = load_object(Some(&pins), settings.tunnel_cgroup_id, settings.max_connections, settings.max_sockets)?;
         check_pinned_maps(&pins)?;
         warn_if_resized(&pins, settings.max_connections);
         forward_kernel_logs(&mut ebpf);
@@ -304,6 +290,36 @@ impl Capture {
         }
         Ok(())
     }
+}
+
+/// The tunnel's eBPF object in the kernel: its maps created (or, with
+/// `pins`, reused from an earlier tunnel) and sized, its globals set; its
+/// programs are not loaded yet. `Capture::install` goes on to load and attach
+/// them; `ztunnel precheck` tries each one against a scratch cgroup or network
+/// namespace, with maps of its own.
+pub(crate) fn load_object(
+    pins: Option<&Pins>,
+    tunnel_cgroup_id: u64,
+    max_connections: u32,
+    max_sockets: u32,
+) -> Result<Ebpf, CaptureError> {
+    let map_paths: Vec<(&str, PathBuf)> = match pins {
+        Some(pins) => map_name::PINNED.iter().map(|name| (*name, pins.map(name))).collect(),
+        None => Vec::new(),
+    };
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &map_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let log_level = aya_log_level();
+    loader
+        .override_global(global_name::TUNNEL_CGROUP_ID, &tunnel_cgroup_id, true)
+        .override_global("AYA_LOG_LEVEL", &log_level, false)
+        .map_max_entries(map_name::CAPTURED_BY_TUPLE, max_connections)
+        .map_max_entries(map_name::CAPTURED_BY_COOKIE, max_connections)
+        .map_max_entries(map_name::SOCKET_OWNERS, max_sockets)
+        .load(EBPF_OBJECT)
+        .map_err(CaptureError::Load)
 }
 
 fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, CaptureError>

@@ -38,13 +38,16 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PinError + '_ {
     move |source| PinError::Io { path: path.to_owned(), source }
 }
 
-const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+pub(crate) const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+
+pub(crate) fn on_bpffs(p: &Path) -> bool {
+    statfs(p).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC)
+}
 
 /// Makes sure `pin_dir` is on bpffs, mounting bpffs at /sys/fs/bpf when the
 /// directory is under it and nothing is mounted there (as on hosts that do not
 /// mount it at boot).
 pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), PinError> {
-    let on_bpffs = |p: &Path| statfs(p).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC);
     let probe = existing_ancestor(pin_dir);
     if on_bpffs(&probe) {
         return Ok(());
@@ -64,7 +67,7 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), PinError> {
     }
 }
 
-fn existing_ancestor(p: &Path) -> PathBuf {
+pub(crate) fn existing_ancestor(p: &Path) -> PathBuf {
     p.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/")).to_owned()
 }
 
