@@ -8,6 +8,7 @@
 //! | `enrollment` | makes capture match the configuration, at start and on reload |
 //! | `proxy` | listeners, per-connection handling, the byte relay |
 //! | `identity` | SPIFFE IDs |
+//! | `clock` | the wall clock certificates live by (tokio's, in unit tests) |
 //! | `admin`, `metrics`, `access_log` | what operators see |
 //! | `app` | `ztunnel run`: wiring, reload, graceful shutdown |
 
@@ -18,6 +19,7 @@ pub mod ca;
 pub mod capture;
 pub mod cgroup;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod enrollment;
 pub mod http;
