@@ -4,8 +4,8 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::SocketAddr,
     process::{Child, ChildStdin, ChildStdout, Stdio},
-    sync::mpsc,
-    time::Duration,
+    sync::{Mutex, mpsc},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -99,10 +99,17 @@ impl Lines {
     }
 }
 
+/// How long a helper process may take to start or answer before a test
+/// gives up on it: generous, for a loaded 2-core CI machine (a passing test
+/// never waits this long).
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
 /// A `tb-agent serve` running in a place; killed when dropped.
 pub struct Server {
     child: Child,
     lines: Lines,
+    /// `serve` takes sync requests here (the other servers do not).
+    requests: Mutex<Option<ChildStdin>>,
 }
 
 impl Server {
@@ -112,16 +119,20 @@ impl Server {
         for a in listen {
             cmd.args(["--listen", &a.to_string()]);
         }
-        Self::spawn(cmd)
+        Self::spawn(cmd, true)
     }
 
-    fn spawn(mut cmd: std::process::Command) -> anyhow::Result<Self> {
+    fn spawn(mut cmd: std::process::Command, syncs: bool) -> anyhow::Result<Self> {
+        if syncs {
+            cmd.stdin(Stdio::piped());
+        }
         let mut child =
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("spawn tb-agent serve")?;
+        let requests = Mutex::new(child.stdin.take());
         let lines = Lines::new(child.stdout.take().context("no stdout")?);
-        let first = lines.next(Duration::from_secs(5));
+        let first = lines.next(PATIENCE);
         match first {
-            Ok(v) if v["event"] == "listening" => Ok(Self { child, lines }),
+            Ok(v) if v["event"] == "listening" => Ok(Self { child, lines, requests }),
             other => {
                 let _ = child.kill();
                 let out = child.wait_with_output()?;
@@ -137,7 +148,7 @@ impl Server {
         for a in listen {
             cmd.args(["--listen", &a.to_string()]);
         }
-        Self::spawn(cmd)
+        Self::spawn(cmd, false)
     }
 
     /// A bare echo server (no hello line), for benchmarks.
@@ -147,12 +158,31 @@ impl Server {
         for a in listen {
             cmd.args(["--listen", &a.to_string()]);
         }
-        Self::spawn(cmd)
+        Self::spawn(cmd, false)
     }
 
-    /// Every connection accepted so far (`peer`, `local`).
-    pub fn accepted(&self) -> Vec<Value> {
-        self.lines.rx.try_iter().filter(|v| v["event"] == "accepted").collect()
+    /// Every connection that reached the server since the last call
+    /// (`peer`, `local`), complete: the server first accepts whatever still
+    /// waits in its listen backlogs and reports it, then says it is synced.
+    /// So a connection that had reached the server when this was called is
+    /// in the answer, and an empty answer proves that none had.
+    pub fn accepted(&self) -> anyhow::Result<Vec<Value>> {
+        let mut requests = self.requests.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stdin = requests.as_mut().context("only a `tb-agent serve` server reports its connections")?;
+        writeln!(stdin, "sync").and_then(|()| stdin.flush()).context("asking tb-agent serve to sync")?;
+        let deadline = Instant::now() + PATIENCE;
+        let mut accepted = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let v = self.lines.rx.recv_timeout(left).with_context(|| {
+                format!("tb-agent serve did not sync within {PATIENCE:?}; accepted meanwhile: {accepted:?}")
+            })?;
+            match v["event"].as_str() {
+                Some("accepted") => accepted.push(v),
+                Some("synced") => return Ok(accepted),
+                _ => {}
+            }
+        }
     }
 }
 
@@ -184,7 +214,7 @@ impl Held {
             .context("spawn tb-agent hold")?;
         let stdin = child.stdin.take();
         let lines = Lines::new(child.stdout.take().context("no stdout")?);
-        let first = lines.next(Duration::from_secs(10));
+        let first = lines.next(PATIENCE);
         match first {
             Ok(v) if v["event"] == "connected" => Ok(Self {
                 hello: v["hello"].clone(),
@@ -206,7 +236,7 @@ impl Held {
         let stdin = self.stdin.as_mut().context("connection already closed")?;
         writeln!(stdin, "{line}")?;
         stdin.flush()?;
-        let v = self.lines.next(Duration::from_secs(10))?;
+        let v = self.lines.next(PATIENCE)?;
         anyhow::ensure!(v["event"] == "echo" && v["line"] == line, "held connection answered {v}");
         Ok(())
     }
@@ -277,7 +307,7 @@ impl Server {
         for a in listen {
             cmd.args(["--listen", &a.to_string()]);
         }
-        Self::spawn(cmd)
+        Self::spawn(cmd, true)
     }
 }
 
@@ -285,12 +315,29 @@ impl Server {
 pub struct Capture {
     child: Child,
     pub file: std::path::PathBuf,
+    netns: String,
+}
+
+/// A marker packet for a capture: an ARP request for an address on the
+/// fabric nobody holds, sent by a connection attempt from `netns`. A fresh
+/// address each time (a repeated one is not asked for again until its failed
+/// neighbour entry expires); returns the address asked for.
+fn send_marker(netns: &str) -> std::net::Ipv4Addr {
+    static MARKERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = MARKERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let ip = std::net::Ipv4Addr::new(198, 18, 0, 200 + (n % 50) as u8);
+    let target = SocketAddr::from((ip, 9));
+    let _ = crate::in_netns(netns, move || {
+        let _ = std::net::TcpStream::connect_timeout(&target, Duration::from_millis(50));
+        Ok(())
+    });
+    ip
 }
 
 impl Capture {
     /// Starts capturing TCP on `iface` in `netns`; returns once packets are
     /// really being recorded (tshark announces itself before it captures, so
-    /// a marker connection is sent until it shows up in the file).
+    /// a marker packet is sent until it shows up in the file).
     pub fn start(tb: &Testbed, netns: &str, iface: &str) -> anyhow::Result<Self> {
         static CAPTURES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = CAPTURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -302,35 +349,43 @@ impl Capture {
             .stderr(Stdio::null())
             .spawn()
             .context("spawn tshark")?;
-        let capture = Self { child, file };
-        // A connection attempt to an address on the fabric nobody holds: its
-        // ARP request crosses iface, and once the capture file grows past its
-        // header, capture is live.
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        let mut attempt = 0u8;
+        let capture = Self { child, file, netns: netns.to_owned() };
+        capture
+            .wait_for_marker()
+            .with_context(|| format!("tshark did not start capturing on {iface} in {netns}"))?;
+        Ok(capture)
+    }
+
+    /// Sends marker packets until one is in the capture file. Packets cross
+    /// the interface, and are written, in order: every packet sent before
+    /// this was called is in the file when it returns.
+    fn wait_for_marker(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + PATIENCE;
+        let mut asked = Vec::new();
         loop {
-            // A fresh address each time: a repeated one waits for its failed
-            // neighbour entry to expire before it is asked for again.
-            attempt = attempt.wrapping_add(1);
-            let target = SocketAddr::from(([198, 18, 0, 200 + attempt % 50], 9));
-            let _ = crate::in_netns(netns, move || {
-                let _ = std::net::TcpStream::connect_timeout(&target, Duration::from_millis(50));
-                Ok(())
-            });
-            let size = std::fs::metadata(&capture.file).map(|m| m.len()).unwrap_or(0);
-            if size > 400 {
-                return Ok(capture);
-            }
-            if std::time::Instant::now() > deadline {
-                anyhow::bail!("tshark did not start capturing on {iface} in {netns}");
-            }
+            let ip = send_marker(&self.netns);
+            asked.push(ip);
             std::thread::sleep(Duration::from_millis(100));
+            // Any marker of this capture will do: each was sent after the
+            // caller's packets.
+            let filter =
+                asked.iter().map(|ip| format!("arp.dst.proto_ipv4 == {ip}")).collect::<Vec<_>>().join(" || ");
+            if !Self::fields(&self.file, &filter, "frame.number")?.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "no marker packet (ARP for {asked:?}) in {} after {PATIENCE:?}",
+                    self.file.display()
+                );
+            }
         }
     }
 
-    /// Stops the capture; returns the raw capture file's bytes.
+    /// Stops the capture once everything sent so far is in its file (a
+    /// marker sent now has been recorded); returns the file's bytes.
     pub fn stop(mut self) -> anyhow::Result<Vec<u8>> {
-        std::thread::sleep(Duration::from_millis(300));
+        self.wait_for_marker()?;
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGINT,
@@ -339,7 +394,8 @@ impl Capture {
         Ok(std::fs::read(&self.file)?)
     }
 
-    /// Field values of packets matching a display filter, read back with tshark.
+    /// Field values of packets matching a display filter, read back with
+    /// tshark (a file still being written is read up to its last whole packet).
     pub fn fields(file: &std::path::Path, filter: &str, field: &str) -> anyhow::Result<Vec<String>> {
         let out = std::process::Command::new("tshark")
             .args(["-r"])
@@ -357,7 +413,8 @@ impl Drop for Capture {
     }
 }
 
-/// `tb-agent steady` running in the background; `finish` waits for its report.
+/// `tb-agent steady` running in the background; `finish` waits for its
+/// report, `stop` ends it early.
 pub struct Steady {
     child: Child,
 }
@@ -375,6 +432,7 @@ impl Steady {
             .args(["steady", "--to", &to.to_string()])
             .args(["--interval-ms", &interval.as_millis().to_string()])
             .args(["--duration-ms", &duration.as_millis().to_string()])
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -388,6 +446,16 @@ impl Steady {
         last_json(&out.stdout).with_context(|| {
             format!("tb-agent steady printed nothing; stderr: {}", String::from_utf8_lossy(&out.stderr))
         })
+    }
+
+    /// Ends the traffic now (after the exchange under way), then reports as
+    /// `finish` does: for traffic that must span steps whose length depends
+    /// on the machine's speed.
+    pub fn stop(mut self) -> anyhow::Result<Value> {
+        if let Some(stdin) = self.child.stdin.as_mut() {
+            writeln!(stdin, "stop").and_then(|()| stdin.flush()).context("asking tb-agent steady to stop")?;
+        }
+        self.finish()
     }
 }
 

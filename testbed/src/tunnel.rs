@@ -4,17 +4,22 @@ use std::{
     io::BufRead as _,
     path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
-use crate::{Node, Testbed, Workload, http};
+use crate::{Node, Testbed, Workload, agent::PATIENCE, http};
 
 pub const ADMIN: &str = "127.0.0.1:15000";
 pub const METRICS: &str = "127.0.0.1:15020";
 pub const READINESS: &str = "127.0.0.1:15021";
+/// Where `flush_access_log` sends its marker connections: the node's HBONE
+/// port on loopback, where no workload is, so the tunnel refuses (and logs)
+/// the connection without waiting for anything.
+const MARKER_TARGET: &str = "127.0.0.1:15008";
 
 /// The configuration `ztunnel run` gets for `node`.
 pub fn config(tb: &Testbed, node: &Node, enrolled: &[&Workload]) -> Value {
@@ -75,6 +80,9 @@ pub struct Tunnel {
     pub access_log_path: PathBuf,
     /// `node.run_dir`: the admin token.
     pub run_dir: PathBuf,
+    /// Source addresses of `flush_access_log`'s marker connections, whose
+    /// lines `access_log` leaves out.
+    markers: Mutex<Vec<String>>,
 }
 
 impl Tunnel {
@@ -92,6 +100,7 @@ impl Tunnel {
             log_path: tb.dir().join(format!("{}-tunnel.log", node.name)),
             access_log_path,
             run_dir: config["node"]["run_dir"].as_str().map(PathBuf::from).unwrap_or_default(),
+            markers: Mutex::new(Vec::new()),
         };
         t.spawn()?;
         Ok(t)
@@ -197,9 +206,12 @@ impl Tunnel {
     }
 
     /// Rewrites the configuration, signals the tunnel, and waits until it
-    /// applied a newer generation.
+    /// applied a newer generation and finished applying it: the reload is
+    /// counted as applied only after the tunnel re-decided its open
+    /// connections, so whatever the reload closes has been told to close.
     pub fn reload(&mut self, config: &Value) -> anyhow::Result<()> {
         let before = self.generation()?;
+        let applied_before = self.reloads_applied()?;
         write_config(&self.config_path, config)?;
         if let Some(c) = &self.child {
             nix::sys::signal::kill(
@@ -207,14 +219,31 @@ impl Tunnel {
                 nix::sys::signal::Signal::SIGHUP,
             )?;
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.generation()? <= before {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let (generation, applied) = (self.generation()?, self.reloads_applied()?);
+            if generation > before && applied > applied_before {
+                return Ok(());
+            }
             if Instant::now() > deadline {
-                bail!("configuration not applied within 10s:\n{}", self.log_tail(30));
+                bail!(
+                    "configuration not applied within {PATIENCE:?} (generation {before} -> {generation}, \
+                     reloads applied {applied_before} -> {applied}):\n{}",
+                    self.log_tail(30)
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(())
+    }
+
+    /// `ztunnel_config_reloads_total{result="applied"}`.
+    fn reloads_applied(&self) -> anyhow::Result<u64> {
+        let metrics = self.metrics()?;
+        Ok(metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(r#"ztunnel_config_reloads_total{result="applied"} "#))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0))
     }
 
     /// Rewrites the configuration with a mistake, signals the tunnel, and
@@ -311,8 +340,19 @@ impl Tunnel {
             .context("no VmRSS")
     }
 
-    /// Every access log line so far.
+    /// Every access log line written so far (the tunnel writes a line when
+    /// a connection ends, in batches: call `flush_access_log` first when the
+    /// lines of connections that just ended must be there), without the
+    /// lines of `flush_access_log`'s own marker connections.
     pub fn access_log(&self) -> Vec<Value> {
+        let markers = self.markers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        self.raw_access_log()
+            .into_iter()
+            .filter(|e| e["source_address"].as_str().is_none_or(|a| !markers.iter().any(|m| m == a)))
+            .collect()
+    }
+
+    fn raw_access_log(&self) -> Vec<Value> {
         let Ok(f) = std::fs::File::open(&self.access_log_path) else {
             return Vec::new();
         };
@@ -321,6 +361,31 @@ impl Tunnel {
             .map_while(Result::ok)
             .filter_map(|l| serde_json::from_str(&l).ok())
             .collect()
+    }
+
+    /// Proves the access log holds the line of every connection that ended
+    /// before this call, so that a test may then check that a line is
+    /// absent. A marker connection to the node's :15008 (on loopback, from
+    /// outside any workload) is refused and logged at once; the log is
+    /// written in order, and the marker's line is waited for. (The marker
+    /// counts in the tunnel's metrics as an inbound HBONE connection refused
+    /// with `unknown_workload`.)
+    pub fn flush_access_log(&self) -> anyhow::Result<()> {
+        let marker = crate::in_netns(&self.node.netns, marker_connection)?;
+        self.markers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(marker.clone());
+        let deadline = Instant::now() + PATIENCE;
+        while !self.raw_access_log().iter().any(|e| e["source_address"] == marker.as_str()) {
+            if Instant::now() > deadline {
+                bail!(
+                    "the marker connection from {marker} to {MARKER_TARGET} was not logged within {PATIENCE:?}; \
+                     access log:\n{}\ntunnel:\n{}",
+                    self.raw_access_log().iter().map(Value::to_string).collect::<Vec<_>>().join("\n"),
+                    self.log_tail(30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     /// Waits for `n` access log lines matching `pred`.
@@ -352,6 +417,28 @@ impl Tunnel {
 impl Drop for Tunnel {
     fn drop(&mut self) {
         let _ = self.kill();
+    }
+}
+
+/// One marker connection to `MARKER_TARGET`, from an address chosen before
+/// connecting: the tunnel may refuse it (a reset) before connect() returns,
+/// and its log line is found by that address.
+fn marker_connection() -> anyhow::Result<String> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, getsockname, setsockopt, socket,
+        sockopt::SendTimeout,
+    };
+    use std::os::fd::AsRawFd as _;
+    let target: std::net::SocketAddrV4 = MARKER_TARGET.parse()?;
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    // Bounds a connect whose SYN goes unanswered.
+    setsockopt(&fd, SendTimeout, &nix::sys::time::TimeVal::new(PATIENCE.as_secs() as i64, 0))?;
+    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, 0))?;
+    let local: SockaddrIn = getsockname(fd.as_raw_fd())?;
+    match connect(fd.as_raw_fd(), &SockaddrIn::from(target)) {
+        // Reset: the tunnel took the connection and refused it at once.
+        Ok(()) | Err(nix::errno::Errno::ECONNRESET) => Ok(std::net::SocketAddrV4::from(local).to_string()),
+        Err(e) => Err(anyhow::anyhow!("marker connection to {target}: {e}")),
     }
 }
 

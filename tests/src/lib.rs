@@ -28,7 +28,12 @@ pub fn cgroup_id(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.ino()).unwrap_or(0)
 }
 
-/// Polls `f` until it returns true or `limit` passes.
+/// How long a test waits for something that should happen: generous, for
+/// a loaded 2-core CI machine (a passing test never waits this long).
+pub const WAIT: Duration = ztunnel_testbed::agent::PATIENCE;
+
+/// Polls `f` until it returns true or `limit` passes. The caller's assertion
+/// message should say what was seen instead.
 pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
@@ -38,6 +43,32 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(25));
     }
     f()
+}
+
+/// Polls `check` every 100 ms until it returns `Ok(true)`, for at most
+/// `limit`. An error counts as "not yet" (a process still starting, an
+/// endpoint not answering yet); when the deadline passes, the error names
+/// `what`, the last error, and what `seen` reports of the state then.
+pub fn wait_until(
+    limit: Duration,
+    what: &str,
+    mut check: impl FnMut() -> anyhow::Result<bool>,
+    seen: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    let mut last_error = None;
+    loop {
+        match check() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_error = Some(format!("{e:#}")),
+        }
+        if Instant::now() > deadline {
+            let error = last_error.map(|e| format!("\nlast error: {e}")).unwrap_or_default();
+            anyhow::bail!("not within {limit:?}: {what}{error}\nseen: {}", seen());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A JSON string field of an access log line.

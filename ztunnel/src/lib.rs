@@ -10,6 +10,7 @@
 //! | `limits` | fair shares: connections in all, per workload, per source |
 //! | `identity` | SPIFFE IDs |
 //! | `k8s` | Kubernetes mode: discovery, the policy CRD, pods' cgroups and namespaces |
+//! | `clock` | the wall clock certificates live by (tokio's, in unit tests) |
 //! | `admin`, `metrics`, `access_log` | what operators see |
 //! | `app` | `ztunnel run`: wiring, reload, graceful shutdown |
 //! | `precheck` | `ztunnel precheck`: whether a node can run the tunnel, before install |
@@ -21,6 +22,7 @@ pub mod ca;
 pub mod capture;
 pub mod cgroup;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod enrollment;
 pub mod http;

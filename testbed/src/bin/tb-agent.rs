@@ -4,6 +4,11 @@
 //!
 //! * `serve --listen ADDR...`: accepts; tells each client what it saw
 //!   (`{"peer":..,"local":..}` line), then echoes until the client half-closes.
+//!   Prints `{"event":"accepted",..}` for each connection the moment it is
+//!   accepted; a `sync` line on stdin first accepts everything still waiting
+//!   in the listen backlogs, then prints `{"event":"synced"}` (so a test that
+//!   saw `synced` has seen every connection that reached the server before
+//!   it asked).
 //! * `connect --to ADDR --count N --concurrency C --bytes B`: N connections,
 //!   C at a time, all held open until every one of a batch is established;
 //!   each checks the echo of B bytes. Prints one summary.
@@ -116,8 +121,8 @@ enum Cmd {
         #[arg(long)]
         name: String,
     },
-    /// One echo exchange every --interval-ms for --duration-ms; reports
-    /// every failure with when it happened.
+    /// One echo exchange every --interval-ms for --duration-ms (or until a
+    /// `stop` line on stdin); reports every failure with when it happened.
     Steady {
         #[arg(long)]
         to: SocketAddr,
@@ -202,35 +207,101 @@ async fn serve(addrs: Vec<SocketAddr>, reply_after_eof: bool) -> anyhow::Result<
             if a.is_ipv6() { tokio::net::TcpSocket::new_v6()? } else { tokio::net::TcpSocket::new_v4()? };
         socket.set_reuseaddr(true)?;
         socket.bind(*a).with_context(|| format!("bind {a}"))?;
-        listeners.push(socket.listen(4096)?);
+        listeners.push(Arc::new(socket.listen(4096)?));
     }
     emit(json!({"event": "listening", "addrs": addrs}));
-    let mut tasks = Vec::new();
-    for l in listeners {
-        tasks.push(tokio::spawn(accept_loop(l, reply_after_eof)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in &listeners {
+        tasks.spawn(accept_loop(l.clone(), reply_after_eof));
     }
-    for t in tasks {
-        t.await??;
+    let mut requests = stdin_lines();
+    loop {
+        tokio::select! {
+            done = tasks.join_next() => match done {
+                Some(Ok(Err(e))) => return Err(e),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(Ok(()))) | None => return Ok(()),
+            },
+            Some(line) = requests.recv() => {
+                if line.trim() == "sync" {
+                    // No await until `synced` is printed: nothing else runs
+                    // on this single-threaded runtime in between.
+                    for l in &listeners {
+                        accept_backlog(l, reply_after_eof);
+                    }
+                    emit(json!({"event": "synced"}));
+                }
+            }
+        }
     }
-    Ok(())
 }
 
-async fn accept_loop(l: TcpListener, reply_after_eof: bool) -> anyhow::Result<()> {
+async fn accept_loop(l: Arc<TcpListener>, reply_after_eof: bool) -> anyhow::Result<()> {
     loop {
         let (s, peer) = l.accept().await?;
-        tokio::spawn(async move {
-            let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
-            emit(json!({"event": "accepted", "peer": peer, "local": local}));
-            let _ = if reply_after_eof {
-                count_then_reply(s, peer, &local).await
-            } else {
-                echo(s, peer, &local).await
-            };
-        });
+        accepted(s, peer.to_string(), reply_after_eof);
     }
 }
 
-async fn count_then_reply(mut s: TcpStream, peer: SocketAddr, local: &str) -> std::io::Result<()> {
+/// Reports a connection at once (before anything else can run), then serves
+/// it on its own task.
+fn accepted(s: TcpStream, peer: String, reply_after_eof: bool) {
+    let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    emit(json!({"event": "accepted", "peer": peer, "local": local}));
+    tokio::spawn(async move {
+        let _ = if reply_after_eof {
+            count_then_reply(s, &peer, &local).await
+        } else {
+            echo(s, &peer, &local).await
+        };
+    });
+}
+
+/// Accepts every connection the kernel has completed on `l` but the accept
+/// loop has not taken yet: accept(2) on the non-blocking listener until it
+/// would block.
+fn accept_backlog(l: &TcpListener, reply_after_eof: bool) {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    loop {
+        // SAFETY: accept4 on a listening socket this process owns; on success
+        // the new descriptor is owned by the TcpStream made from it below.
+        let fd = unsafe {
+            libc::accept4(
+                l.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        // SAFETY: `fd` is a connected TCP socket nothing else owns.
+        let std = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+        let Ok(s) = TcpStream::from_std(std) else { continue };
+        let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        accepted(s, peer, reply_after_eof);
+    }
+}
+
+/// Lines read from stdin on a plain thread (a blocking read on tokio's stdin
+/// would hold the runtime's shutdown until stdin closes).
+fn stdin_lines() -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+async fn count_then_reply(mut s: TcpStream, peer: &str, local: &str) -> std::io::Result<()> {
     let hello = format!("{}\n", json!({"peer": peer, "local": local}));
     s.write_all(hello.as_bytes()).await?;
     let mut sink = tokio::io::sink();
@@ -239,7 +310,7 @@ async fn count_then_reply(mut s: TcpStream, peer: SocketAddr, local: &str) -> st
     s.shutdown().await
 }
 
-async fn echo(mut s: TcpStream, peer: SocketAddr, local: &str) -> std::io::Result<()> {
+async fn echo(mut s: TcpStream, peer: &str, local: &str) -> std::io::Result<()> {
     let hello = format!("{}\n", json!({"peer": peer, "local": local}));
     s.write_all(hello.as_bytes()).await?;
     let (mut r, mut w) = s.split();
@@ -765,8 +836,16 @@ async fn steady(to: SocketAddr, interval: Duration, duration: Duration) -> anyho
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut attempts, mut ok) = (0u64, 0u64);
     let mut failures = Vec::new();
-    while started.elapsed() < duration {
-        tick.tick().await;
+    let mut requests = stdin_lines();
+    let mut stopped = false;
+    while started.elapsed() < duration && !stopped {
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some(line) = requests.recv() => {
+                stopped = line.trim() == "stop";
+                continue;
+            }
+        }
         attempts += 1;
         let barrier = Arc::new(tokio::sync::Barrier::new(1));
         match one_exchange(to, attempts as usize, 64, Duration::from_secs(5), barrier, None).await {

@@ -251,7 +251,7 @@ impl Signer {
         public_key: &impl rcgen::PublicKeyData,
         lifetime: Duration,
     ) -> Result<(Vec<CertificateDer<'static>>, SystemTime), SignError> {
-        let now = SystemTime::now();
+        let now = crate::clock::now();
         let not_after = now
             .checked_add(lifetime)
             .ok_or_else(|| SignError::Internal(format!("a lifetime of {lifetime:?} is not a time")))?;

@@ -19,11 +19,16 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, watch};
+// tokio's instants and `clock::now()` rather than the std clocks: the same in
+// the tunnel, and the unit tests below can pause time.
+use tokio::{
+    sync::{Notify, watch},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -34,6 +39,7 @@ use super::{
     spiffe::SpiffeId,
 };
 use crate::{
+    clock,
     metrics::Metrics,
     tls::{BundleSource, verify::TrustBundle},
 };
@@ -219,7 +225,7 @@ impl CertManager {
     pub fn credential(&self, id: &SpiffeId) -> Option<Arc<Credential>> {
         let slots = lock(&self.inner.slots);
         let cred = slots.get(&PeerId::Workload(id.clone()))?.credential()?;
-        cred.is_valid_at(SystemTime::now()).then_some(cred)
+        cred.is_valid_at(clock::now()).then_some(cred)
     }
 
     /// Waits up to `limit` for a valid certificate.
@@ -232,8 +238,7 @@ impl CertManager {
                 None => return Err(CertUnavailable::Unknown { identity: id.to_string() }),
             }
         };
-        let valid =
-            |c: &Option<Arc<Credential>>| c.as_ref().is_some_and(|c| c.is_valid_at(SystemTime::now()));
+        let valid = |c: &Option<Arc<Credential>>| c.as_ref().is_some_and(|c| c.is_valid_at(clock::now()));
         let result = tokio::time::timeout(limit, rx.wait_for(valid)).await;
         match result {
             Ok(Ok(c)) => c.clone().ok_or_else(|| CertUnavailable::Unknown { identity: id.to_string() }),
@@ -245,7 +250,7 @@ impl CertManager {
     }
 
     pub fn view(&self) -> CertsView {
-        let now = SystemTime::now();
+        let now = clock::now();
         let instant = Instant::now();
         let slots = lock(&self.inner.slots);
         let mut identities: Vec<CertStatus> = slots
@@ -302,7 +307,7 @@ fn renewal_instant(cred: &Credential) -> Instant {
 }
 
 fn instant_of(t: SystemTime) -> Instant {
-    match t.duration_since(SystemTime::now()) {
+    match t.duration_since(clock::now()) {
         Ok(ahead) => Instant::now() + ahead,
         Err(_) => Instant::now(),
     }
@@ -339,7 +344,7 @@ async fn schedule(inner: Arc<Inner>, shutdown: CancellationToken) {
 /// (an identity with no certificate counts as expiring a full lifetime from
 /// now, so new workloads queue behind every renewal), at most `max` in flight.
 fn pick_due(slots: &HashMap<PeerId, Slot>, now: Instant, lifetime: Duration, max: usize) -> Vec<PeerId> {
-    let far = SystemTime::now() + lifetime;
+    let far = clock::now() + lifetime;
     let in_flight = slots.values().filter(|s| s.in_flight).count();
     let mut due: Vec<(SystemTime, &PeerId)> = slots
         .iter()
@@ -365,7 +370,7 @@ async fn fetch(inner: Arc<Inner>, id: PeerId) {
             slot.due = renewal_instant(&cred);
             slot.failures = 0;
             slot.last_error = None;
-            slot.last_success = Some(SystemTime::now());
+            slot.last_success = Some(clock::now());
             slot.issued += 1;
             tracing::info!(
                 identity = %id,
@@ -392,7 +397,7 @@ async fn fetch(inner: Arc<Inner>, id: PeerId) {
             let backoff = inner.settings.retry_initial.saturating_mul(exp).min(inner.settings.retry_max);
             let backoff = backoff.mul_f64(0.8 + fastrand::f64() * 0.4);
             slot.due = Instant::now() + backoff;
-            let still_valid = slot.credential().filter(|c| c.is_valid_at(SystemTime::now()));
+            let still_valid = slot.credential().filter(|c| c.is_valid_at(clock::now()));
             match &still_valid {
                 Some(c) => tracing::warn!(
                     identity = %id,
@@ -524,7 +529,11 @@ mod tests {
         Fixture { manager, signer, _shutdown: shutdown.drop_guard() }
     }
 
-    #[tokio::test]
+    // Every test runs on paused time: tokio's clock (and with it `clock::now`)
+    // moves only when nothing is left to run, straight to the next timer, so
+    // the CA's answers always come "in time", however slow the machine.
+
+    #[tokio::test(start_paused = true)]
     async fn an_enrolled_identity_gets_a_certificate_and_loses_it_when_released() {
         let f = fixture(Duration::from_secs(3600), &["web"]);
         f.manager.acquire(&id("web"));
@@ -536,7 +545,7 @@ mod tests {
         assert!(f.manager.view().identities.is_empty(), "the key is dropped with the last user");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_refused_identity_reports_why() {
         let f = fixture(Duration::from_secs(3600), &["web"]);
         f.manager.acquire(&id("db")); // not placed on n1
@@ -573,7 +582,7 @@ mod tests {
         assert_eq!(status.last_error, None);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn renewals_go_before_a_flood_of_new_identities() {
         let names: Vec<String> = (0..200).map(|i| format!("w{i}")).collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
