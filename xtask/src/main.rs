@@ -5,6 +5,7 @@
 //! | `setup` | installs what builds and tests need (idempotent, quick when done), then `ztunnel precheck` |
 //! | `build` | setup, then builds every binary |
 //! | `test` | setup, build, then the whole test suite (the test binaries as root) |
+//! | `fuzz [--seconds N] [TARGET...]` | setup, then each fuzz target for N s (30) from its seed corpus |
 //! | `demo` | setup, build, then the demo on the testbed (as root) |
 //! | `bench [--json]` | setup, release build, then the benchmark (as root) |
 //! | `kind-demo` | ztunnel in a two-node kind cluster (docker, kind, kubectl) |
@@ -15,6 +16,7 @@
 mod bench;
 mod demo;
 mod deploy_tools;
+mod fuzz;
 mod kind_demo;
 mod precheck;
 mod root;
@@ -54,6 +56,15 @@ enum Task {
         test_threads: usize,
         /// Only tests whose name contains this.
         filter: Option<String>,
+    },
+    /// Run the cargo-fuzz targets of fuzz/ for a bounded time each, from
+    /// their committed seed corpora (nightly, cargo-fuzz).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = fuzz::DEFAULT_SECONDS)]
+        seconds: u64,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
     },
     /// Bring up simulated nodes and workloads and show capture at work.
     Demo,
@@ -130,7 +141,15 @@ fn main() -> ExitCode {
         Task::Test { test_threads, filter } => setup::run(Some(WHY_TEST))
             .and_then(|()| build(Profile::Debug, Output::Full))
             .and_then(|()| precheck::for_the_testbed(Profile::Debug))
-            .and_then(|()| test(test_threads, filter)),
+            .and_then(|()| {
+                // A filtered run is someone iterating on a few tests: no fuzzing.
+                let fuzz_after = filter.is_none();
+                test(test_threads, filter)?;
+                if fuzz_after { fuzz::run(&fuzz::Options::default()) } else { Ok(()) }
+            }),
+        Task::Fuzz { seconds, targets } => {
+            setup::run(None).and_then(|()| fuzz::run(&fuzz::Options { seconds, targets }))
+        }
         Task::Demo => setup::run(Some(WHY_DEMO))
             .and_then(|()| build(Profile::Debug, Output::Quiet))
             .and_then(|()| precheck::for_the_testbed(Profile::Debug))
@@ -227,6 +246,12 @@ pub fn target_dir() -> anyhow::Result<PathBuf> {
 /// A built binary.
 pub fn built(profile: Profile, name: &str) -> anyhow::Result<PathBuf> {
     Ok(target_dir()?.join(profile.dir_name()).join(name))
+}
+
+/// The repository's root (xtask's parent directory).
+pub fn workspace_root() -> PathBuf {
+    let xtask = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    xtask.parent().map_or(xtask.clone(), PathBuf::from)
 }
 
 /// `cargo` with ~/.cargo/bin on PATH (where bpf-linker is installed).

@@ -55,8 +55,37 @@ pub fn run(task_needs_root: Option<&str>) -> anyhow::Result<()> {
     nightly()?;
     rust_src()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     crate::deploy_tools::ensure()?;
     Ok(())
+}
+
+/// cargo-fuzz release `cargo xtask fuzz` drives (its flags and output).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// cargo-fuzz, pinned: `cargo xtask fuzz` builds and runs the fuzz targets
+/// with it.
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let binary = home().join(".cargo/bin/cargo-fuzz");
+    if cargo_fuzz_works(&binary) {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)");
+    status(
+        Command::new("cargo")
+            .args(["install", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION, "--locked", "--force"])
+            .env("PATH", path_with_cargo_bin()),
+    )?;
+    if !cargo_fuzz_works(&binary) {
+        bail!("cargo-fuzz was installed but does not run; see the output above");
+    }
+    Ok(())
+}
+
+fn cargo_fuzz_works(binary: &Path) -> bool {
+    Command::new(binary).arg("--version").output().is_ok_and(|o| {
+        o.status.success() && String::from_utf8_lossy(&o.stdout).trim().ends_with(CARGO_FUZZ_VERSION)
+    })
 }
 
 pub fn home() -> PathBuf {

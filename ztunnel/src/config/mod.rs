@@ -489,6 +489,27 @@ impl Config {
         Ok(config)
     }
 
+    /// [`Self::load`], with `node.name` set to `node` when given (Kubernetes
+    /// mode: the node is the kubelet's, the file's name is left empty).
+    pub fn load_as_node(path: &Path, node: Option<&str>) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse_as_node(&text, path, node)
+    }
+
+    /// [`Self::parse`], with `node.name` set to `node` when given.
+    pub fn parse_as_node(text: &str, file: &Path, node: Option<&str>) -> Result<Self, ConfigError> {
+        let mut config: Config = parse_yaml(text, file)?;
+        if let Some(node) = node {
+            if !config.node.name.is_empty() && config.node.name != node {
+                tracing::warn!(file = %config.node.name, node, "node.name in the file is not this node's name; using the node's");
+            }
+            config.node.name = node.to_owned();
+        }
+        config.validate().map_err(|i| i.into_error(text, file))?;
+        Ok(config)
+    }
+
     /// The mTLS mode in force for a workload: its own, else its namespace's.
     pub fn mtls_mode(&self, w: &WorkloadConfig) -> MtlsMode {
         w.mtls.or_else(|| self.namespaces.get(&w.namespace).map(|n| n.mtls)).unwrap_or_default()
@@ -666,11 +687,20 @@ impl Config {
         if let Some((field, message)) = self.limits.problem() {
             return Err(Invalid::at([Step::Key("limits".into()), Step::Key(field.into())], message));
         }
+        // Beyond the kernel's limits (TCP_KEEPIDLE and TCP_KEEPINTVL 32767 s,
+        // TCP_KEEPCNT 127) the options would be refused, and the give-up
+        // time (idle + interval x probes) could overflow.
         let k = &self.proxy.tcp_keepalive;
-        if k.idle.is_zero() || k.interval.is_zero() || k.probes == 0 {
+        if k.idle.is_zero()
+            || k.interval.is_zero()
+            || k.probes == 0
+            || k.idle.as_secs() > 32767
+            || k.interval.as_secs() > 32767
+            || k.probes > 127
+        {
             return Err(Invalid::at(
                 [Step::Key("proxy".into()), Step::Key("tcp_keepalive".into())],
-                "idle and interval must be more than 0s, probes at least 1",
+                "idle and interval must be more than 0s and at most 32767s, probes 1 to 127",
             ));
         }
         for (i, g) in self.capture.guard_cgroups.iter().enumerate() {
@@ -1097,6 +1127,31 @@ workloads:
             format!("{head}services:\n  - {{name: db, addresses: [198.19.2.11], ports: [{{port: 5432}}]}}\n");
         let err = parse(&clash).unwrap_err();
         assert!(err.contains("services[0].addresses: address 198.19.2.11 of service default/db is also workload default/db's"), "{err}");
+    }
+
+    /// Crashed the `config` fuzz target (which also works out what the tunnel
+    /// derives from a loaded file): this loaded, then the keepalive give-up
+    /// time (idle + interval x probes) overflowed and panicked, as it would
+    /// have for every socket the tunnel set up.
+    #[test]
+    fn keepalive_beyond_the_kernels_limits_is_refused_at_load() {
+        let text =
+            "node: {name: a}\nproxy:\n  tcp_keepalive: {idle: 180s, interval: 500000000000y, probes: 100}\n";
+        let err = parse(text).unwrap_err();
+        assert!(
+            err.contains("proxy.tcp_keepalive: idle and interval must be more than 0s and at most 32767s"),
+            "{err}"
+        );
+        for (idle, interval, probes) in [("32768s", "20s", 9), ("180s", "20s", 128)] {
+            let text = format!(
+                "node: {{name: a}}\nproxy:\n  tcp_keepalive: {{idle: {idle}, interval: {interval}, probes: {probes}}}\n"
+            );
+            assert!(parse(&text).is_err(), "{text}");
+        }
+        let widest =
+            "node: {name: a}\nproxy:\n  tcp_keepalive: {idle: 32767s, interval: 32767s, probes: 127}\n";
+        let c = parse(widest).unwrap();
+        assert_eq!(c.proxy.tcp_keepalive.give_up_after(), Duration::from_secs(32767 * 128));
     }
 
     #[test]
