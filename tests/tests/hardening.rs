@@ -74,7 +74,7 @@ fn a_workload_dialling_its_own_tunnel_is_refused_and_never_loops() -> anyhow::Re
     drop(tunnel);
     let tunnel = tb.start_tunnel(&n1, tb.tunnel_config(&n1, &[&web]))?;
     assert_eq!(agent::probe(&tb, &caller.place(), web.addr4(8080))?["result"], "ok");
-    assert_eq!(server.accepted().len(), 1);
+    assert_eq!(server.accepted()?.len(), 1);
     drop(tunnel);
     Ok(())
 }
@@ -111,7 +111,7 @@ fn a_socket_is_attributed_to_where_it_was_made_or_refused() -> anyhow::Result<()
     let r = agent::probe_with(&tb, &a.place(), dst, Some(&n1.unenrolled().cgroup), false)?;
     assert_eq!(r["result"], "denied", "{r}");
     assert_eq!(tunnel.capture_counter("foreign_socket")?, 3);
-    assert_eq!(server.accepted().len(), 1, "only the first probe reached the server");
+    assert_eq!(server.accepted()?.len(), 1, "only the first probe reached the server");
 
     if std::fs::read_to_string("/proc/sys/net/mptcp/enabled").is_ok_and(|v| v.trim() == "1") {
         let r = agent::probe_with(&tb, &a.place(), dst, None, true)?;
@@ -121,7 +121,7 @@ fn a_socket_is_attributed_to_where_it_was_made_or_refused() -> anyhow::Result<()
         let refused =
             tunnel.capture_counter("refused_protocol")? + tunnel.capture_counter("foreign_socket")?;
         assert_eq!(refused, 4);
-        assert_eq!(server.accepted().len(), 0);
+        assert_eq!(server.accepted()?.len(), 0);
     } else {
         eprintln!("MPTCP is not enabled on this kernel: its refusal is not exercised");
     }
@@ -189,7 +189,7 @@ fn a_restarted_unit_fails_closed_until_it_is_captured_again() -> anyhow::Result<
     assert!(outcomes.iter().all(|o| o == "ok" || o == "denied"), "{outcomes:?}");
     // Every connection the server saw was one the tunnel carried (logged):
     // none escaped capture in the window.
-    let accepted = server.accepted().len();
+    let accepted = server.accepted()?.len();
     let carried = tunnel.wait_access_log(accepted, WAIT, |e| field(e, "direction") == "outbound")?;
     assert_eq!(carried.len(), accepted, "server saw {accepted}, tunnel carried {}", carried.len());
     let refused_in_window = tunnel.capture_counter("unenrolled_in_guard")?;
@@ -220,7 +220,7 @@ fn a_killed_tunnel_resets_both_ends_of_what_it_carried() -> anyhow::Result<()> {
     let mut passthrough = Held::open(&tb, &web.place(), SocketAddr::from((n2.ip4, 8080)))?;
     mesh.ping("before")?;
     passthrough.ping("before")?;
-    assert_eq!(outside.accepted().len(), 1);
+    assert_eq!(outside.accepted()?.len(), 1);
 
     t1.kill()?;
     for held in [&mut mesh, &mut passthrough] {
@@ -341,7 +341,7 @@ fn plain_host_workloads_sharing_an_address_are_each_decided_as_themselves() -> a
         (h2.key().as_str(), "denied_by_policy"),
         "{e}"
     );
-    assert!(s2.accepted().is_empty());
+    assert!(s2.accepted()?.is_empty());
 
     // A caller with a mesh certificate that picks its own streams.
     let crafter = Crafter::testbed(&tb.ca_dir());
@@ -365,7 +365,7 @@ fn plain_host_workloads_sharing_an_address_are_each_decided_as_themselves() -> a
     assert_eq!(call(sni(7002), &h2.identity(), 7002), Outcome::Status(401));
     // A port no workload owns: refused, sshd or the kubelet never see it.
     assert_eq!(call(sni(7001), &h1.identity(), 2222), Outcome::Status(503));
-    assert!(unowned.accepted().is_empty());
+    assert!(unowned.accepted()?.is_empty());
     // Without SNI the address is ambiguous (two identities): no handshake.
     assert!(matches!(call(None, &h1.identity(), 7001), Outcome::Failed(_)));
     Ok(())
@@ -401,7 +401,7 @@ fn a_pod_filling_its_share_of_the_node_leaves_the_others_working() -> anyhow::Re
         plain.report
     );
     assert!(mesh.ok() + plain.ok() <= 500, "beyond its share of 500 sockets");
-    assert!(mesh.ok() > 0 && outside.accepted().len() == plain.ok());
+    assert!(mesh.ok() > 0 && outside.accepted()?.len() == plain.ok());
     let refused = t1.capture_counter("socket_quota")?;
     assert!(refused > 0, "the refusals are counted");
 
@@ -430,7 +430,7 @@ fn a_full_delivery_map_fails_closed_and_never_downgrades() -> anyhow::Result<()>
     let _t1 = tb.start_tunnel(&n1, tb.tunnel_config(&n1, &[&web]))?;
     let t2 = tb.start_tunnel(&n2, tb.tunnel_config(&n2, &[&api]))?;
     assert_eq!(agent::probe(&tb, &web.place(), api.addr4(8080))?["result"], "ok", "seen when there is room");
-    assert_eq!(server.accepted().len(), 1);
+    assert_eq!(server.accepted()?.len(), 1);
 
     // Fill the map as a flood of hanging deliveries would.
     let map =
@@ -456,7 +456,7 @@ fn a_full_delivery_map_fails_closed_and_never_downgrades() -> anyhow::Result<()>
     let e = &t2.wait_access_log(1, WAIT, |e| field(e, "reason") == "delivery_loop")?[0];
     assert_eq!(field(e, "decision"), "deny", "{e}");
     assert!(t2.capture_counter("delivery_map_full")? > 0);
-    assert!(server.accepted().is_empty(), "nothing reached the workload without its caller's identity");
+    assert!(server.accepted()?.is_empty(), "nothing reached the workload without its caller's identity");
     Ok(())
 }
 

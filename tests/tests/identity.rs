@@ -390,32 +390,58 @@ fn removing_a_root_closes_the_inbound_connections_that_chain_only_to_it() -> any
     let roots = |t: &Tunnel| -> anyhow::Result<usize> {
         Ok(t.certs(&m.tb)?["trust_bundle"].as_array().map_or(0, Vec::len))
     };
-    until(
+    let seen = || certs_of(&m.tb, &[&m.t1, &m.t2]);
+    wait_until(
         WAIT,
         "first certificates",
         || Ok(m.t1.cert_status(&m.tb, &m.web.identity())?["state"] == "valid"),
+        seen,
     )?;
     // Opened under the first root, and kept open through the rotation.
     let mut held = ztunnel_testbed::agent::Held::open(&m.tb, &m.web.place(), m.db.addr4(5432))?;
     held.ping("under the first root")?;
     rotate("begin")?;
-    until(WAIT, "both roots trusted", || Ok([&m.t1, &m.t2].iter().all(|t| roots(t).is_ok_and(|n| n == 2))))?;
+    wait_until(
+        WAIT,
+        "both roots trusted",
+        || Ok([&m.t1, &m.t2].iter().all(|t| roots(t).is_ok_and(|n| n == 2))),
+        seen,
+    )?;
     rotate("activate")?;
-    // Every certificate (node credentials too) re-issued under the new root,
-    // as the drill waits: the held connection stays on its old handshake.
-    until(Duration::from_secs(30), "every certificate under the new root", || {
-        let mut moved = true;
-        for t in [&m.t1, &m.t2] {
-            let ids = t.certs(&m.tb)?["identities"].as_array().cloned().unwrap_or_default();
-            let signing = t.certs(&m.tb)?["signing_root"].as_str().map(str::to_owned);
-            moved &= !ids.is_empty() && ids.iter().all(|c| c["root"].as_str() == signing.as_deref());
-        }
-        Ok(moved)
-    })?;
+    // Every certificate (node credentials too) re-issued under the CA's
+    // active root (`ztunnel ca status`; a node's own view can lag a refresh
+    // behind), as the drill waits: the held connection stays on its old
+    // handshake.
+    let status =
+        Command::new(bins::ztunnel()?).args(["ca", "status", "--dir"]).arg(m.tb.ca_dir()).output()?;
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    let new_root = status
+        .split("(root ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("no active root in `ztunnel ca status`: {status}"))?;
+    wait_until(
+        Duration::from_secs(30),
+        "every certificate under the new root",
+        || {
+            let mut moved = true;
+            for t in [&m.t1, &m.t2] {
+                let ids = t.certs(&m.tb)?["identities"].as_array().cloned().unwrap_or_default();
+                moved &= !ids.is_empty() && ids.iter().all(|c| c["root"].as_str() == Some(new_root.as_str()));
+            }
+            Ok(moved)
+        },
+        seen,
+    )?;
     held.ping("both roots trusted")?;
     rotate("finish")?;
-    until(WAIT, "only the new root trusted", || Ok(roots(&m.t2).is_ok_and(|n| n == 1)))
-        .map_err(|e| e.context(format!("n2:\n{}\nCA:\n{}", m.t2.log_tail(30), m.ca.log())))?;
+    wait_until(
+        WAIT,
+        "only the new root trusted",
+        || Ok(roots(&m.t2).is_ok_and(|n| n == 1)),
+        || format!("n2:\n{}\nCA:\n{}", m.t2.log_tail(30), m.ca.log()),
+    )?;
     let v = held.send("after the old root left")?;
     assert_eq!((v["event"].as_str(), v["kind"].as_str()), (Some("error"), Some("reset")), "{v}");
     let closed = ztunnel_tests::metric(
@@ -424,9 +450,12 @@ fn removing_a_root_closes_the_inbound_connections_that_chain_only_to_it() -> any
     );
     assert_eq!(closed, 1);
     // Certificates re-issued under the new root carry new connections.
-    until(Duration::from_secs(30), "calls work under the new root", || {
-        Ok(ztunnel_testbed::agent::probe(&m.tb, &m.web.place(), m.db.addr4(5432))?["result"] == "ok")
-    })?;
+    wait_until(
+        Duration::from_secs(30),
+        "calls work under the new root",
+        || Ok(ztunnel_testbed::agent::probe(&m.tb, &m.web.place(), m.db.addr4(5432))?["result"] == "ok"),
+        seen,
+    )?;
     drop((m.n1, m.n2, m.ca));
     Ok(())
 }

@@ -41,6 +41,10 @@ pub struct Entry {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_address: Option<String>,
     pub destination_address: String,
+    /// The Service (`namespace/name`) whose virtual address was dialled;
+    /// `destination_address` is then the endpoint chosen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_service: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub destination_workload: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

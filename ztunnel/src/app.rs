@@ -28,6 +28,10 @@ use crate::{
     enrollment::Enrollment,
     http,
     identity::runtime::IdentityRuntime,
+    k8s::{
+        K8sMetrics,
+        agent::{AgentEvent, KubernetesOptions, KubernetesSource},
+    },
     limits::{ConnectionLimits, PerSource, Refusals, WorkloadBudgets},
     metrics::Metrics,
     netns::Netns,
@@ -43,9 +47,16 @@ use crate::{
     state::State,
 };
 
-/// Runs the node tunnel until SIGTERM or SIGINT.
-pub fn run(config_path: &Path, set_log_level: LogLevelSetter) -> anyhow::Result<()> {
-    let config = Arc::new(Config::load(config_path)?);
+/// Runs the node tunnel until SIGTERM or SIGINT: from the configuration
+/// file alone, or (`kubernetes`) with the cluster's workloads, Services and
+/// policies added to the file's node settings.
+pub fn run(
+    config_path: &Path,
+    set_log_level: LogLevelSetter,
+    kubernetes: Option<KubernetesOptions>,
+) -> anyhow::Result<()> {
+    let node_name = kubernetes.as_ref().map(|k| k.node_name.as_str());
+    let config = Arc::new(Config::load_as_node(config_path, node_name)?);
     let mount = cgroup2_mount()?;
     let cgroup_root = match &config.capture.cgroup_root {
         Some(p) => Cgroup::resolve(&mount, p).context("capture.cgroup_root")?,
@@ -98,6 +109,7 @@ pub fn run(config_path: &Path, set_log_level: LogLevelSetter) -> anyhow::Result<
         tunnel_cgroup,
         tunnel_cgroup_id,
         set_log_level,
+        kubernetes,
     }))
 }
 
@@ -110,6 +122,7 @@ struct Start {
     tunnel_cgroup: Cgroup,
     tunnel_cgroup_id: u64,
     set_log_level: LogLevelSetter,
+    kubernetes: Option<KubernetesOptions>,
 }
 
 async fn serve(start: Start) -> anyhow::Result<()> {
@@ -122,6 +135,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         tunnel_cgroup,
         tunnel_cgroup_id,
         set_log_level,
+        kubernetes,
     } = start;
     let node_netns = Netns::open_or_current(config.node.netns.as_deref()).context("node.netns")?;
     let bind = |addr: SocketAddr, what: &str| -> anyhow::Result<tokio::net::TcpListener> {
@@ -141,7 +155,11 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     let node_hbone_v6 = bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, HBONE_PORT)), "HBONE")
         .map_err(|e| tracing::warn!("no IPv6 HBONE listener on the node: {e:#}"))
         .ok();
-    let metrics = Arc::new(Metrics::new());
+    let k8s_metrics = K8sMetrics::default();
+    let metrics = Arc::new(match &kubernetes {
+        Some(_) => Metrics::with_kubernetes(&k8s_metrics),
+        None => Metrics::new(),
+    });
     let access_log = Arc::new(AccessLog::start(&config.access_log, metrics.access_log_dropped.clone())?);
     let shutdown = CancellationToken::new();
     let token = AdminToken::create(&config.node.admin_token())
@@ -238,6 +256,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         );
     }
 
+    let enrollment_mount = mount.clone();
     let mut enrollment = Enrollment::new(
         capture,
         mount,
@@ -253,11 +272,30 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     for warning in config.warnings() {
         tracing::warn!("configuration: {warning}");
     }
-    admin.set_ready(true);
-    tracing::info!(node = %config.node.name, "ztunnel ready");
+    // Kubernetes mode: ready once the cluster has been listed and applied
+    // (until then only the file's own workloads are known).
+    let mut cluster = match &kubernetes {
+        Some(options) => Some(
+            KubernetesSource::start(
+                options,
+                config.clone(),
+                &enrollment_mount,
+                k8s_metrics,
+                shutdown.clone(),
+            )
+            .await
+            .context("Kubernetes mode")?,
+        ),
+        None => {
+            admin.set_ready(true);
+            tracing::info!(node = %config.node.name, "ztunnel ready");
+            None
+        }
+    };
 
-    let mut reloader = Reloader::new(&config_path);
+    let mut reloader = Reloader::new(&config_path, kubernetes.as_ref().map(|k| k.node_name.clone()));
     let mut current = config;
+    let mut base = current.clone();
     let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
@@ -268,6 +306,18 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     let mut last_lapse_check = std::time::SystemTime::now();
     loop {
         let forced = tokio::select! {
+            event = next_cluster_event(&mut cluster) => {
+                let Some(source) = cluster.as_mut() else { continue };
+                match event {
+                    AgentEvent::Closed => continue,
+                    AgentEvent::Cni(call) => source.take_cni(call),
+                    AgentEvent::Cluster => {}
+                }
+                if source.synced() {
+                    current = apply_cluster(source, &mut enrollment, &identity, &ctx, &admin, &metrics);
+                }
+                continue;
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = sighup.recv() => true,
@@ -281,6 +331,11 @@ async fn serve(start: Start) -> anyhow::Result<()> {
             }
         };
         match reloader.check(forced) {
+            Reload::Unchanged if cluster.as_ref().is_some_and(|c| c.synced() && c.has_pending()) => {
+                if let Some(source) = cluster.as_mut() {
+                    current = apply_cluster(source, &mut enrollment, &identity, &ctx, &admin, &metrics);
+                }
+            }
             Reload::Unchanged if enrollment.has_pending() => {
                 let statuses = tokio::task::block_in_place(|| enrollment.apply(&current));
                 publish_status(&admin, &metrics, &enrollment, statuses, false);
@@ -290,6 +345,18 @@ async fn serve(start: Start) -> anyhow::Result<()> {
                 tracing::error!("configuration not reloaded, keeping the running one: {error}");
                 metrics.config_reloads.get_or_create(&result("invalid")).inc();
                 admin.update(|v| v.last_reload_error = Some(error));
+            }
+            Reload::Changed(new) if cluster.is_some() => {
+                warn_unreloadable(&base, &new);
+                base = Arc::new(*new);
+                if let Some(source) = cluster.as_mut() {
+                    source.set_base(base.clone());
+                    if source.synced() {
+                        current = apply_cluster(source, &mut enrollment, &identity, &ctx, &admin, &metrics);
+                    }
+                }
+                metrics.config_reloads.get_or_create(&result("applied")).inc();
+                tracing::info!(generation = enrollment.generation(), "configuration file reloaded");
             }
             Reload::Changed(new) => {
                 warn_unreloadable(&current, &new);
@@ -338,6 +405,42 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     drop(enrollment);
     tracing::info!("stopped; capture stays installed (`ztunnel uninstall` removes it)");
     Ok(())
+}
+
+/// The next event of Kubernetes mode (never, in file mode).
+async fn next_cluster_event(source: &mut Option<KubernetesSource>) -> AgentEvent {
+    match source {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Applies the cluster's configuration as a reload is applied, answers the
+/// CNI plugin's waiting ADDs, and says ready after the first full sync.
+/// Returns the configuration in force.
+fn apply_cluster(
+    source: &mut KubernetesSource,
+    enrollment: &mut Enrollment,
+    identity: &IdentityRuntime,
+    ctx: &ProxyContext,
+    admin: &Admin,
+    metrics: &Metrics,
+) -> Arc<Config> {
+    let new = Arc::new(source.config());
+    identity.update_placement(&new);
+    let statuses = tokio::task::block_in_place(|| enrollment.apply(&new));
+    source.answer_waiting(&statuses);
+    publish_status(admin, metrics, enrollment, statuses, false);
+    // As for a reloaded file: a pod that left, changed identity or lost a
+    // policy's allow takes its open connections with it.
+    if new.authorization.on_policy_change == OnPolicyChange::Close {
+        revalidate(ctx, "the cluster's new policies");
+    }
+    if !admin.is_ready() {
+        admin.set_ready(true);
+        tracing::info!(node = %new.node.name, workloads = new.workloads.len(), "cluster synced; ztunnel ready");
+    }
+    new
 }
 
 /// Closes the open connections that the state now in force denies.
@@ -407,11 +510,13 @@ enum Reload {
 struct Reloader {
     path: PathBuf,
     last: Option<Vec<u8>>,
+    /// Kubernetes mode: the node's name, whatever the file says.
+    node_name: Option<String>,
 }
 
 impl Reloader {
-    fn new(path: &Path) -> Self {
-        Self { path: path.to_owned(), last: std::fs::read(path).ok() }
+    fn new(path: &Path, node_name: Option<String>) -> Self {
+        Self { path: path.to_owned(), last: std::fs::read(path).ok(), node_name }
     }
 
     fn check(&mut self, forced: bool) -> Reload {
@@ -427,7 +532,7 @@ impl Reloader {
             Ok(t) => t,
             Err(_) => return Reload::Invalid(format!("{} is not UTF-8", self.path.display())),
         };
-        match Config::parse(&text, &self.path) {
+        match Config::parse_as_node(&text, &self.path, self.node_name.as_deref()) {
             Ok(c) => Reload::Changed(Box::new(c)),
             Err(e) => Reload::Invalid(e.to_string()),
         }

@@ -300,7 +300,8 @@ impl Enrollment {
         let registry = Registry::new(config.workloads.iter().filter_map(|w| {
             let key = w.to_string();
             by_key.get(&key).cloned().or_else(|| Workload::from_config(config, w).ok().map(Arc::new))
-        }));
+        }))
+        .with_services(&config.services);
         self.ctx.budgets.retain(|id| local.contains_key(&id));
         let _ = self.state_tx.send(Arc::new(State {
             generation: self.generation,

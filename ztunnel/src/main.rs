@@ -29,8 +29,30 @@ enum LogFormat {
 enum Command {
     /// Run the node tunnel.
     Run {
+        /// The node's settings (and, without --kubernetes, its workloads,
+        /// Services and policies).
         #[arg(long)]
         config: PathBuf,
+        /// Kubernetes mode: workloads, namespaces' modes, Services and
+        /// AuthorizationPolicies come from the API server.
+        #[arg(long)]
+        kubernetes: bool,
+        /// A kubeconfig (default: in-cluster, then $KUBECONFIG).
+        #[arg(long, requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
+        /// This node's name (the downward API's spec.nodeName).
+        #[arg(long, env = "NODE_NAME", requires = "kubernetes")]
+        node_name: Option<String>,
+        /// The tunnel's own namespace (its pods are never workloads).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "ztunnel-system")]
+        tunnel_namespace: String,
+        /// Where the CNI plugin enrolls pods.
+        #[arg(long, default_value = ztunnel_cni::protocol::DEFAULT_SOCKET_PATH)]
+        cni_socket: PathBuf,
+        /// The kubelet's pod cgroups, relative to the cgroup v2 mount
+        /// (repeatable; default: kubepods.slice, kubepods and kind's).
+        #[arg(long = "kubepods-cgroup")]
+        kubepods_cgroups: Vec<PathBuf>,
     },
     /// Check a configuration file, or the AuthorizationPolicy documents of a
     /// Kubernetes manifest (other kinds are skipped), and exit (0: valid).
@@ -110,7 +132,30 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run { config } => ztunnel::app::run(&config, set_log_level),
+        Command::Run {
+            config,
+            kubernetes,
+            kubeconfig,
+            node_name,
+            tunnel_namespace,
+            cni_socket,
+            kubepods_cgroups,
+        } => {
+            let k8s = match (kubernetes, node_name) {
+                (false, _) => Ok(None),
+                (true, None) => {
+                    Err(anyhow::anyhow!("--kubernetes needs the node's name: --node-name or NODE_NAME"))
+                }
+                (true, Some(node_name)) => Ok(Some(ztunnel::k8s::agent::KubernetesOptions {
+                    kubeconfig,
+                    node_name,
+                    tunnel_namespace,
+                    cni_socket,
+                    kubepods_roots: kubepods_cgroups,
+                })),
+            };
+            k8s.and_then(|k8s| ztunnel::app::run(&config, set_log_level, k8s))
+        }
         Command::Validate { config: Some(config), .. } => Config::load(&config)
             .inspect(|c| {
                 for w in c.warnings() {

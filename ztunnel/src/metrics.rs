@@ -253,6 +253,13 @@ impl Metrics {
 
     /// Adds the capture programs' counters, read from the kernel at scrape
     /// time (capture is installed after the metrics exist).
+    /// The tunnel's series and Kubernetes discovery's.
+    pub fn with_kubernetes(k8s: &crate::k8s::K8sMetrics) -> Self {
+        let mut m = Self::new();
+        k8s.register(&mut m.registry);
+        m
+    }
+
     pub fn set_capture(&self, counters: Arc<CaptureCounters>) {
         let _ = self.capture.0.set(counters);
     }

@@ -69,6 +69,28 @@ impl Workload {
 #[derive(Debug, Default)]
 pub struct Registry {
     by_address: HashMap<IpAddr, Vec<Arc<Workload>>>,
+    /// Service virtual addresses (ClusterIP, port) to their ready endpoints.
+    services: HashMap<SocketAddr, Arc<ServiceRoute>>,
+}
+
+/// Where a Service's virtual address leads.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ServiceRoute {
+    /// `namespace/name`.
+    pub service: String,
+    /// Ready endpoints (address, target port); empty: the Service has none.
+    pub endpoints: Vec<SocketAddr>,
+}
+
+impl ServiceRoute {
+    /// One ready endpoint, chosen at random (as kube-proxy's iptables mode
+    /// spreads connections), or None.
+    pub fn pick(&self) -> Option<SocketAddr> {
+        match self.endpoints.len() {
+            0 => None,
+            n => Some(self.endpoints[fastrand::usize(..n)]),
+        }
+    }
 }
 
 impl Registry {
@@ -79,7 +101,34 @@ impl Registry {
                 by_address.entry(canonical(*a)).or_default().push(w.clone());
             }
         }
-        Self { by_address }
+        Self { by_address, services: HashMap::new() }
+    }
+
+    /// Adds the Services' virtual addresses (their ready endpoints as the
+    /// configuration has them now).
+    pub fn with_services(mut self, services: &[crate::config::ServiceConfig]) -> Self {
+        for s in services {
+            for port in &s.ports {
+                let endpoints: Vec<SocketAddr> = s
+                    .ready_endpoints(port.port)
+                    .into_iter()
+                    .map(|(ip, target)| SocketAddr::new(canonical(ip), target))
+                    .collect();
+                let route = Arc::new(ServiceRoute { service: s.key(), endpoints });
+                for a in &s.addresses {
+                    self.services.insert(SocketAddr::new(canonical(*a), port.port), route.clone());
+                }
+            }
+        }
+        self
+    }
+
+    /// The Service whose virtual address is `dst`, if any.
+    pub fn service(&self, dst: SocketAddr) -> Option<&Arc<ServiceRoute>> {
+        if self.services.is_empty() {
+            return None;
+        }
+        self.services.get(&SocketAddr::new(canonical(dst.ip()), dst.port()))
     }
 
     /// The workload serving `dst`, if the mesh has one.

@@ -103,7 +103,12 @@ impl Capture {
         pins::ensure_bpffs(&settings.pin_dir)?;
         let pins = Pins::new(&settings.pin_dir);
         pins.create()?;
-        let mut ebpf = load_object(Some(&pins), settings.tunnel_cgroup_id, settings.max_connections, settings.max_sockets)?;
+        let mut ebpf = load_object(
+            Some(&pins),
+            settings.tunnel_cgroup_id,
+            settings.max_connections,
+            settings.max_sockets,
+        )?;
         check_pinned_maps(&pins)?;
         warn_if_resized(&pins, settings.max_connections);
         forward_kernel_logs(&mut ebpf);

@@ -4,6 +4,7 @@
 //!
 //! | module | job |
 //! | --- | --- |
+//! | `agent` | `run --kubernetes`: the controller's source of configuration, the CNI socket |
 //! | `discovery` | watchers and the compact cache, publishing [`ClusterState`] |
 //! | `cluster` | the compact entries, made from API objects |
 //! | `crd` | the AuthorizationPolicy CRD and its conversion (fail closed) |
@@ -16,6 +17,7 @@
 //! namespace over, [`LocalPods::insert_from_cni`]); [`build_config`] makes
 //! the `Config` the controller applies.
 
+pub mod agent;
 pub mod cluster;
 pub mod crd;
 pub mod discovery;

@@ -27,16 +27,17 @@ const SCRATCH_PREFIX: &str = "ztunnel-precheck-";
 
 pub(super) fn check(cgroup2: Option<&Path>, max_connections: u32) -> Vec<Finding> {
     // Global values do not matter for loading; maps are this check's own.
-    let mut ebpf = match capture::load_object(None, 0, max_connections, ztunnel_ebpf_common::MAX_WORKLOAD_SOCKETS) {
-        Ok(ebpf) => ebpf,
-        Err(e) => {
-            let fix = match find_errno(&e) {
-                Some(Errno::EPERM) => "grant CAP_BPF (or CAP_SYS_ADMIN): see the capability lines",
-                _ => "run Linux 5.15 or later (see the kernel line)",
-            };
-            return vec![Finding::fail("ebpf-object", chain(&e), fix)];
-        }
-    };
+    let mut ebpf =
+        match capture::load_object(None, 0, max_connections, ztunnel_ebpf_common::MAX_WORKLOAD_SOCKETS) {
+            Ok(ebpf) => ebpf,
+            Err(e) => {
+                let fix = match find_errno(&e) {
+                    Some(Errno::EPERM) => "grant CAP_BPF (or CAP_SYS_ADMIN): see the capability lines",
+                    _ => "run Linux 5.15 or later (see the kernel line)",
+                };
+                return vec![Finding::fail("ebpf-object", chain(&e), fix)];
+            }
+        };
     let mut findings = vec![Finding::pass(
         "ebpf-object",
         format!("maps created (connection maps sized for capture.max_connections {max_connections})"),

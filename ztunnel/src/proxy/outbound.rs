@@ -128,7 +128,22 @@ async fn carry(
             return refuse(&stream, Failure::Limit(limit), error);
         }
     };
-    let destination = state.registry.find(captured.original_dst).cloned();
+    // A Service's virtual address leads to one of its ready endpoints,
+    // chosen here, and the call is then the endpoint's like any other.
+    let mut dst = captured.original_dst;
+    if let Some(service) = state.registry.service(dst) {
+        entry.destination_service = Some(service.service.clone());
+        match service.pick() {
+            Some(endpoint) => dst = endpoint,
+            None => {
+                let error =
+                    format!("service {} has no ready endpoint for port {}", service.service, dst.port());
+                return refuse(&stream, Failure::NoEndpoint, error);
+            }
+        }
+        entry.destination_address = dst.to_string();
+    }
+    let destination = state.registry.find(dst).cloned();
     if let Some(d) = &destination {
         entry.destination_workload = Some(d.key());
         entry.destination_identity = Some(d.identity.to_string());
@@ -139,18 +154,13 @@ async fn carry(
                 return refuse(
                     &stream,
                     Failure::PassthroughRefused,
-                    format!(
-                        "{} may not reach {} outside the mesh",
-                        source.workload.key(),
-                        captured.original_dst
-                    ),
+                    format!("{} may not reach {} outside the mesh", source.workload.key(), dst),
                 );
             }
-            let upstream =
-                match dial(&source.netns, captured.original_dst, ctx.connect_timeout, &ctx.sockets).await {
-                    Ok(s) => s,
-                    Err((failure, error)) => return refuse(&stream, failure, error),
-                };
+            let upstream = match dial(&source.netns, dst, ctx.connect_timeout, &ctx.sockets).await {
+                Ok(s) => s,
+                Err((failure, error)) => return refuse(&stream, failure, error),
+            };
             entry.source_address = upstream.local_addr().ok().map(|a| a.to_string());
             relay_tcp(stream, upstream, entry, None).await
         }
@@ -159,25 +169,25 @@ async fn carry(
             entry.connection_security_policy = "mutual_tls";
             // A mesh workload's tunnel ports are its tunnel's: the callee
             // would refuse them; so does the caller, without a round trip.
-            if super::hbone::is_reserved_port(captured.original_dst.port()) {
-                let error = format!("{} is a tunnel port", captured.original_dst);
+            if super::hbone::is_reserved_port(dst.port()) {
+                let error = format!("{} is a tunnel port", dst);
                 return refuse(&stream, Failure::SelfCall, error);
             }
             let credential = match ctx.certs.wait(&source.workload.identity, ctx.cert_wait).await {
                 Ok(c) => c,
                 Err(e) => return refuse(&stream, Failure::NoCertificate, e.to_string()),
             };
-            let source_ip = source.source_ip_for(captured.original_dst).unwrap_or(peer.ip());
+            let source_ip = source.source_ip_for(dst).unwrap_or(peer.ip());
             let source_addr = SocketAddr::new(source_ip, peer.port());
             entry.source_address = Some(source_addr.to_string());
             let key = PoolKey {
                 source_workload: source.id,
                 source_identity: source.workload.identity.clone(),
                 destination_identity: destination.identity.clone(),
-                destination: SocketAddr::new(captured.original_dst.ip(), HBONE_PORT),
-                shared_address: state.registry.is_shared(captured.original_dst.ip()),
+                destination: SocketAddr::new(dst.ip(), HBONE_PORT),
+                shared_address: state.registry.is_shared(dst.ip()),
             };
-            let request = connect_request(captured.original_dst, &source.workload, source_addr);
+            let request = connect_request(dst, &source.workload, source_addr);
             let early =
                 EarlyBounds { per_stream: ctx.early_data_per_stream, budget: ctx.budgets.of(source.id) };
             let hbone = match ctx.pool.open(&key, &source.netns, &credential, request, &early).await {
