@@ -83,10 +83,23 @@ pub struct Tunnel {
     /// Source addresses of `flush_access_log`'s marker connections, whose
     /// lines `access_log` leaves out.
     markers: Mutex<Vec<String>>,
+    /// More arguments to `ztunnel run`.
+    run_args: Vec<String>,
 }
 
 impl Tunnel {
     pub fn start(tb: &Testbed, node: &Node, config: Value) -> anyhow::Result<Self> {
+        Self::start_with_args(tb, node, config, &[])
+    }
+
+    /// [`Self::start`], with more arguments to `ztunnel run` (such as
+    /// `--kubernetes`).
+    pub fn start_with_args(
+        tb: &Testbed,
+        node: &Node,
+        config: Value,
+        args: &[String],
+    ) -> anyhow::Result<Self> {
         let config_path = tb.dir().join(format!("{}-tunnel.yaml", node.name));
         write_config(&config_path, &config)?;
         let access_log_path = config["access_log"]
@@ -101,6 +114,7 @@ impl Tunnel {
             access_log_path,
             run_dir: config["node"]["run_dir"].as_str().map(PathBuf::from).unwrap_or_default(),
             markers: Mutex::new(Vec::new()),
+            run_args: args.to_vec(),
         };
         t.spawn()?;
         Ok(t)
@@ -113,6 +127,7 @@ impl Tunnel {
             .arg(std::env::var("ZTB_TUNNEL_LOG").unwrap_or_else(|_| "info,ztunnel=debug".to_owned()))
             .args(["run", "--config"])
             .arg(&self.config_path)
+            .args(&self.run_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

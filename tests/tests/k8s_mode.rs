@@ -1,0 +1,262 @@
+//! `ztunnel run --kubernetes` end to end: two node tunnels learn their pods,
+//! Services and policies from the API server, over real eBPF capture, real
+//! HBONE and real network namespaces. No API server can run here: the
+//! testbed's fake one stands in (real LIST/WATCH over HTTP on loopback, with
+//! the real server's semantics for what these tests use). Pods' cgroups are
+//! made where the kubelet's cgroupfs driver makes them
+//! (`<kubepods>/pod<uid>`), under each node's capture root.
+
+use std::{os::fd::AsFd as _, path::PathBuf, time::Duration};
+
+use serde_json::json;
+use ztunnel_cni::protocol::{self as cni, Command as CniCommand, Outcome, Request};
+use ztunnel_testbed::{
+    Node, Testbed, Tunnel, Workload,
+    agent::{self, Server},
+    kube::FakeApiServer,
+};
+use ztunnel_tests::{WAIT, field, wait_until};
+
+struct Cluster {
+    api: FakeApiServer,
+    kubeconfig: PathBuf,
+}
+
+impl Cluster {
+    fn start(tb: &Testbed) -> anyhow::Result<Self> {
+        let api = FakeApiServer::start()?;
+        let kubeconfig = tb.dir().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig)?;
+        api.create(
+            "namespaces",
+            "",
+            json!({ "metadata": { "name": "shop", "labels": { "ztunnel.dev/dataplane": "enabled" } } }),
+        )?;
+        Ok(Self { api, kubeconfig })
+    }
+
+    /// A pod of `shop` on `node` (service account `sa`): the API object, and
+    /// the testbed's pod in the cgroup the kubelet would make for it; Running
+    /// with the testbed pod's addresses.
+    fn pod(&self, tb: &mut Testbed, node: &Node, name: &str, sa: &str) -> anyhow::Result<(Workload, String)> {
+        let created = self.api.create(
+            "pods",
+            "shop",
+            json!({
+                "metadata": { "name": name, "namespace": "shop", "labels": { "app": name } },
+                "spec": { "nodeName": node.name, "serviceAccountName": sa, "containers": [{ "name": "app", "image": "app" }] },
+                "status": { "phase": "Pending" },
+            }),
+        )?;
+        let uid = created["metadata"]["uid"].as_str().unwrap_or_default().to_owned();
+        let w = tb.add_pod_in(node, "shop", &format!("pod{uid}"))?;
+        self.api.merge_patch(
+            "pods",
+            "shop",
+            name,
+            json!({ "status": { "phase": "Running", "podIP": w.ip4.to_string(),
+                "podIPs": [{ "ip": w.ip4.to_string() }, { "ip": w.ip6.to_string() }] } }),
+        )?;
+        Ok((w, uid))
+    }
+
+    /// `ztunnel run --kubernetes` for `node`: the file holds node settings
+    /// only.
+    fn tunnel(&self, tb: &Testbed, node: &Node) -> anyhow::Result<Tunnel> {
+        let mut config = tb.tunnel_config(node, &[]);
+        config["workloads"] = json!([]);
+        config["node"]["name"] = json!("");
+        let kubepods = node.cgroup.strip_prefix(tb.cgroup_base.parent().unwrap_or(&tb.cgroup_base))?;
+        let args = [
+            "--kubernetes".to_owned(),
+            "--kubeconfig".to_owned(),
+            self.kubeconfig.display().to_string(),
+            "--node-name".to_owned(),
+            node.name.clone(),
+            "--kubepods-cgroup".to_owned(),
+            kubepods.display().to_string(),
+            "--cni-socket".to_owned(),
+            cni_socket(tb, node).display().to_string(),
+        ];
+        Tunnel::start_with_args(tb, node, config, &args)
+    }
+}
+
+fn cni_socket(tb: &Testbed, node: &Node) -> PathBuf {
+    tb.dir().join(format!("{}-cni.sock", node.name))
+}
+
+/// What the CNI plugin sends at sandbox creation: the pod's namespace fd.
+fn cni_add(tb: &Testbed, node: &Node, w: &Workload, name: &str, uid: &str) -> anyhow::Result<cni::Response> {
+    let netns = std::fs::File::open(format!("/var/run/netns/{}", w.netns))?;
+    let req = Request {
+        version: cni::PROTOCOL_VERSION,
+        command: CniCommand::Add,
+        container_id: format!("sandbox-{uid}"),
+        pod_namespace: "shop".into(),
+        pod_name: name.into(),
+        pod_uid: uid.into(),
+        netns_path: format!("/var/run/netns/{}", w.netns),
+        interface: "eth0".into(),
+        ips: vec![w.ip4.into(), w.ip6.into()],
+    };
+    Ok(cni::client::request(&cni_socket(tb, node), &req, Some(netns.as_fd()), Duration::from_secs(30))?)
+}
+
+fn identity_of(sa: &str) -> String {
+    format!("spiffe://cluster.local/ns/shop/sa/{sa}")
+}
+
+/// Pods from the API server are enrolled on their node (web through the CNI
+/// plugin's handover, db found through its running process), call each
+/// other over mTLS under their ServiceAccount identities, a policy CRD
+/// created later denies, and a Service's ClusterIP reaches its ready
+/// endpoint and is refused once it has none.
+#[test]
+fn pods_services_and_policies_come_from_the_api_server() -> anyhow::Result<()> {
+    let mut tb = Testbed::new("k8smode")?;
+    let n1 = tb.add_node("n1")?;
+    let n2 = tb.add_node("n2")?;
+    let cluster = Cluster::start(&tb)?;
+    let (web, web_uid) = cluster.pod(&mut tb, &n1, "web", "web")?;
+    let (db, _) = cluster.pod(&mut tb, &n2, "db", "db")?;
+    let server = Server::start(&tb, &db.place(), &[db.addr4(5432), db.addr4(6432)])?;
+    let t1 = cluster.tunnel(&tb, &n1)?;
+    let t2 = cluster.tunnel(&tb, &n2)?;
+
+    // The CNI plugin's ADD is answered once web is captured.
+    let answer = cni_add(&tb, &n1, &web, "web", &web_uid)?;
+    assert_eq!(answer.result, Outcome::Enrolled, "{answer:?}\n{}", t1.log_tail(30));
+    // db is found through its server's process.
+    wait_until(
+        WAIT,
+        "db enrolled on n2",
+        || {
+            Ok(t2.config_dump()?["workloads"]
+                .as_array()
+                .is_some_and(|ws| ws.iter().any(|w| w["workload"] == "shop/db" && w["state"] == "enrolled")))
+        },
+        || t2.log_tail(30),
+    )?;
+
+    let out = agent::probe(&tb, &web.place(), db.addr4(5432))?;
+    assert_eq!(out["result"], "ok", "{out}\n{}", t2.log_tail(30));
+    let e = &t2.wait_access_log(1, WAIT, |e| e["direction"] == "inbound")?[0];
+    assert_eq!(field(e, "source_identity"), identity_of("web"), "{e}");
+    assert_eq!(field(e, "destination_identity"), identity_of("db"), "{e}");
+    assert_eq!(field(e, "connection_security_policy"), "mutual_tls", "{e}");
+
+    // A policy created in the cluster takes effect without a restart.
+    cluster.api.create(
+        "authorizationpolicies",
+        "shop",
+        json!({
+            "apiVersion": "security.ztunnel.dev/v1", "kind": "AuthorizationPolicy",
+            "metadata": { "name": "db-5432-only", "namespace": "shop" },
+            "spec": { "selector": { "matchLabels": { "app": "db" } }, "action": "DENY",
+                      "rules": [{ "to": [{ "operation": { "ports": ["6432"] } }] }] },
+        }),
+    )?;
+    wait_until(
+        WAIT,
+        "the DENY policy in force on n2",
+        || Ok(agent::probe(&tb, &web.place(), db.addr4(6432))?["result"] == "reset"),
+        || t2.log_tail(30),
+    )?;
+    let denied = t2.wait_access_log(1, WAIT, |e| e["decision"] == "deny")?;
+    assert_eq!(field(&denied[0], "policy"), "shop/db-5432-only", "{}", denied[0]);
+    assert_eq!(agent::probe(&tb, &web.place(), db.addr4(5432))?["result"], "ok");
+
+    // A Service: its ClusterIP (no route anywhere: only the tunnel can carry
+    // it) leads to the ready endpoint, over HBONE.
+    let cluster_ip = "198.18.200.10";
+    cluster.api.create(
+        "services",
+        "shop",
+        json!({ "metadata": { "name": "db", "namespace": "shop" },
+                "spec": { "clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
+                          "ports": [{ "name": "pg", "port": 80, "protocol": "TCP" }] } }),
+    )?;
+    let slice = |ready: bool| {
+        json!({
+            "metadata": { "name": "db-x1", "namespace": "shop", "labels": { "kubernetes.io/service-name": "db" } },
+            "addressType": "IPv4",
+            "ports": [{ "name": "pg", "port": 5432, "protocol": "TCP" }],
+            "endpoints": [{ "addresses": [db.ip4.to_string()], "nodeName": "n2", "conditions": { "ready": ready } }],
+        })
+    };
+    cluster.api.create("endpointslices", "shop", slice(true))?;
+    let vip: std::net::SocketAddr = format!("{cluster_ip}:80").parse()?;
+    wait_until(
+        WAIT,
+        "the ClusterIP reaches db",
+        || Ok(agent::probe(&tb, &web.place(), vip)?["result"] == "ok"),
+        || t1.log_tail(30),
+    )?;
+    let e = &t1.wait_access_log(1, WAIT, |e| e["destination_service"] == "shop/db")?[0];
+    assert_eq!(field(e, "destination_address"), db.addr4(5432).to_string(), "{e}");
+    assert_eq!(field(e, "destination_identity"), identity_of("db"), "{e}");
+    assert_eq!(field(e, "mode"), "hbone", "{e}");
+
+    // No ready endpoint: refused by the caller's tunnel, counted, logged.
+    cluster.api.replace("endpointslices", "shop", slice(false))?;
+    wait_until(
+        WAIT,
+        "no ready endpoint",
+        || Ok(agent::probe(&tb, &web.place(), vip)?["result"] != "ok"),
+        || t1.log_tail(30),
+    )?;
+    t1.wait_access_log(1, WAIT, |e| e["reason"] == "no_endpoint")?;
+    drop(server);
+    Ok(())
+}
+
+/// Readiness waits for the first full list; a pod deleted from the API server
+/// leaves its node's tunnel (its cgroup no longer captured), and a CNI ADD
+/// for a pod of a namespace outside the mesh is refused with the reason.
+#[test]
+fn readiness_follows_the_first_sync_and_deleted_pods_leave() -> anyhow::Result<()> {
+    let mut tb = Testbed::new("k8sleave")?;
+    let n1 = tb.add_node("n1")?;
+    let cluster = Cluster::start(&tb)?;
+    let (web, web_uid) = cluster.pod(&mut tb, &n1, "web", "web")?;
+    let t1 = cluster.tunnel(&tb, &n1)?;
+    let metrics = t1.metrics()?;
+    assert_eq!(ztunnel_tests::metric(&metrics, "ztunnel_k8s_synced"), 1, "ready before the first sync?");
+    assert_eq!(cni_add(&tb, &n1, &web, "web", &web_uid)?.result, Outcome::Enrolled);
+    let enrolled = |t: &Tunnel| -> anyhow::Result<bool> {
+        Ok(t.config_dump()?["workloads"]
+            .as_array()
+            .is_some_and(|ws| ws.iter().any(|w| w["workload"] == "shop/web")))
+    };
+    assert!(enrolled(&t1)?, "web is enrolled after its ADD");
+    cluster.api.delete("pods", "shop", "web")?;
+    wait_until(WAIT, "web leaves n1's tunnel", || Ok(!enrolled(&t1)?), || t1.log_tail(30))?;
+
+    // A namespace outside the mesh: the tunnel says why it does not enroll.
+    cluster.api.create("namespaces", "", json!({ "metadata": { "name": "dev" } }))?;
+    let other = cluster.api.create(
+        "pods",
+        "dev",
+        json!({ "metadata": { "name": "tool", "namespace": "dev" },
+                "spec": { "nodeName": "n1", "containers": [{ "name": "app", "image": "app" }] } }),
+    )?;
+    let uid = other["metadata"]["uid"].as_str().unwrap_or_default().to_owned();
+    let netns = std::fs::File::open(format!("/var/run/netns/{}", web.netns))?;
+    let req = Request {
+        version: cni::PROTOCOL_VERSION,
+        command: CniCommand::Add,
+        container_id: "sandbox-tool".into(),
+        pod_namespace: "dev".into(),
+        pod_name: "tool".into(),
+        pod_uid: uid,
+        netns_path: String::new(),
+        interface: "eth0".into(),
+        ips: vec![],
+    };
+    let answer =
+        cni::client::request(&cni_socket(&tb, &n1), &req, Some(netns.as_fd()), Duration::from_secs(30))?;
+    assert_eq!(answer.result, Outcome::Error, "{answer:?}");
+    assert!(answer.message.contains("not in the mesh"), "{answer:?}");
+    Ok(())
+}
