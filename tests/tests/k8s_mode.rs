@@ -260,3 +260,45 @@ fn readiness_follows_the_first_sync_and_deleted_pods_leave() -> anyhow::Result<(
     assert!(answer.message.contains("not in the mesh"), "{answer:?}");
     Ok(())
 }
+
+/// A namespace in strict mTLS: the kubelet's plaintext probes (from the
+/// node's own address) still reach its pods, logged as `node_probe`, while
+/// plaintext from anywhere else (another node) is refused.
+#[test]
+fn strict_pods_pass_the_kubelets_probes_and_refuse_other_plaintext() -> anyhow::Result<()> {
+    let mut tb = Testbed::new("k8sprobe")?;
+    let n1 = tb.add_node("n1")?;
+    let n2 = tb.add_node("n2")?;
+    let cluster = Cluster::start(&tb)?;
+    cluster.api.merge_patch(
+        "namespaces",
+        "",
+        "shop",
+        json!({ "metadata": { "labels": { "ztunnel.dev/mtls": "strict" } } }),
+    )?;
+    let (web, _) = cluster.pod(&mut tb, &n1, "web", "web")?;
+    let server = Server::start(&tb, &web.place(), &[web.addr4(8080)])?;
+    let t1 = cluster.tunnel(&tb, &n1)?;
+    wait_until(
+        WAIT,
+        "web enrolled through its process",
+        || {
+            Ok(t1.config_dump()?["workloads"]
+                .as_array()
+                .is_some_and(|ws| ws.iter().any(|w| w["workload"] == "shop/web" && w["state"] == "enrolled")))
+        },
+        || t1.log_tail(30),
+    )?;
+    // From another node: plaintext, refused by the strict mode.
+    let out = agent::probe(&tb, &n2.unenrolled(), web.addr4(8080))?;
+    assert_eq!(out["result"], "reset", "{out}");
+    let e = &t1.wait_access_log(1, WAIT, |e| e["reason"] == "plaintext_refused")?[0];
+    assert_eq!(field(e, "destination_workload"), "shop/web", "{e}");
+    // From the node itself, as the kubelet probes: admitted.
+    let out = agent::probe(&tb, &n1.unenrolled(), web.addr4(8080))?;
+    assert_eq!(out["result"], "ok", "{out}\n{}", t1.log_tail(20));
+    let e = &t1.wait_access_log(1, WAIT, |e| e["reason"] == "node_probe")?[0];
+    assert_eq!((field(e, "decision"), field(e, "mode")), ("allow", "plaintext"), "{e}");
+    assert_eq!(server.accepted()?.len(), 1, "only the node's probe reached the pod");
+    Ok(())
+}

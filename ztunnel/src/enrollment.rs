@@ -303,12 +303,40 @@ impl Enrollment {
         }))
         .with_services(&config.services);
         self.ctx.budgets.retain(|id| local.contains_key(&id));
+        let node_addresses = if config.authorization.node_probes == Some(true) {
+            self.node_addresses()
+        } else {
+            Default::default()
+        };
         let _ = self.state_tx.send(Arc::new(State {
             generation: self.generation,
             config: config.clone(),
             registry,
             local,
+            node_addresses,
         }));
+    }
+
+    /// The addresses of the node's interfaces (the kubelet probes from one
+    /// of them), read now: interfaces come and go with pods.
+    fn node_addresses(&self) -> std::collections::HashSet<std::net::IpAddr> {
+        let read = self.node_netns.run(|| {
+            let addrs = nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)?;
+            Ok(addrs
+                .filter_map(|a| {
+                    let a = a.address?;
+                    let ip = a
+                        .as_sockaddr_in()
+                        .map(|v4| std::net::IpAddr::V4(v4.ip()))
+                        .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))?;
+                    Some(crate::workload::canonical(ip))
+                })
+                .collect())
+        });
+        read.unwrap_or_else(|e| {
+            tracing::warn!("reading the node's addresses (for node probes): {e}");
+            Default::default()
+        })
     }
 
     pub fn statuses(&self) -> Vec<WorkloadStatus> {

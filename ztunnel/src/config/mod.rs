@@ -414,11 +414,21 @@ pub struct AuthorizationConfig {
     /// namespace).
     pub root_namespace: String,
     pub on_policy_change: OnPolicyChange,
+    /// Plaintext from one of this node's own addresses (the kubelet's
+    /// health probes) reaches workloads whatever their mTLS mode and
+    /// policies, logged with reason `node_probe`. Default: on in Kubernetes
+    /// mode, off for plain hosts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_probes: Option<bool>,
 }
 
 impl Default for AuthorizationConfig {
     fn default() -> Self {
-        Self { root_namespace: "ztunnel-system".to_owned(), on_policy_change: OnPolicyChange::Close }
+        Self {
+            root_namespace: "ztunnel-system".to_owned(),
+            on_policy_change: OnPolicyChange::Close,
+            node_probes: None,
+        }
     }
 }
 

@@ -369,6 +369,9 @@ pub fn build_config(base: &Config, cluster: &ClusterState, local: &LocalPods, no
     for (name, modes) in cluster.namespace_configs() {
         config.namespaces.insert(name.to_owned(), modes.clone());
     }
+    // The kubelet probes pods from the node in plaintext: a strict pod
+    // must still pass its readiness probe.
+    config.authorization.node_probes.get_or_insert(true);
     let root = config.authorization.root_namespace.clone();
     config.policies.extend(cluster.policies_for(&root).map(|p| p.policy.clone()));
     config.services.extend(cluster.service_configs());

@@ -76,6 +76,11 @@ impl Decision {
     }
 
     /// A plaintext caller refused by a strict workload, before any policy.
+    /// Plaintext from the node itself (the kubelet's probes), admitted.
+    pub fn node_probe() -> Self {
+        Self::new(Verdict::Allow, "node_probe")
+    }
+
     pub fn plaintext_refused() -> Self {
         Self::new(Verdict::Deny, "plaintext_refused")
     }

@@ -49,6 +49,7 @@ pub fn admit(
     caller: Option<&SpiffeId>,
     workload_id: u32,
     identity: Option<&SpiffeId>,
+    from: Option<std::net::IpAddr>,
     port: u16,
     entry: &mut Entry,
 ) -> Result<Admitted, (super::Failure, String)> {
@@ -65,7 +66,17 @@ pub fn admit(
     };
     entry.destination_workload = Some(target.workload.key());
     entry.destination_identity = Some(target.workload.identity.to_string());
-    let decision = decide(ctx, &state, caller, &target, port, entry);
+    let decision = match from {
+        // The kubelet's probes: before mTLS mode and policy, as Istio's
+        // ztunnel admits its SNATed probe address.
+        Some(ip) if caller.is_none() && state.node_addresses.contains(&crate::workload::canonical(ip)) => {
+            let d = Decision::node_probe();
+            record(&d, entry);
+            ctx.metrics.policy_decided(d.verdict.as_str(), d.reason);
+            d
+        }
+        _ => decide(ctx, &state, caller, &target, port, entry),
+    };
     if !decision.verdict.admits() {
         let failure = if decision.reason == "plaintext_refused" {
             super::Failure::PlaintextRefused
@@ -113,7 +124,7 @@ pub fn record(decision: &Decision, entry: &mut Entry) {
     entry.rule = decision.rule;
     entry.policy_note = decision.note.clone();
     entry.dry_run = decision.dry_run.clone();
-    if decision.verdict != Verdict::Allow || decision.reason == "emergency_allow" {
+    if decision.verdict != Verdict::Allow || matches!(decision.reason, "emergency_allow" | "node_probe") {
         entry.reason = decision.reason.to_owned();
     }
 }

@@ -69,10 +69,11 @@ async fn carry(
         tracing::warn!(%peer, %original_dst, "a delivery came back to the tunnel (registration lost): refused");
         return refuse(&stream, Failure::DeliveryLoop, format!("delivery from {peer} was not registered"));
     }
-    let admitted = match authz::admit(ctx, None, workload_id, None, original_dst.port(), entry) {
-        Ok(a) => a,
-        Err((failure, error)) => return refuse(&stream, failure, error),
-    };
+    let admitted =
+        match authz::admit(ctx, None, workload_id, None, Some(peer.ip()), original_dst.port(), entry) {
+            Ok(a) => a,
+            Err((failure, error)) => return refuse(&stream, failure, error),
+        };
     let workload = admitted.target.clone();
     let _permit = match ctx.limits.acquire(workload.id) {
         Ok(p) => p,

@@ -402,7 +402,7 @@ async fn carry(
         }
     };
     let admitted =
-        authz::admit(ctx, Some(&caller.source), target_id, Some(&caller.presented), dst.port(), entry)
+        authz::admit(ctx, Some(&caller.source), target_id, Some(&caller.presented), None, dst.port(), entry)
             .map_err(|(failure, error)| {
                 let status = match failure {
                     Failure::PolicyDenied(_) => StatusCode::UNAUTHORIZED,
