@@ -47,6 +47,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         std::env::set_var("TB_AGENT_BIN", release.join("tb-agent"));
         std::env::set_var("ZTB_TUNNEL_LOG", "warn");
     }
+    if opts.only.as_deref() == Some("k8s") {
+        return crate::bench_k8s::run(as_json);
+    }
     let mut tb = Testbed::new("bench")?;
     let n1 = tb.add_node("n1")?;
     let n2 = tb.add_node("n2")?;

@@ -14,6 +14,7 @@
 //! needs root through sudo (see `root`); run as root, everything runs directly.
 
 mod bench;
+mod bench_k8s;
 mod demo;
 mod deploy_tools;
 mod fuzz;
@@ -97,7 +98,8 @@ struct BenchArgs {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
-    /// Only this measurement: throughput, rr or crr.
+    /// Only this measurement: throughput, rr or crr; or k8s (Kubernetes
+    /// mode's memory and time to capture with 10,000 pods, run only when asked).
     #[arg(long)]
     only: Option<String>,
 }

@@ -304,7 +304,9 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     let mut cgroups = crate::cgroup::CgroupWatcher::new().context("watching cgroups")?;
     cgroups.watch(enrollment.watched_dirs(&current));
     let mut last_lapse_check = std::time::SystemTime::now();
+    let mut trimmer = crate::memory::Trimmer::default();
     loop {
+        trimmer.tick();
         let forced = tokio::select! {
             event = next_cluster_event(&mut cluster) => {
                 let Some(source) = cluster.as_mut() else { continue };
@@ -315,6 +317,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
                 }
                 if source.synced() {
                     current = apply_cluster(source, &mut enrollment, &identity, &ctx, &admin, &metrics);
+                    trimmer.after_change();
                 }
                 continue;
             }
@@ -372,6 +375,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
                 }
                 metrics.config_reloads.get_or_create(&result("applied")).inc();
                 tracing::info!(generation = enrollment.generation(), "configuration reloaded");
+                trimmer.after_change();
                 current = new;
             }
         }

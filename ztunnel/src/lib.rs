@@ -29,6 +29,7 @@ pub mod http;
 pub mod identity;
 pub mod k8s;
 pub mod limits;
+pub mod memory;
 pub mod metrics;
 pub mod netns;
 pub mod policy;
