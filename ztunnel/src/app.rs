@@ -496,6 +496,7 @@ fn warn_unreloadable(old: &Config, new: &Config) {
         ("listeners", json(&old.listeners) != json(&new.listeners)),
         ("proxy", json(&old.proxy) != json(&new.proxy)),
         ("access_log", old.access_log != new.access_log),
+        ("limits", json(&old.limits) != json(&new.limits)),
     ] {
         if changed {
             tracing::warn!("`{what}` changed in the configuration file; it takes effect at the next restart");
