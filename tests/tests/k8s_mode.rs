@@ -223,6 +223,8 @@ fn readiness_follows_the_first_sync_and_deleted_pods_leave() -> anyhow::Result<(
     let t1 = cluster.tunnel(&tb, &n1)?;
     let metrics = t1.metrics()?;
     assert_eq!(ztunnel_tests::metric(&metrics, "ztunnel_k8s_synced"), 1, "ready before the first sync?");
+    let (status, body) = ztunnel_testbed::http::get(&n1.netns, "127.0.0.1:15021".parse()?, "/healthz/live")?;
+    assert_eq!(status, 200, "{body}");
     assert_eq!(cni_add(&tb, &n1, &web, "web", &web_uid)?.result, Outcome::Enrolled);
     let enrolled = |t: &Tunnel| -> anyhow::Result<bool> {
         Ok(t.config_dump()?["workloads"]

@@ -95,11 +95,17 @@ pub struct Admin {
     pub token: AdminToken,
     pub view: Mutex<AdminView>,
     pub ready: AtomicBool,
+    /// When the controller's loop last went round (`/healthz/live`).
+    pub heartbeat: std::sync::Mutex<std::time::Instant>,
     pub capture: Arc<CaptureCounters>,
     pub metrics: Arc<Metrics>,
     pub certs: CertManager,
     pub set_log_level: LogLevelSetter,
 }
+
+/// How long the controller's loop may not go round before `/healthz/live`
+/// fails (a large configuration apply takes well under this).
+pub const LIVENESS_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Admin {
     pub fn update(&self, f: impl FnOnce(&mut AdminView)) {
@@ -168,9 +174,27 @@ impl Admin {
         }
     }
 
+    /// The controller's loop went round: the tunnel is alive.
+    pub fn beat(&self) {
+        *self.heartbeat.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = std::time::Instant::now();
+    }
+
     pub fn handle_readiness(&self, parts: &Parts) -> Response<Body> {
+        if parts.uri.path() == "/healthz/live" {
+            // Alive while the controller's loop goes round (it wakes at
+            // least every proxy.reload_interval): a wedged loop would stop
+            // reloads, enrollment and renewals' bookkeeping while the
+            // listeners still answered.
+            let since = self.heartbeat.lock().unwrap_or_else(std::sync::PoisonError::into_inner).elapsed();
+            return if since < LIVENESS_LIMIT {
+                http::respond(StatusCode::OK, "text/plain", "alive\n")
+            } else {
+                let body = format!("the controller has not gone round for {}s\n", since.as_secs());
+                http::respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", body)
+            };
+        }
         if parts.uri.path() != "/healthz/ready" {
-            return http::respond(StatusCode::NOT_FOUND, "text/plain", "GET /healthz/ready\n");
+            return http::respond(StatusCode::NOT_FOUND, "text/plain", "GET /healthz/ready or /healthz/live\n");
         }
         if self.ready.load(Ordering::SeqCst) {
             http::respond(StatusCode::OK, "text/plain", "ready\n")

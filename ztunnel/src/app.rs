@@ -185,6 +185,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
             ..AdminView::default()
         }),
         ready: AtomicBool::new(false),
+        heartbeat: Mutex::new(std::time::Instant::now()),
         capture: capture.counters(),
         metrics: metrics.clone(),
         certs: identity.manager.clone(),
@@ -307,6 +308,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     let mut trimmer = crate::memory::Trimmer::default();
     loop {
         trimmer.tick();
+        admin.beat();
         let forced = tokio::select! {
             event = next_cluster_event(&mut cluster) => {
                 let Some(source) = cluster.as_mut() else { continue };
