@@ -304,3 +304,144 @@ fn strict_pods_pass_the_kubelets_probes_and_refuse_other_plaintext() -> anyhow::
     assert_eq!(server.accepted()?.len(), 1, "only the node's probe reached the pod");
     Ok(())
 }
+
+fn holds(t: &Tunnel, key: &str) -> anyhow::Result<bool> {
+    Ok(t.config_dump()?["workloads"]
+        .as_array()
+        .is_some_and(|ws| ws.iter().any(|w| w["workload"] == key && w["state"] == "enrolled")))
+}
+
+/// The API server's watch streams cut (and its history compacted, forcing
+/// relists) while policies and labels change: state converges and an
+/// allowed connection is never dropped; unlabelling one namespace removes
+/// only its pods; strict -> permissive by one label is the rollback; a CNI
+/// ADD fails while the tunnel is down.
+#[test]
+fn cuts_relists_label_changes_and_a_down_tunnel() -> anyhow::Result<()> {
+    let mut tb = Testbed::new("k8scuts")?;
+    let n1 = tb.add_node("n1")?;
+    let n2 = tb.add_node("n2")?;
+    let cluster = Cluster::start(&tb)?;
+    cluster.api.create(
+        "namespaces",
+        "",
+        json!({ "metadata": { "name": "ops", "labels": { "ztunnel.dev/dataplane": "enabled" } } }),
+    )?;
+    let (web, web_uid) = cluster.pod(&mut tb, &n1, "web", "web")?;
+    let created = cluster.api.create(
+        "pods",
+        "ops",
+        json!({ "metadata": { "name": "tool", "namespace": "ops" },
+                "spec": { "nodeName": "n1", "serviceAccountName": "tool", "containers": [{ "name": "app", "image": "app" }] },
+                "status": { "phase": "Pending" } }),
+    )?;
+    let tool_uid = created["metadata"]["uid"].as_str().unwrap_or_default().to_owned();
+    let tool = tb.add_pod_in(&n1, "ops", &format!("pod{tool_uid}"))?;
+    cluster.api.merge_patch(
+        "pods",
+        "ops",
+        "tool",
+        json!({ "status": { "phase": "Running", "podIP": tool.ip4.to_string(), "podIPs": [{ "ip": tool.ip4.to_string() }] } }),
+    )?;
+    let (db, _) = cluster.pod(&mut tb, &n2, "db", "db")?;
+    let _server = Server::start(&tb, &db.place(), &[db.addr4(7000)])?;
+    let mut t1 = cluster.tunnel(&tb, &n1)?;
+    let t2 = cluster.tunnel(&tb, &n2)?;
+    assert_eq!(cni_add(&tb, &n1, &web, "web", &web_uid)?.result, Outcome::Enrolled);
+    let netns = std::fs::File::open(format!("/var/run/netns/{}", tool.netns))?;
+    let tool_add = Request {
+        version: cni::PROTOCOL_VERSION,
+        command: CniCommand::Add,
+        container_id: "sandbox-tool".into(),
+        pod_namespace: "ops".into(),
+        pod_name: "tool".into(),
+        pod_uid: tool_uid,
+        netns_path: String::new(),
+        interface: "eth0".into(),
+        ips: vec![tool.ip4.into()],
+    };
+    let answer =
+        cni::client::request(&cni_socket(&tb, &n1), &tool_add, Some(netns.as_fd()), Duration::from_secs(30))?;
+    assert_eq!(answer.result, Outcome::Enrolled, "{answer:?}");
+    wait_until(WAIT, "db enrolled on n2", || holds(&t2, "shop/db"), || t2.log_tail(30))?;
+    let mut held = agent::Held::open(&tb, &web.place(), db.addr4(7000))?;
+    held.ping("before the cuts")?;
+
+    // Streams cut, then an ALLOW for web only: tool is refused, web's held
+    // connection (allowed by it) stays.
+    cluster.api.kill_streams();
+    cluster.api.create(
+        "authorizationpolicies",
+        "shop",
+        json!({
+            "apiVersion": "security.ztunnel.dev/v1", "kind": "AuthorizationPolicy",
+            "metadata": { "name": "db-from-web", "namespace": "shop" },
+            "spec": { "selector": { "matchLabels": { "app": "db" } }, "action": "ALLOW",
+                      "rules": [{ "from": [{ "source": { "principals": ["cluster.local/ns/shop/sa/web"] } }] }] },
+        }),
+    )?;
+    wait_until(
+        WAIT,
+        "the ALLOW in force on n2 after the cut",
+        || Ok(agent::probe(&tb, &tool.place(), db.addr4(7000))?["result"] == "reset"),
+        || t2.log_tail(30),
+    )?;
+    held.ping("after the cut and the policy")?;
+
+    // History compacted and streams cut: the watchers relist (410 Gone);
+    // meanwhile `ops` leaves the mesh. Only its pod leaves n1's tunnel.
+    cluster.api.compact();
+    cluster.api.kill_streams();
+    cluster.api.merge_patch(
+        "namespaces",
+        "",
+        "ops",
+        json!({ "metadata": { "labels": { "ztunnel.dev/dataplane": null } } }),
+    )?;
+    wait_until(WAIT, "tool leaves n1's tunnel", || Ok(!holds(&t1, "ops/tool")?), || t1.log_tail(30))?;
+    assert!(holds(&t1, "shop/web")?, "web stays enrolled");
+    held.ping("after the relist")?;
+
+    // Strict on shop refuses plaintext to db; one label change rolls back.
+    let plaintext_to_db = || -> anyhow::Result<String> {
+        Ok(agent::probe(&tb, &n1.unenrolled(), db.addr4(7000))?["result"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    };
+    cluster.api.delete("authorizationpolicies", "shop", "db-from-web")?;
+    wait_until(
+        WAIT,
+        "plaintext admitted without the ALLOW",
+        || Ok(plaintext_to_db()? == "ok"),
+        || t2.log_tail(30),
+    )?;
+    cluster.api.merge_patch(
+        "namespaces",
+        "",
+        "shop",
+        json!({ "metadata": { "labels": { "ztunnel.dev/mtls": "strict" } } }),
+    )?;
+    wait_until(WAIT, "strict refuses plaintext", || Ok(plaintext_to_db()? == "reset"), || t2.log_tail(30))?;
+    cluster.api.merge_patch(
+        "namespaces",
+        "",
+        "shop",
+        json!({ "metadata": { "labels": { "ztunnel.dev/mtls": "permissive" } } }),
+    )?;
+    wait_until(WAIT, "the rollback admits plaintext", || Ok(plaintext_to_db()? == "ok"), || t2.log_tail(30))?;
+    held.ping("after the rollback")?;
+
+    // The tunnel down: the CNI plugin's ADD cannot be answered, and says so.
+    t1.stop()?;
+    let refused = cni_add(&tb, &n1, &web, "web", &web_uid);
+    match refused {
+        Err(e) => {
+            let unreachable =
+                e.downcast_ref::<cni::ProtocolError>().is_some_and(cni::ProtocolError::is_unreachable);
+            assert!(unreachable, "{e:#}");
+        }
+        Ok(answer) => panic!("ADD answered while the tunnel is down: {answer:?}"),
+    }
+    Ok(())
+}
