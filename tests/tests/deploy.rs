@@ -464,6 +464,15 @@ fn the_node_configuration_points_at_what_the_manifests_provide() {
     let config: Yaml = serde_yaml_ng::from_str(config_map["data"]["config.yaml"].as_str().unwrap()).unwrap();
     let ca = &config["identity"]["ca"];
     assert_eq!(ca["kind"].as_str(), Some("kubernetes"));
+    // The tunnel reads it (the node name comes from NODE_NAME at run time).
+    let text = config_map["data"]["config.yaml"].as_str().unwrap();
+    let parsed = ztunnel::config::Config::parse_as_node(text, Path::new("config.yaml"), Some("node-a"))
+        .unwrap_or_else(|e| panic!("the node configuration does not load: {e}"));
+    assert!(
+        matches!(parsed.identity.ca, ztunnel::config::CaSource::Kubernetes { .. }),
+        "{:?}",
+        parsed.identity.ca
+    );
     assert_eq!(config["access_log"].as_str(), Some("stdout"), "kubectl logs shows the access log");
 
     // The CA's address is its Service.
