@@ -8,6 +8,7 @@
 //!    ServiceAccount, and takes that pod's node as the caller (`caller`),
 //! 3. signs an identity only if a live pod with it (namespace + service
 //!    account) is on that node now (`pods`, a watch cache of every pod),
+//!
 //! and logs every issuance and refusal with node, identity and reason.
 //! Its signing key is the mounted Secret in Istio's `cacerts` layout
 //! (`super::cacerts`); it publishes the trust bundle to a ConfigMap
@@ -108,11 +109,11 @@ pub async fn serve(settings: KubernetesSettings, shutdown: CancellationToken) ->
     let client = crate::k8s::client(settings.kubeconfig.as_deref()).await?;
     let pods = PodIndex::default();
     let (synced_tx, mut synced) = watch::channel(false);
+    tracing::info!(target: "ca", "waiting for the first list of pods from the API server");
     tokio::spawn(pods.clone().run(client.clone(), synced_tx, shutdown.clone()));
     let signer = Arc::new(Signer::with_authorizer(state, Arc::new(pods.clone()), settings.policy));
     let server_cert = Arc::new(Mutex::new(issue_server_cert(&signer, &td)?));
 
-    tracing::info!(target: "ca", "waiting for the first list of pods from the API server");
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),

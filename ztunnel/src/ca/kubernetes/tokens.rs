@@ -90,11 +90,15 @@ pub fn read_review(review: &TokenReview, audience: &str) -> Result<Reviewed, Rev
     Ok(Reviewed { username: user.username.unwrap_or_default(), pod, node: first(EXTRA_NODE_NAME) })
 }
 
+/// SHA-256 of a token.
+type TokenHash = [u8; 32];
+type Answer = Result<Reviewed, ReviewError>;
+
 /// Reviews tokens with the API server, remembering answers briefly.
 pub struct TokenReviewer {
     client: Client,
     audience: String,
-    cache: Mutex<HashMap<[u8; 32], (Instant, Result<Reviewed, ReviewError>)>>,
+    cache: Mutex<HashMap<TokenHash, (Instant, Answer)>>,
     in_flight: Semaphore,
 }
 
