@@ -395,6 +395,19 @@ fn ca_import_takes_an_istio_cacerts_directory() {
     mount_secret(&secret, &mounted);
     assert_eq!(std::fs::read_to_string(mounted.join("trust-domain")).unwrap().trim(), "mesh.example");
 
+    // `ca export` writes the same Secret from a CA directory.
+    let exported = dir.path().join("exported.yaml");
+    ztunnel(&["ca", "export", "--dir", &path(&out_dir), "--kubernetes-secret", &path(&exported)]);
+    let remounted = dir.path().join("remounted");
+    mount_secret(&exported, &remounted);
+    for f in ["ca-cert.pem", "ca-key.pem", "root-cert.pem", "trust-domain"] {
+        assert_eq!(
+            std::fs::read_to_string(mounted.join(f)).unwrap(),
+            std::fs::read_to_string(remounted.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+
     // A key that is not the certificate's is refused, with the file named.
     std::fs::write(cacerts.join("ca-key.pem"), read("gen-1/root-key.pem")).unwrap();
     let out = Command::new(bins::ztunnel().unwrap())

@@ -66,6 +66,15 @@ pub enum CaCommand {
         #[arg(long)]
         kubernetes_secret: Option<PathBuf>,
     },
+    /// Write a CA directory's active signing material (never the root key)
+    /// as the Secret `ca serve --kubernetes` mounts: after `ca init` without
+    /// --kubernetes-secret, and after each `ca rotate` step.
+    Export {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        kubernetes_secret: PathBuf,
+    },
     /// The signing service. Without --kubernetes: node tunnels send CSRs over
     /// mutual TLS with their node credentials and a node gets certificates
     /// only for workloads placed on it (per --registry). With --kubernetes:
@@ -197,6 +206,11 @@ pub fn ca(cmd: CaCommand) -> anyhow::Result<()> {
                 material.write_secret(&file)?;
                 print_secret_written(&file);
             }
+            Ok(())
+        }
+        CaCommand::Export { dir, kubernetes_secret } => {
+            Cacerts::from_ca_dir(&CaDir::new(&dir))?.write_secret(&kubernetes_secret)?;
+            print_secret_written(&kubernetes_secret);
             Ok(())
         }
         CaCommand::Serve {
