@@ -69,7 +69,7 @@ fn certificates(dir: &Path) -> Result<()> {
     let td = TrustDomain::default();
     let state = CaState::ephemeral(&td)?;
     let root = state.bundle.roots()[0].clone();
-    let intermediate = state.intermediate.clone();
+    let intermediate = state.chain[0].clone();
     let signer = Signer::new(state, Placement::default(), SignerPolicy::default());
     let day = Duration::from_secs(86400);
     let issued = [

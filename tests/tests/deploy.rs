@@ -464,6 +464,15 @@ fn the_node_configuration_points_at_what_the_manifests_provide() {
     let config: Yaml = serde_yaml_ng::from_str(config_map["data"]["config.yaml"].as_str().unwrap()).unwrap();
     let ca = &config["identity"]["ca"];
     assert_eq!(ca["kind"].as_str(), Some("kubernetes"));
+    // The tunnel reads it (the node name comes from NODE_NAME at run time).
+    let text = config_map["data"]["config.yaml"].as_str().unwrap();
+    let parsed = ztunnel::config::Config::parse_as_node(text, Path::new("config.yaml"), Some("node-a"))
+        .unwrap_or_else(|e| panic!("the node configuration does not load: {e}"));
+    assert!(
+        matches!(parsed.identity.ca, ztunnel::config::CaSource::Kubernetes { .. }),
+        "{:?}",
+        parsed.identity.ca
+    );
     assert_eq!(config["access_log"].as_str(), Some("stdout"), "kubectl logs shows the access log");
 
     // The CA's address is its Service.
@@ -599,9 +608,35 @@ fn the_kubernetes_alert_rules_are_the_rules_file() {
     assert_eq!(shipped, generated, "{} was edited by hand", path.display());
 }
 
+const CRD_FILE: &str = "kubernetes/base/crd-authorizationpolicies.yaml";
+
+/// The committed CRD is exactly what `ztunnel crd` prints (the binary, as an
+/// operator would run it): generated from the Rust type, never edited.
+#[test]
+fn the_committed_crd_is_ztunnel_crd_output() {
+    let bin = ztunnel_testbed::bins::ztunnel().expect("build the binaries first: cargo build --bins");
+    let out = run(Command::new(bin).arg("crd"));
+    assert!(out.status.success(), "ztunnel crd:\n{}", text(&out));
+    let generated = String::from_utf8(out.stdout).expect("ztunnel crd prints UTF-8");
+    let path = deploy(CRD_FILE);
+    if std::env::var_os("ZTUNNEL_UPDATE_GENERATED").is_some() {
+        std::fs::write(&path, &generated).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "{} differs from `ztunnel crd`: run ZTUNNEL_UPDATE_GENERATED=1 cargo test -p ztunnel-tests --test deploy \
+         (or `ztunnel crd > deploy/{CRD_FILE}`)",
+        path.display()
+    );
+    let docs = documents(&kustomize("overlays/kind"));
+    let rendered = object(&docs, "CustomResourceDefinition", "authorizationpolicies.security.ztunnel.dev");
+    assert_eq!(rendered["spec"]["group"].as_str(), Some("security.ztunnel.dev"), "every overlay installs it");
+}
+
 /// The samples' policies read as the policies the tunnel evaluates (the
-/// file-mode model: Istio's L4 AuthorizationPolicy fields). Once the CRD is
-/// generated into the base, they must also validate against its schema.
+/// file-mode model: Istio's L4 AuthorizationPolicy fields) and validate
+/// against the committed CRD's schema.
 #[test]
 fn sample_policies_read_as_the_tunnels_policy_model() {
     let docs = documents(&kustomize("samples"));
@@ -631,16 +666,10 @@ fn sample_policies_read_as_the_tunnels_policy_model() {
         );
     }
 
-    let crd = deploy("kubernetes/base/crd-authorizationpolicies.yaml");
+    let crd = deploy(CRD_FILE);
     let kustomization = read(&deploy("kubernetes/base/kustomization.yaml"));
     let listed = kustomization.lines().any(|l| l.trim() == "- crd-authorizationpolicies.yaml");
-    if !crd.exists() {
-        // Until `ztunnel crd` generates it, the base says so and does not list it.
-        assert!(!listed, "the kustomization lists a CRD file that does not exist");
-        assert!(kustomization.contains("TODO(lead): add crd-authorizationpolicies.yaml"));
-        return;
-    }
-    assert!(listed, "{} exists but the base does not list it", crd.display());
+    assert!(listed, "the base does not list {}", crd.display());
     let crd_doc: Yaml = serde_yaml_ng::from_str(&read(&crd)).unwrap();
     assert_eq!(crd_doc["spec"]["group"].as_str(), Some("security.ztunnel.dev"));
     let version =

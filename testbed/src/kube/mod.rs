@@ -27,7 +27,7 @@
 //! # What it implements, as the real server does
 //! - A new server holds the namespaces a new cluster has
 //!   ([`SYSTEM_NAMESPACES`]) and nothing else.
-//! - Resources: core/v1 pods, namespaces, services, nodes;
+//! - Resources: core/v1 pods, namespaces, services, configmaps, nodes;
 //!   discovery.k8s.io/v1 endpointslices; security.ztunnel.dev/v1
 //!   authorizationpolicies (a namespaced custom resource, stored as sent);
 //!   authentication.k8s.io/v1 tokenreviews (create only). The table is in

@@ -34,6 +34,7 @@ pub const RESOURCES: &[ResourceDef] = &[
     ResourceDef { group: "", version: "v1", kind: "Pod", plural: "pods", singular: "pod", namespaced: true, create_only: false, fields: POD_FIELDS },
     ResourceDef { group: "", version: "v1", kind: "Namespace", plural: "namespaces", singular: "namespace", namespaced: false, create_only: false, fields: &[("status.phase", "/status/phase")] },
     ResourceDef { group: "", version: "v1", kind: "Service", plural: "services", singular: "service", namespaced: true, create_only: false, fields: &[] },
+    ResourceDef { group: "", version: "v1", kind: "ConfigMap", plural: "configmaps", singular: "configmap", namespaced: true, create_only: false, fields: &[] },
     ResourceDef { group: "", version: "v1", kind: "Node", plural: "nodes", singular: "node", namespaced: false, create_only: false, fields: &[("spec.unschedulable", "/spec/unschedulable")] },
     ResourceDef { group: "discovery.k8s.io", version: "v1", kind: "EndpointSlice", plural: "endpointslices", singular: "endpointslice", namespaced: true, create_only: false, fields: &[("addressType", "/addressType")] },
     ResourceDef { group: "security.ztunnel.dev", version: "v1", kind: "AuthorizationPolicy", plural: "authorizationpolicies", singular: "authorizationpolicy", namespaced: true, create_only: false, fields: &[] },

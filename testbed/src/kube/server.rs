@@ -231,6 +231,7 @@ async fn verb(shared: &Arc<Shared>, t: Target, req: Request<Incoming>) -> Result
         }
         (&Method::POST, None) if res.create_only => {
             let body = read_json(req).await?;
+            shared.count(res, |c| c.writes += 1);
             Ok(token_review(shared, body))
         }
         (&Method::POST, None) if res.namespaced && t.namespace.is_none() => {

@@ -62,7 +62,8 @@ impl Crafter {
             vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         p.use_authority_key_identifier_extension = true;
         let leaf = p.signed_by(&key, &self.state.issuer).expect("sign");
-        let chain = vec![leaf.der().clone(), self.state.intermediate.clone()];
+        let chain: Vec<_> =
+            std::iter::once(leaf.der().clone()).chain(self.state.chain.iter().cloned()).collect();
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let signing = tls::provider().key_provider.load_private_key(der).expect("key");
         Arc::new(CertifiedKey::new(chain, signing))

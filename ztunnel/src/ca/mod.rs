@@ -7,6 +7,8 @@
 //! node tunnels hold neither.
 
 pub mod api;
+pub mod cacerts;
+pub mod kubernetes;
 pub mod server;
 pub mod signer;
 pub mod store;

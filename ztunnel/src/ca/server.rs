@@ -31,7 +31,7 @@ use crate::{
 };
 
 /// How long the service's own TLS certificate lives; it is re-issued at half.
-const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 const MAX_BODY: usize = 64 * 1024;
 
 pub struct ServeSettings {
@@ -43,15 +43,15 @@ pub struct ServeSettings {
 }
 
 /// Connections the signing service holds open at once.
-const MAX_CONNECTIONS: usize = 1024;
+pub(crate) const MAX_CONNECTIONS: usize = 1024;
 /// Connections from one address still in their TLS handshake: one node (or
 /// anyone who can reach the port) flooding it cannot starve the renewals of
 /// the others.
-const HANDSHAKES_PER_SOURCE: usize = 16;
+pub(crate) const HANDSHAKES_PER_SOURCE: usize = 16;
 /// Time from accept to an authenticated node.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a client may take to send a request's headers.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs the signing service until `shutdown`.
 pub async fn serve(settings: ServeSettings, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -86,6 +86,23 @@ pub async fn serve(settings: ServeSettings, shutdown: CancellationToken) -> anyh
         server_cert,
         shutdown.clone(),
     ));
+    accept_loop(listener, shutdown, move |stream, handshake| {
+        connection(acceptor.clone(), stream, signer.clone(), handshake)
+    })
+    .await;
+    reload.abort();
+    Ok(())
+}
+
+/// Accepts until `shutdown`, each connection on its own task, within the
+/// service's limits: [`MAX_CONNECTIONS`] open at once, and
+/// [`HANDSHAKES_PER_SOURCE`] unauthenticated per address (one node, or
+/// anyone who can reach the port, flooding it cannot starve the others).
+pub(crate) async fn accept_loop<F, Fut>(listener: TcpListener, shutdown: CancellationToken, serve: F)
+where
+    F: Fn(tokio::net::TcpStream, crate::limits::SourcePermit) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
     let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let handshakes =
         crate::limits::PerSource::handshakes(HANDSHAKES_PER_SOURCE, MAX_CONNECTIONS, Default::default());
@@ -114,20 +131,17 @@ pub async fn serve(settings: ServeSettings, shutdown: CancellationToken) -> anyh
                 continue;
             }
         };
-        let acceptor = acceptor.clone();
-        let signer = signer.clone();
+        let connection = serve(stream, handshake);
         tokio::spawn(async move {
-            if let Err(e) = connection(acceptor, stream, signer, handshake).await {
+            if let Err(e) = connection.await {
                 tracing::warn!(target: "ca", %peer, "refused connection: {e}");
             }
             drop(permit);
         });
     }
-    reload.abort();
-    Ok(())
 }
 
-fn issue_server_cert(
+pub(crate) fn issue_server_cert(
     signer: &Signer,
     td: &crate::identity::spiffe::TrustDomain,
 ) -> anyhow::Result<(Instant, Credential)> {
@@ -179,53 +193,66 @@ async fn connection(
 
 async fn handle(req: Request<Incoming>, node: &str, signer: &Signer) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
-        (&Method::POST, SIGN_PATH) => {
-            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => {
-                    return error(StatusCode::BAD_REQUEST, "bad_request", &format!("reading the body: {e}"));
-                }
-            };
-            let request: SignRequest = match serde_json::from_slice(&body) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(target: "ca", node, "certificate refused: malformed request: {e}");
-                    return error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string());
-                }
-            };
-            match signer.sign(node, &request.csr, Duration::from_secs(request.ttl_seconds)) {
-                Ok(issued) => json(
-                    StatusCode::OK,
-                    &SignResponse {
-                        chain: certs_to_pem(&issued.chain),
-                        root: issued.root,
-                        trust_bundle: issued.bundle_pem,
-                        signing_root: issued.signing_root,
-                    },
-                ),
-                Err(e @ SignError::NotAuthorized { .. }) => {
-                    error(StatusCode::FORBIDDEN, e.reason(), &e.to_string())
-                }
-                Err(e @ SignError::BadCsr(_)) => error(StatusCode::BAD_REQUEST, e.reason(), &e.to_string()),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.reason(), &e.to_string()),
+        (&Method::POST, SIGN_PATH) => match read_sign_request(req).await {
+            Ok(request) => sign_answer(signer, node, &request),
+            Err((status, reason, message)) => {
+                tracing::warn!(target: "ca", node, "certificate refused: {message}");
+                error(status, reason, &message)
             }
-        }
-        (&Method::GET, BUNDLE_PATH) => {
-            let state = signer.state();
-            json(
-                StatusCode::OK,
-                &BundleResponse {
-                    trust_bundle: state.bundle.to_pem(),
-                    signing_root: state.signing_root.clone(),
-                    generation: state.generation,
-                },
-            )
-        }
-        _ => error(StatusCode::NOT_FOUND, "not_found", "POST /v1/sign, GET /v1/trust-bundle"),
+        },
+        (&Method::GET, BUNDLE_PATH) => bundle_answer(signer),
+        _ => not_found(),
     }
 }
 
-fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+pub(crate) fn not_found() -> Response<Full<Bytes>> {
+    error(StatusCode::NOT_FOUND, "not_found", "POST /v1/sign, GET /v1/trust-bundle")
+}
+
+/// A sign request's body, read within [`MAX_BODY`] and parsed.
+pub(crate) async fn read_sign_request(
+    req: Request<Incoming>,
+) -> Result<SignRequest, (StatusCode, &'static str, String)> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| (StatusCode::BAD_REQUEST, "bad_request", format!("reading the body: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .map_err(|e| (StatusCode::BAD_REQUEST, "bad_request", format!("malformed request: {e}")))
+}
+
+/// Signs for `node` (the signer logs the issuance or refusal) and answers.
+pub(crate) fn sign_answer(signer: &Signer, node: &str, request: &SignRequest) -> Response<Full<Bytes>> {
+    match signer.sign(node, &request.csr, Duration::from_secs(request.ttl_seconds)) {
+        Ok(issued) => json(
+            StatusCode::OK,
+            &SignResponse {
+                chain: certs_to_pem(&issued.chain),
+                root: issued.root,
+                trust_bundle: issued.bundle_pem,
+                signing_root: issued.signing_root,
+            },
+        ),
+        Err(e @ SignError::NotAuthorized { .. }) => error(StatusCode::FORBIDDEN, e.reason(), &e.to_string()),
+        Err(e @ SignError::BadCsr(_)) => error(StatusCode::BAD_REQUEST, e.reason(), &e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.reason(), &e.to_string()),
+    }
+}
+
+pub(crate) fn bundle_answer(signer: &Signer) -> Response<Full<Bytes>> {
+    let state = signer.state();
+    json(
+        StatusCode::OK,
+        &BundleResponse {
+            trust_bundle: state.bundle.to_pem(),
+            signing_root: state.signing_root.clone(),
+            generation: state.generation,
+        },
+    )
+}
+
+pub(crate) fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     let mut r = Response::new(Full::new(Bytes::from(bytes)));
     *r.status_mut() = status;
@@ -234,7 +261,7 @@ fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes
     r
 }
 
-fn error(status: StatusCode, reason: &str, message: &str) -> Response<Full<Bytes>> {
+pub(crate) fn error(status: StatusCode, reason: &str, message: &str) -> Response<Full<Bytes>> {
     json(status, &ErrorResponse { reason: reason.to_owned(), error: message.to_owned() })
 }
 
@@ -291,7 +318,7 @@ async fn reload_loop(
     }
 }
 
-fn refresh_server_cert(
+pub(crate) fn refresh_server_cert(
     signer: &Signer,
     td: &crate::identity::spiffe::TrustDomain,
     slot: &Mutex<(Instant, Credential)>,

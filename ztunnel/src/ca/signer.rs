@@ -57,6 +57,32 @@ impl Placement {
     }
 }
 
+/// Node authorization: which identities a node may obtain. From a
+/// registry ([`Placement`]) or, in a cluster, from the pods running on the
+/// node (`ca::kubernetes::pods`).
+pub trait NodeAuthorizer: Send + Sync {
+    /// Ok when a workload with `id` is on `node` now; else why not.
+    fn workload(&self, id: &SpiffeId, node: &str) -> Result<(), String>;
+    /// Ok when `node` may renew its own node credential; else why not.
+    fn node_credential(&self, node: &str) -> Result<(), String>;
+}
+
+impl NodeAuthorizer for Placement {
+    fn workload(&self, id: &SpiffeId, node: &str) -> Result<(), String> {
+        if self.is_placed(id, node) {
+            Ok(())
+        } else {
+            Err("no workload with this identity is placed on the node".into())
+        }
+    }
+
+    // A node taken out of the registry keeps nothing: its credential lapses
+    // instead of renewing forever.
+    fn node_credential(&self, node: &str) -> Result<(), String> {
+        if self.has_node(node) { Ok(()) } else { Err("the node is no longer in the registry".into()) }
+    }
+}
+
 /// Why a signing request was refused.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SignError {
@@ -76,6 +102,16 @@ impl SignError {
             SignError::Internal(_) => "ca_failure",
         }
     }
+}
+
+/// The identity a CSR asks for (its one URI SAN), for log lines about
+/// requests refused before signing.
+pub fn csr_identity(csr_pem: &str) -> Option<String> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem).ok()?;
+    csr.params.subject_alt_names.iter().find_map(|s| match s {
+        SanType::URI(u) => Some(u.as_str().to_owned()),
+        _ => None,
+    })
 }
 
 /// A signed chain and what a node needs to trust its peers.
@@ -115,13 +151,21 @@ impl Default for SignerPolicy {
 
 pub struct Signer {
     state: RwLock<Arc<CaState>>,
-    placement: RwLock<Arc<Placement>>,
+    placement: RwLock<Arc<dyn NodeAuthorizer>>,
     policy: SignerPolicy,
 }
 
 impl Signer {
     pub fn new(state: CaState, placement: Placement, policy: SignerPolicy) -> Self {
-        Self { state: RwLock::new(Arc::new(state)), placement: RwLock::new(Arc::new(placement)), policy }
+        Self::with_authorizer(state, Arc::new(placement), policy)
+    }
+
+    pub fn with_authorizer(
+        state: CaState,
+        authorizer: Arc<dyn NodeAuthorizer>,
+        policy: SignerPolicy,
+    ) -> Self {
+        Self { state: RwLock::new(Arc::new(state)), placement: RwLock::new(authorizer), policy }
     }
 
     pub fn state(&self) -> Arc<CaState> {
@@ -136,13 +180,14 @@ impl Signer {
     }
 
     pub fn set_placement(&self, placement: Placement) {
+        let placement: Arc<dyn NodeAuthorizer> = Arc::new(placement);
         match self.placement.write() {
-            Ok(mut p) => *p = Arc::new(placement),
-            Err(p) => *p.into_inner() = Arc::new(placement),
+            Ok(mut p) => *p = placement,
+            Err(p) => *p.into_inner() = placement,
         }
     }
 
-    fn placement(&self) -> Arc<Placement> {
+    fn placement(&self) -> Arc<dyn NodeAuthorizer> {
         self.placement.read().map(|s| s.clone()).unwrap_or_else(|p| p.into_inner().clone())
     }
 
@@ -224,20 +269,13 @@ impl Signer {
             return Err(refuse(format!("this CA serves trust domain {}", state.trust_domain)));
         }
         match identity {
-            PeerId::Workload(id) => {
-                if self.placement().is_placed(id, node) {
-                    Ok(requested.clamp(Duration::from_secs(1), self.policy.max_lifetime))
-                } else {
-                    Err(refuse("no workload with this identity is placed on the node".into()))
-                }
-            }
-            // A node taken out of the registry keeps nothing: its credential
-            // lapses instead of renewing forever.
-            PeerId::Node { node: wanted, .. } if wanted == node && self.placement().has_node(node) => {
-                Ok(self.policy.node_lifetime)
-            }
+            PeerId::Workload(id) => self
+                .placement()
+                .workload(id, node)
+                .map(|()| requested.clamp(Duration::from_secs(1), self.policy.max_lifetime))
+                .map_err(refuse),
             PeerId::Node { node: wanted, .. } if wanted == node => {
-                Err(refuse("the node is no longer in the registry".into()))
+                self.placement().node_credential(node).map(|()| self.policy.node_lifetime).map_err(refuse)
             }
             PeerId::Node { .. } => Err(refuse("a node may renew only its own node credential".into())),
             PeerId::CaService { .. } => Err(refuse("the CA's own identity is never issued to nodes".into())),
@@ -270,7 +308,10 @@ impl Signer {
             vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         p.use_authority_key_identifier_extension = true;
         let leaf = p.signed_by(public_key, &state.issuer).map_err(|e| SignError::Internal(e.to_string()))?;
-        Ok((vec![leaf.der().clone(), state.intermediate.clone()], not_after))
+        let mut chain = Vec::with_capacity(1 + state.chain.len());
+        chain.push(leaf.der().clone());
+        chain.extend(state.chain.iter().cloned());
+        Ok((chain, not_after))
     }
 
     /// A credential issued directly (key made here): the signing service's

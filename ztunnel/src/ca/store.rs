@@ -77,7 +77,9 @@ pub struct CaState {
     pub trust_domain: TrustDomain,
     pub generation: u32,
     pub issuer: Issuer<'static, KeyPair>,
-    pub intermediate: CertificateDer<'static>,
+    /// The signing certificate, then any intermediates above it up to (not
+    /// including) the root: what follows a leaf in the chain it is given.
+    pub chain: Vec<CertificateDer<'static>>,
     /// Fingerprint of the active generation's root.
     pub signing_root: String,
     pub bundle: TrustBundle,
@@ -109,7 +111,7 @@ impl CaState {
             trust_domain: trust_domain.clone(),
             generation: 1,
             issuer: Issuer::new(params, key),
-            intermediate: intermediate.der().clone(),
+            chain: vec![intermediate.der().clone()],
             signing_root: fingerprint(root_cert.der()),
             bundle,
         })
@@ -254,9 +256,10 @@ impl CaDir {
             .map_err(|e| CaError::Invalid { path: key_path, reason: e.to_string() })?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
             .map_err(|e| CaError::Invalid { path: cert_path.clone(), reason: e.to_string() })?;
-        let intermediate = certs_from_pem(&cert_pem)
-            .map_err(|reason| CaError::Invalid { path: cert_path, reason })?
-            .remove(0);
+        // The signing certificate first; an imported CA may add the
+        // intermediates between it and the root.
+        let chain =
+            certs_from_pem(&cert_pem).map_err(|reason| CaError::Invalid { path: cert_path, reason })?;
         let root = self.root_of(generation)?;
         let bundle = self.bundle()?;
         let signing_root = fingerprint(&root);
@@ -266,7 +269,7 @@ impl CaDir {
                 reason: format!("the active generation {generation}'s root is not in the trust bundle"),
             });
         }
-        Ok(CaState { trust_domain, generation, issuer, intermediate, signing_root, bundle })
+        Ok(CaState { trust_domain, generation, issuer, chain, signing_root, bundle })
     }
 
     /// A token that changes whenever the directory's state does (for reloads).
@@ -363,7 +366,7 @@ fn expiry(now: SystemTime, lifetime: Duration) -> Result<SystemTime, CaError> {
         .ok_or_else(|| CaError::Rotation(format!("a lifetime of {lifetime:?} ends after the year 9999")))
 }
 
-fn create_private_dir(path: &Path) -> Result<(), CaError> {
+pub fn create_private_dir(path: &Path) -> Result<(), CaError> {
     fs::create_dir_all(path).map_err(io_err(path))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io_err(path))
 }
@@ -374,7 +377,7 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<(), CaError> {
     write_with_mode(path, data, 0o600)
 }
 
-fn write_public(path: &Path, data: &[u8]) -> Result<(), CaError> {
+pub fn write_public(path: &Path, data: &[u8]) -> Result<(), CaError> {
     write_with_mode(path, data, 0o644)
 }
 

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     ca::{
+        cacerts::Cacerts,
         server::{ServeSettings, write_node_credentials},
         signer::SignerPolicy,
         store::{CaDir, CaLifetimes},
@@ -40,17 +41,56 @@ pub enum CaCommand {
         root_lifetime: Duration,
         #[arg(long, value_parser = duration, default_value = "1y")]
         intermediate_lifetime: Duration,
+        /// Also write the signing material (intermediate, its key, the roots;
+        /// never the root key) as the Secret `ztunnel-ca` for
+        /// `ca serve --kubernetes`, to this file (mode 0600).
+        #[arg(long)]
+        kubernetes_secret: Option<PathBuf>,
     },
-    /// The signing service: node tunnels send CSRs over mutual TLS; a node
-    /// gets certificates only for workloads placed on it (per --registry).
-    Serve {
+    /// Take over an operator's own CA: a directory in Istio's `cacerts`
+    /// layout (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem) is
+    /// checked and made a CA directory (and, with --kubernetes-secret, the
+    /// Secret `ca serve --kubernetes` mounts).
+    Import {
+        /// The `cacerts` directory.
+        #[arg(long)]
+        from: PathBuf,
+        /// The CA directory to create.
         #[arg(long)]
         dir: PathBuf,
-        /// YAML listing the mesh's workloads with their `node`.
+        /// When `from` has no `trust-domain` file (default cluster.local).
         #[arg(long)]
-        registry: PathBuf,
+        trust_domain: Option<TrustDomain>,
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        kubernetes_secret: Option<PathBuf>,
+    },
+    /// Write a CA directory's active signing material (never the root key)
+    /// as the Secret `ca serve --kubernetes` mounts: after `ca init` without
+    /// --kubernetes-secret, and after each `ca rotate` step.
+    Export {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        kubernetes_secret: PathBuf,
+    },
+    /// The signing service. Without --kubernetes: node tunnels send CSRs over
+    /// mutual TLS with their node credentials and a node gets certificates
+    /// only for workloads placed on it (per --registry). With --kubernetes:
+    /// node tunnels send their projected ServiceAccount token, checked with
+    /// TokenReview, and a node gets certificates only for service accounts
+    /// with a pod on it now.
+    Serve {
+        #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+        dir: Option<PathBuf>,
+        /// YAML listing the mesh's workloads with their `node`.
+        #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+        registry: Option<PathBuf>,
         #[arg(long, default_value = "0.0.0.0:15012")]
         listen: SocketAddr,
+        #[command(flatten)]
+        kubernetes: KubernetesServeArgs,
         /// Workload certificates never live longer than this.
         #[arg(long, value_parser = duration, default_value = "24h")]
         max_lifetime: Duration,
@@ -83,6 +123,35 @@ pub enum CaCommand {
     },
 }
 
+/// `ca serve --kubernetes` and its settings.
+#[derive(clap::Args, Clone, Debug)]
+pub struct KubernetesServeArgs {
+    /// Authorize nodes by ServiceAccount token and the pods on their node.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// The mounted Secret, in Istio's `cacerts` layout.
+    #[arg(long, requires = "kubernetes", required_if_eq("kubernetes", "true"))]
+    pub plugin_ca_dir: Option<PathBuf>,
+    /// The audience node tokens must carry.
+    #[arg(long, requires = "kubernetes", default_value = "ztunnel-ca")]
+    pub audience: String,
+    /// Where the trust bundle ConfigMap is published [default: $POD_NAMESPACE, else ztunnel-system].
+    #[arg(long, requires = "kubernetes")]
+    pub namespace: Option<String>,
+    /// The node tunnels' namespace [default: --namespace].
+    #[arg(long, requires = "kubernetes")]
+    pub tunnel_namespace: Option<String>,
+    /// The node tunnels' ServiceAccount.
+    #[arg(long, requires = "kubernetes", default_value = "ztunnel")]
+    pub tunnel_service_account: String,
+    /// When the Secret has no `trust-domain` file [default: cluster.local].
+    #[arg(long, requires = "kubernetes")]
+    pub trust_domain: Option<TrustDomain>,
+    /// Default: in-cluster, else $KUBECONFIG or ~/.kube/config.
+    #[arg(long, requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
 #[derive(Subcommand, Clone)]
 pub enum RotateStep {
     /// Step 1: make a new root (and intermediate) and add the root to the
@@ -103,39 +172,72 @@ pub struct CaDirArg {
 
 pub fn ca(cmd: CaCommand) -> anyhow::Result<()> {
     match cmd {
-        CaCommand::Init { dir, trust_domain, force, root_lifetime, intermediate_lifetime } => {
+        CaCommand::Init {
+            dir,
+            trust_domain,
+            force,
+            root_lifetime,
+            intermediate_lifetime,
+            kubernetes_secret,
+        } => {
             let lifetimes = CaLifetimes { root: root_lifetime, intermediate: intermediate_lifetime };
-            CaDir::new(&dir).init(&trust_domain, force, lifetimes)?;
+            let ca = CaDir::new(&dir);
+            ca.init(&trust_domain, force, lifetimes)?;
             println!("CA for trust domain {trust_domain} created in {}", dir.display());
             println!("  gen-1/root-key.pem is only needed to make intermediates: move it offline");
+            if let Some(file) = kubernetes_secret {
+                Cacerts::from_ca_dir(&ca)?.write_secret(&file)?;
+                print_secret_written(&file);
+            }
             Ok(())
         }
-        CaCommand::Serve { dir, registry, listen, max_lifetime, node_credential_lifetime, clock_skew } => {
-            let settings = ServeSettings {
-                dir,
-                listen,
-                registry,
-                policy: SignerPolicy {
-                    max_lifetime,
-                    node_lifetime: node_credential_lifetime,
-                    ..SignerPolicy::default()
-                },
-                clock_skew,
+        CaCommand::Import { from, dir, trust_domain, force, kubernetes_secret } => {
+            let material = Cacerts::read(&from, trust_domain.as_ref())?;
+            let state = material.import_into(&CaDir::new(&dir), force)?;
+            println!(
+                "CA for trust domain {} imported from {} into {} (signing root {}, {} trusted root(s))",
+                state.trust_domain,
+                from.display(),
+                dir.display(),
+                state.signing_root,
+                state.bundle.roots().len()
+            );
+            if let Some(file) = kubernetes_secret {
+                material.write_secret(&file)?;
+                print_secret_written(&file);
+            }
+            Ok(())
+        }
+        CaCommand::Export { dir, kubernetes_secret } => {
+            Cacerts::from_ca_dir(&CaDir::new(&dir))?.write_secret(&kubernetes_secret)?;
+            print_secret_written(&kubernetes_secret);
+            Ok(())
+        }
+        CaCommand::Serve {
+            dir,
+            registry,
+            listen,
+            kubernetes,
+            max_lifetime,
+            node_credential_lifetime,
+            clock_skew,
+        } => {
+            let policy = SignerPolicy {
+                max_lifetime,
+                node_lifetime: node_credential_lifetime,
+                ..SignerPolicy::default()
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            runtime.block_on(async {
-                let shutdown = CancellationToken::new();
-                let stop = shutdown.clone();
-                tokio::spawn(async move {
-                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-                    }
-                    stop.cancel();
+            if kubernetes.kubernetes {
+                let settings = kubernetes_settings(kubernetes, listen, policy)?;
+                return run_until_signal(async move |shutdown| {
+                    crate::ca::kubernetes::serve(settings, shutdown).await.map_err(anyhow::Error::from)
                 });
-                crate::ca::server::serve(settings, shutdown).await
-            })
+            }
+            let (Some(dir), Some(registry)) = (dir, registry) else {
+                anyhow::bail!("ca serve needs --dir and --registry (or --kubernetes)");
+            };
+            let settings = ServeSettings { dir, listen, registry, policy, clock_skew };
+            run_until_signal(async move |shutdown| crate::ca::server::serve(settings, shutdown).await)
         }
         CaCommand::NodeCredential { dir, node, out, lifetime } => {
             write_node_credentials(&dir, &node, &out, lifetime)?;
@@ -185,6 +287,57 @@ pub fn ca(cmd: CaCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn print_secret_written(file: &std::path::Path) {
+    println!("Secret ztunnel-ca written to {} (mode 0600; it holds the signing key):", file.display());
+    println!("  kubectl apply -f {0} && rm {0}", file.display());
+}
+
+fn kubernetes_settings(
+    args: KubernetesServeArgs,
+    listen: SocketAddr,
+    policy: SignerPolicy,
+) -> anyhow::Result<crate::ca::kubernetes::KubernetesSettings> {
+    let plugin_ca_dir = args.plugin_ca_dir.context("--kubernetes needs --plugin-ca-dir")?;
+    let namespace = args
+        .namespace
+        .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "ztunnel-system".to_owned());
+    Ok(crate::ca::kubernetes::KubernetesSettings {
+        plugin_ca_dir,
+        trust_domain: args.trust_domain,
+        listen,
+        audience: args.audience,
+        tunnel: crate::ca::kubernetes::caller::TunnelAccount {
+            namespace: args.tunnel_namespace.unwrap_or_else(|| namespace.clone()),
+            service_account: args.tunnel_service_account,
+        },
+        namespace,
+        kubeconfig: args.kubeconfig,
+        policy,
+    })
+}
+
+/// Runs `service` on a new runtime until SIGINT or SIGTERM.
+fn run_until_signal<F>(service: impl FnOnce(CancellationToken) -> F) -> anyhow::Result<()>
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+            stop.cancel();
+        });
+        service(shutdown).await
+    })
 }
 
 /// `ztunnel certs`: what a running tunnel holds.

@@ -255,8 +255,9 @@ impl Default for IdentityConfig {
     }
 }
 
-/// `identity.ca`, e.g. `{kind: embedded, dir: /var/lib/ztunnel/ca}` or
-/// `{kind: remote, address: 10.0.0.1:15012, node_credentials: /etc/ztunnel/node}`.
+/// `identity.ca`, e.g. `{kind: embedded, dir: /var/lib/ztunnel/ca}`,
+/// `{kind: remote, address: 10.0.0.1:15012, node_credentials: /etc/ztunnel/node}` or
+/// `{kind: kubernetes, address: "ztunnel-ca.ztunnel-system.svc:15012", token: ..., trust_bundle: ...}`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(tag = "kind", deny_unknown_fields, rename_all = "snake_case")]
 pub enum CaSource {
@@ -270,6 +271,17 @@ pub enum CaSource {
     /// The signing service (`ztunnel ca serve`), reached with the node's
     /// credential (`ztunnel ca node-credential`).
     Remote { address: SocketAddr, node_credentials: PathBuf },
+    /// The signing service in a cluster (`ztunnel ca serve --kubernetes`):
+    /// the node proves itself with a projected ServiceAccount token (re-read
+    /// at every request: the kubelet rotates it) and checks the service
+    /// against `trust_bundle` (the ConfigMap the CA publishes, mounted).
+    Kubernetes {
+        /// `host:port`; a name is resolved in the node's network namespace
+        /// at every connection.
+        address: crate::identity::ca_address::CaAddress,
+        token: PathBuf,
+        trust_bundle: PathBuf,
+    },
 }
 
 impl Default for CaSource {

@@ -1,8 +1,15 @@
 //! How a node tunnel reaches its CA: the signer embedded in the process
-//! (single host, demo, tests) or the signing service over mutual TLS with the
-//! node's credential. Both end in the same `Signer::sign`.
+//! (single host, demo, tests), or the signing service over TLS, proving the
+//! node with its credential (mutual TLS, plain hosts) or with a projected
+//! ServiceAccount token (a bearer token, in a cluster). All end in the same
+//! `Signer::sign`.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, Limited};
@@ -13,6 +20,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 
 use super::{
+    ca_address::CaAddress,
     cert::{Credential, certs_from_pem},
     spiffe::TrustDomain,
 };
@@ -41,6 +49,10 @@ pub struct Signed {
 pub enum CaClientError {
     #[error("CA {address} unreachable: {error}")]
     Unreachable { address: String, error: String },
+    #[error("CA address {address} does not resolve in the node's network namespace: {error}")]
+    Resolve { address: String, error: String },
+    #[error("the token for the CA ({path}) is unusable: {error}")]
+    Token { path: PathBuf, error: String },
     #[error("CA {address} did not answer within {timeout:?}")]
     Timeout { address: String, timeout: Duration },
     #[error("TLS with the CA failed ({reason}): {error}")]
@@ -55,6 +67,8 @@ impl CaClientError {
     pub fn reason(&self) -> &str {
         match self {
             CaClientError::Unreachable { .. } => "ca_unreachable",
+            CaClientError::Resolve { .. } => "ca_unresolved",
+            CaClientError::Token { .. } => "ca_token",
             CaClientError::Timeout { .. } => "ca_timeout",
             CaClientError::Tls { reason, .. } => reason,
             CaClientError::Refused { reason, .. } => reason,
@@ -103,16 +117,39 @@ impl CaClient {
     }
 }
 
-/// The signing service, reached from the node's namespace with the node's
-/// credential.
+/// How a node proves itself to the signing service.
+pub enum CaAuth {
+    /// Mutual TLS with the node credential (`ztunnel ca node-credential`).
+    NodeCredential(watch::Receiver<Arc<Credential>>),
+    /// A projected, audience-bound ServiceAccount token sent as
+    /// `Authorization: Bearer`. The file is re-read before every request: the
+    /// kubelet replaces it long before it expires.
+    Token(PathBuf),
+}
+
+/// The signing service, reached from the node's namespace.
 pub struct RemoteCa {
-    pub address: SocketAddr,
+    pub address: CaAddress,
     pub netns: Netns,
     pub trust_domain: TrustDomain,
-    pub credential: watch::Receiver<Arc<Credential>>,
+    pub auth: CaAuth,
     pub bundle: BundleSource,
     pub clock_skew: Duration,
     pub timeout: Duration,
+}
+
+/// Reads a bearer token file: trimmed, non-empty, one line of visible ASCII.
+pub fn read_token(path: &Path) -> Result<String, CaClientError> {
+    let err = |error: String| CaClientError::Token { path: path.to_owned(), error };
+    let raw = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let token = raw.trim();
+    if token.is_empty() {
+        return Err(err("the file is empty".into()));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(err("not a token (it holds spaces or non-ASCII characters)".into()));
+    }
+    Ok(token.to_owned())
 }
 
 impl RemoteCa {
@@ -145,23 +182,84 @@ impl RemoteCa {
         }
     }
 
+    /// The service's addresses, resolved now in the node's namespace (DNS
+    /// answers change: a Service's ClusterIP, a CA that moved).
+    async fn resolve(&self) -> Result<Vec<SocketAddr>, CaClientError> {
+        if let Some(ip) = self.address.ip() {
+            return Ok(vec![SocketAddr::new(ip, self.address.port())]);
+        }
+        let failed = |error: String| CaClientError::Resolve { address: self.address.to_string(), error };
+        let target = (self.address.host().to_owned(), self.address.port());
+        let found: Vec<SocketAddr> = if self.netns.path().is_none() {
+            tokio::net::lookup_host(target).await.map_err(|e| failed(e.to_string()))?.collect()
+        } else {
+            // getaddrinfo on the namespace's own thread: the lookup's
+            // sockets are made, and its servers reached, from the node's
+            // network namespace.
+            self.netns
+                .run_async(move || std::net::ToSocketAddrs::to_socket_addrs(&target).map(Iterator::collect))
+                .await
+                .map_err(|e| failed(e.to_string()))?
+        };
+        if found.is_empty() {
+            return Err(failed("no addresses".into()));
+        }
+        Ok(found)
+    }
+
+    /// A TCP connection to the first address that answers.
+    async fn connect(&self) -> Result<tokio::net::TcpStream, CaClientError> {
+        let mut last = None;
+        for addr in self.resolve().await? {
+            let attempt = async {
+                let socket = self.netns.tcp_socket(addr).await.map_err(|e| e.to_string())?;
+                socket.connect(addr).await.map_err(|e| format!("{addr}: {e}"))
+            };
+            match attempt.await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(CaClientError::Unreachable {
+            address: self.address.to_string(),
+            error: last.unwrap_or_else(|| "no addresses".into()),
+        })
+    }
+
     async fn exchange(&self, method: Method, path: &str, body: Vec<u8>) -> Result<Bytes, CaClientError> {
         let address = self.address.to_string();
         let unreachable = |error: String| CaClientError::Unreachable { address: address.clone(), error };
-        let socket = self.netns.tcp_socket(self.address).await.map_err(|e| unreachable(e.to_string()))?;
-        let stream = socket.connect(self.address).await.map_err(|e| unreachable(e.to_string()))?;
-        let credential = self.credential.borrow().clone();
-        let config = tls::client_config(
-            credential.certified.clone(),
-            self.bundle.clone(),
-            Expect::CaService(self.trust_domain.clone()),
-            self.clock_skew,
-            &[b"http/1.1"],
-            false,
-        )
-        .map_err(|e| CaClientError::Tls { reason: "tls_config", error: e.to_string() })?;
+        // The token first: a missing one is the node's problem, not the CA's.
+        let (config, bearer) = match &self.auth {
+            CaAuth::NodeCredential(credential) => {
+                let credential = credential.borrow().clone();
+                let config = tls::client_config(
+                    credential.certified.clone(),
+                    self.bundle.clone(),
+                    Expect::CaService(self.trust_domain.clone()),
+                    self.clock_skew,
+                    &[b"http/1.1"],
+                    false,
+                );
+                (config, None)
+            }
+            CaAuth::Token(file) => {
+                let token = read_token(file)?;
+                let config = tls::client_config_without_cert(
+                    self.bundle.clone(),
+                    Expect::CaService(self.trust_domain.clone()),
+                    self.clock_skew,
+                    &[b"http/1.1"],
+                );
+                (config, Some(token))
+            }
+        };
+        let config = config.map_err(|e| CaClientError::Tls { reason: "tls_config", error: e.to_string() })?;
+        let stream = self.connect().await?;
+        let server_ip = stream.peer_addr().map_err(|e| unreachable(e.to_string()))?.ip();
+        // No SNI is sent; the verifier checks the CA's SPIFFE ID, not a name.
         let tls = TlsConnector::from(Arc::new(config))
-            .connect(ServerName::IpAddress(self.address.ip().into()), stream)
+            .connect(ServerName::IpAddress(server_ip.into()), stream)
             .await
             .map_err(|e| {
                 let (reason, error) = e
@@ -178,9 +276,13 @@ impl RemoteCa {
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, &address)
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| CaClientError::Protocol(e.to_string()))?;
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        let request = match bearer {
+            Some(token) => request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}")),
+            None => request,
+        };
+        let request =
+            request.body(Full::new(Bytes::from(body))).map_err(|e| CaClientError::Protocol(e.to_string()))?;
         let response = sender.send_request(request).await.map_err(|e| unreachable(e.to_string()))?;
         let status = response.status();
         let bytes = Limited::new(response.into_body(), MAX_RESPONSE)

@@ -1,5 +1,6 @@
 //! Workload identity.
 
+pub mod ca_address;
 pub mod ca_client;
 pub mod cert;
 pub mod manager;

@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    ca_client::{CaClient, RemoteCa},
+    ca_client::{CaAuth, CaClient, CaClientError, RemoteCa, read_token},
     manager::{CertManager, ManagerSettings, NodeCredential},
     node_credentials::{NodeCredentialError, NodeCredentialFiles},
     node_id::PeerId,
@@ -22,6 +22,7 @@ use crate::{
     config::{CaSource, Config},
     metrics::Metrics,
     netns::Netns,
+    tls::verify::TrustBundle,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,12 @@ pub enum IdentityError {
     NodeCredentials(#[source] NodeCredentialError),
     #[error("node name: {0}")]
     NodeName(#[source] SpiffeError),
+    #[error(
+        "identity.ca.trust_bundle {path}: {reason} (the CA publishes it to the ConfigMap ztunnel-trust-bundle)"
+    )]
+    TrustBundle { path: PathBuf, reason: String },
+    #[error("identity.ca.token: {0} (a projected ServiceAccount token with the CA's audience)")]
+    Token(#[source] CaClientError),
 }
 
 pub struct IdentityRuntime {
@@ -102,10 +109,10 @@ impl IdentityRuntime {
                 let (bundle_tx, bundle_rx) = watch::channel(Arc::new(bundle));
                 let (node_tx, node_rx) = watch::channel(Arc::new(cred));
                 let ca = CaClient::Remote(RemoteCa {
-                    address: *address,
+                    address: (*address).into(),
                     netns: node_netns.clone(),
                     trust_domain: td.clone(),
-                    credential: node_rx,
+                    auth: CaAuth::NodeCredential(node_rx),
                     bundle: bundle_rx,
                     clock_skew: id.clock_skew,
                     timeout: Duration::from_secs(10),
@@ -113,6 +120,28 @@ impl IdentityRuntime {
                 let node_credential = NodeCredential { identity, sender: node_tx, files };
                 let manager =
                     CertManager::start(ca, settings, bundle_tx, Some(node_credential), metrics, shutdown);
+                Ok(Self { manager, embedded: None, node })
+            }
+            CaSource::Kubernetes { address, token, trust_bundle } => {
+                let bundle = std::fs::read_to_string(trust_bundle)
+                    .map_err(|e| e.to_string())
+                    .and_then(|pem| TrustBundle::from_pem(&pem).map_err(|e| e.to_string()))
+                    .map_err(|reason| IdentityError::TrustBundle { path: trust_bundle.clone(), reason })?;
+                // Read once here so that a missing mount fails the start;
+                // every request reads it again (the kubelet rotates it).
+                read_token(token).map_err(IdentityError::Token)?;
+                tracing::info!(ca = %address, token = %token.display(), roots = bundle.roots().len(), "CA in the cluster: node authenticates with its ServiceAccount token");
+                let (bundle_tx, bundle_rx) = watch::channel(Arc::new(bundle));
+                let ca = CaClient::Remote(RemoteCa {
+                    address: address.clone(),
+                    netns: node_netns.clone(),
+                    trust_domain: td.clone(),
+                    auth: CaAuth::Token(token.clone()),
+                    bundle: bundle_rx,
+                    clock_skew: id.clock_skew,
+                    timeout: Duration::from_secs(10),
+                });
+                let manager = CertManager::start(ca, settings, bundle_tx, None, metrics, shutdown);
                 Ok(Self { manager, embedded: None, node })
             }
         }

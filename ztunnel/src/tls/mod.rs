@@ -235,6 +235,43 @@ pub fn client_config(
     Ok(config)
 }
 
+/// A client configuration without a client certificate, requiring the
+/// server to be `expect`: a node tunnel reaching the CA in a cluster, where it
+/// authenticates with a bearer token inside the connection instead.
+pub fn client_config_without_cert(
+    bundle: BundleSource,
+    expect: Expect,
+    skew: Duration,
+    alpn: &[&[u8]],
+) -> Result<ClientConfig, rustls::Error> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(SpiffeServerVerifier::new(bundle, expect, skew))
+        .with_no_client_auth();
+    config.enable_sni = false;
+    config.resumption = Resumption::disabled();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// A server configuration presenting `cert` that asks for no client
+/// certificate: the CA in a cluster, whose callers authenticate with a token
+/// in each request.
+pub fn server_config_without_client_auth(
+    cert: CurrentCert,
+    alpn: &[&[u8]],
+) -> Result<ServerConfig, rustls::Error> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(cert));
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
 /// A server configuration presenting `cert`, requiring clients to be `expect`.
 pub fn server_config(
     cert: CurrentCert,
