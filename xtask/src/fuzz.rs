@@ -52,6 +52,7 @@ impl Default for Options {
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
+    crate::setup::cargo_fuzz()?;
     let root = crate::workspace_root();
     let targets: Vec<&str> = if opts.targets.is_empty() {
         TARGETS.to_vec()

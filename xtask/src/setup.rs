@@ -55,7 +55,6 @@ pub fn run(task_needs_root: Option<&str>) -> anyhow::Result<()> {
     nightly()?;
     rust_src()?;
     bpf_linker()?;
-    cargo_fuzz()?;
     crate::deploy_tools::ensure()?;
     Ok(())
 }
@@ -64,8 +63,9 @@ pub fn run(task_needs_root: Option<&str>) -> anyhow::Result<()> {
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// cargo-fuzz, pinned: `cargo xtask fuzz` builds and runs the fuzz targets
-/// with it.
-fn cargo_fuzz() -> anyhow::Result<()> {
+/// with it. Installed by the fuzz task itself (the demo and the bench never
+/// need it).
+pub fn cargo_fuzz() -> anyhow::Result<()> {
     let binary = home().join(".cargo/bin/cargo-fuzz");
     if cargo_fuzz_works(&binary) {
         return Ok(());
@@ -73,7 +73,15 @@ fn cargo_fuzz() -> anyhow::Result<()> {
     eprintln!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)");
     status(
         Command::new("cargo")
-            .args(["install", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION, "--locked", "--force"])
+            .args([
+                "install",
+                "--quiet",
+                "cargo-fuzz",
+                "--version",
+                CARGO_FUZZ_VERSION,
+                "--locked",
+                "--force",
+            ])
             .env("PATH", path_with_cargo_bin()),
     )?;
     if !cargo_fuzz_works(&binary) {

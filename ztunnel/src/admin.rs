@@ -194,7 +194,11 @@ impl Admin {
             };
         }
         if parts.uri.path() != "/healthz/ready" {
-            return http::respond(StatusCode::NOT_FOUND, "text/plain", "GET /healthz/ready or /healthz/live\n");
+            return http::respond(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "GET /healthz/ready or /healthz/live\n",
+            );
         }
         if self.ready.load(Ordering::SeqCst) {
             http::respond(StatusCode::OK, "text/plain", "ready\n")
