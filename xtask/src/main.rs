@@ -8,6 +8,7 @@
 //! | `fuzz [--seconds N] [TARGET...]` | setup, then each fuzz target for N s (30) from its seed corpus |
 //! | `demo` | setup, build, then the demo on the testbed (as root) |
 //! | `bench [--json]` | setup, release build, then the benchmark (as root) |
+//! | `soak [--minutes N]` | setup, release build, then minutes of mixed traffic, reloads, renewals and a CA outage (as root) |
 //! | `kind-demo` | ztunnel in a two-node kind cluster (docker, kind, kubectl) |
 //!
 //! Run by an ordinary user, every task builds as that user and runs only what
@@ -22,6 +23,7 @@ mod kind_demo;
 mod precheck;
 mod root;
 mod setup;
+mod soak;
 
 use std::{
     path::{Path, PathBuf},
@@ -69,6 +71,13 @@ enum Task {
     },
     /// Bring up simulated nodes and workloads and show capture at work.
     Demo,
+    /// Minutes of mixed traffic with reloads, renewals and a CA outage,
+    /// printing the tunnels' memory, descriptors and threads (as root; not
+    /// part of `test`).
+    Soak {
+        #[arg(long, default_value_t = 5)]
+        minutes: u64,
+    },
     /// Measure the same workloads directly and through the tunnels.
     Bench(BenchArgs),
     /// The root part of `demo` or `bench`, started through sudo by the same
@@ -174,6 +183,10 @@ fn main() -> ExitCode {
                 RootTask::Bench(args) => bench_run(&args),
             }
         }
+        Task::Soak { minutes } => setup::run(Some(WHY_BENCH))
+            .and_then(|()| build(Profile::Release, Output::Quiet))
+            .and_then(|()| precheck::for_the_testbed(Profile::Release))
+            .and_then(|()| soak::run(minutes)),
         Task::KindDemo { name } => kind_demo::run(&kind_demo::Options { name }),
     };
     match result {
