@@ -168,6 +168,18 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     // while the node is still untouched.
     let identity = IdentityRuntime::start(&config, &node_netns, metrics.clone(), shutdown.clone())?;
 
+    // Kubernetes mode: the API server is reached before capture is touched
+    // (a bad kubeconfig leaves the node as it was); ready once the cluster
+    // has been listed and applied.
+    let mut cluster = match &kubernetes {
+        Some(options) => Some(
+            KubernetesSource::start(options, config.clone(), &mount, k8s_metrics, shutdown.clone())
+                .await
+                .context("Kubernetes mode")?,
+        ),
+        None => None,
+    };
+
     let capture = Capture::install(&CaptureSettings {
         pin_dir: config.capture.bpf_pin_dir.clone(),
         cgroup_root: cgroup_root.clone(),
@@ -257,7 +269,6 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         );
     }
 
-    let enrollment_mount = mount.clone();
     let mut enrollment = Enrollment::new(
         capture,
         mount,
@@ -273,26 +284,10 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     for warning in config.warnings() {
         tracing::warn!("configuration: {warning}");
     }
-    // Kubernetes mode: ready once the cluster has been listed and applied
-    // (until then only the file's own workloads are known).
-    let mut cluster = match &kubernetes {
-        Some(options) => Some(
-            KubernetesSource::start(
-                options,
-                config.clone(),
-                &enrollment_mount,
-                k8s_metrics,
-                shutdown.clone(),
-            )
-            .await
-            .context("Kubernetes mode")?,
-        ),
-        None => {
-            admin.set_ready(true);
-            tracing::info!(node = %config.node.name, "ztunnel ready");
-            None
-        }
-    };
+    if cluster.is_none() {
+        admin.set_ready(true);
+        tracing::info!(node = %config.node.name, "ztunnel ready");
+    }
 
     let mut reloader = Reloader::new(&config_path, kubernetes.as_ref().map(|k| k.node_name.clone()));
     let mut current = config;
@@ -336,6 +331,13 @@ async fn serve(start: Start) -> anyhow::Result<()> {
             }
         };
         match reloader.check(forced) {
+            Reload::Unchanged if cluster.as_ref().is_some_and(|c| !c.synced() && c.has_pending()) => {
+                // Not listed yet: CNI ADDs that waited too long are told why
+                // (and their namespaces let go) rather than kept.
+                if let Some(source) = cluster.as_mut() {
+                    source.answer_waiting(&[]);
+                }
+            }
             Reload::Unchanged if cluster.as_ref().is_some_and(|c| c.synced() && c.has_pending()) => {
                 if let Some(source) = cluster.as_mut() {
                     current = apply_cluster(source, &mut enrollment, &identity, &ctx, &admin, &metrics);
