@@ -92,6 +92,28 @@ impl Tunnel {
         Self::start_with_args(tb, node, config, &[])
     }
 
+    /// `ztunnel run --kubernetes` arguments for `node`: the kubelet's pod
+    /// cgroups are made under the node's capture root (cgroupfs layout).
+    pub fn kubernetes_args(
+        tb: &Testbed,
+        node: &Node,
+        kubeconfig: &std::path::Path,
+        cni_socket: &std::path::Path,
+    ) -> anyhow::Result<Vec<String>> {
+        let kubepods = node.cgroup.strip_prefix(tb.cgroup_base.parent().unwrap_or(&tb.cgroup_base))?;
+        Ok(vec![
+            "--kubernetes".to_owned(),
+            "--kubeconfig".to_owned(),
+            kubeconfig.display().to_string(),
+            "--node-name".to_owned(),
+            node.name.clone(),
+            "--kubepods-cgroup".to_owned(),
+            kubepods.display().to_string(),
+            "--cni-socket".to_owned(),
+            cni_socket.display().to_string(),
+        ])
+    }
+
     /// [`Self::start`], with more arguments to `ztunnel run` (such as
     /// `--kubernetes`).
     pub fn start_with_args(

@@ -66,18 +66,7 @@ impl Cluster {
         let mut config = tb.tunnel_config(node, &[]);
         config["workloads"] = json!([]);
         config["node"]["name"] = json!("");
-        let kubepods = node.cgroup.strip_prefix(tb.cgroup_base.parent().unwrap_or(&tb.cgroup_base))?;
-        let args = [
-            "--kubernetes".to_owned(),
-            "--kubeconfig".to_owned(),
-            self.kubeconfig.display().to_string(),
-            "--node-name".to_owned(),
-            node.name.clone(),
-            "--kubepods-cgroup".to_owned(),
-            kubepods.display().to_string(),
-            "--cni-socket".to_owned(),
-            cni_socket(tb, node).display().to_string(),
-        ];
+        let args = Tunnel::kubernetes_args(tb, node, &self.kubeconfig, &cni_socket(tb, node))?;
         Tunnel::start_with_args(tb, node, config, &args)
     }
 }

@@ -157,18 +157,7 @@ fn start_k8s(
     mut config: Value,
 ) -> anyhow::Result<Tunnel> {
     config["node"]["name"] = json!("");
-    let kubepods = node.cgroup.strip_prefix(tb.cgroup_base.parent().unwrap_or(&tb.cgroup_base))?;
-    let args = [
-        "--kubernetes".to_owned(),
-        "--kubeconfig".to_owned(),
-        kubeconfig.display().to_string(),
-        "--node-name".to_owned(),
-        node.name.clone(),
-        "--kubepods-cgroup".to_owned(),
-        kubepods.display().to_string(),
-        "--cni-socket".to_owned(),
-        cni_socket(tb, node).display().to_string(),
-    ];
+    let args = Tunnel::kubernetes_args(tb, node, kubeconfig, &cni_socket(tb, node))?;
     Tunnel::start_with_args(tb, node, config, &args)
 }
 
