@@ -459,6 +459,41 @@ impl Steady {
     }
 }
 
+/// `tb-agent streams` in the background: long-lived connections to a bare
+/// echo server, every byte checked; `finish` waits for the report
+/// (`{connections, ok, bytes, failures}`).
+pub struct Streams {
+    child: Child,
+}
+
+impl Streams {
+    pub fn start(
+        tb: &Testbed,
+        place: &Place,
+        to: SocketAddr,
+        count: usize,
+        duration: Duration,
+    ) -> anyhow::Result<Self> {
+        let child = tb
+            .agent(place)?
+            .args(["streams", "--to", &to.to_string(), "--count", &count.to_string()])
+            .args(["--duration-ms", &duration.as_millis().to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawn tb-agent streams")?;
+        Ok(Self { child })
+    }
+
+    pub fn finish(self) -> anyhow::Result<Value> {
+        let out = self.child.wait_with_output()?;
+        last_json(&out.stdout).with_context(|| {
+            format!("tb-agent streams printed nothing; stderr: {}", String::from_utf8_lossy(&out.stderr))
+        })
+    }
+}
+
 /// `probe` with options: the socket made before moving to `move_to` (a
 /// cgroup directory), or an MPTCP socket.
 pub fn probe_with(

@@ -75,6 +75,8 @@ pub fn config(tb: &Testbed, node: &Node, enrolled: &[&Workload]) -> Value {
 pub struct Tunnel {
     pub node: Node,
     child: Option<Child>,
+    /// Processes an upgrade replaced, draining until they exit.
+    draining: Vec<Child>,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
     pub access_log_path: PathBuf,
@@ -131,6 +133,7 @@ impl Tunnel {
         let mut t = Self {
             node: node.clone(),
             child: None,
+            draining: Vec::new(),
             config_path,
             log_path: tb.dir().join(format!("{}-tunnel.log", node.name)),
             access_log_path,
@@ -143,8 +146,13 @@ impl Tunnel {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
+        self.child = Some(self.spawn_process()?);
+        self.wait_ready(Duration::from_secs(30))
+    }
+
+    fn spawn_process(&self) -> anyhow::Result<Child> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
-        let child = Command::new(crate::bins::ztunnel()?)
+        Command::new(crate::bins::ztunnel()?)
             .arg("--log-level")
             .arg(std::env::var("ZTB_TUNNEL_LOG").unwrap_or_else(|_| "info,ztunnel=debug".to_owned()))
             .args(["run", "--config"])
@@ -154,9 +162,59 @@ impl Tunnel {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .context("spawn ztunnel")?;
-        self.child = Some(child);
-        self.wait_ready(Duration::from_secs(30))
+            .context("spawn ztunnel")
+    }
+
+    /// Upgrades by handover: starts a second tunnel with the same
+    /// configuration while this one runs, and returns once the new one says
+    /// it took over (how long that took). The old process drains and exits
+    /// on its own: [`Self::wait_drained`].
+    pub fn upgrade(&mut self, limit: Duration) -> anyhow::Result<Duration> {
+        const TOOK_OVER: &str = "took over from the tunnel that ran on this node";
+        let before = self.log().matches(TOOK_OVER).count();
+        let started = Instant::now();
+        let mut new = self.spawn_process()?;
+        loop {
+            if let Some(status) = new.try_wait()? {
+                bail!("the new ztunnel exited with {status} before taking over:\n{}", self.log_tail(40));
+            }
+            if self.log().matches(TOOK_OVER).count() > before {
+                break;
+            }
+            if started.elapsed() > limit {
+                let _ = new.kill();
+                let _ = new.wait();
+                bail!("the new ztunnel did not take over within {limit:?}:\n{}", self.log_tail(40));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let took = started.elapsed();
+        if let Some(old) = self.child.replace(new) {
+            self.draining.push(old);
+        }
+        Ok(took)
+    }
+
+    /// Waits until every process an upgrade replaced has exited; their exit
+    /// statuses.
+    pub fn wait_drained(&mut self, limit: Duration) -> anyhow::Result<Vec<ExitStatus>> {
+        let deadline = Instant::now() + limit;
+        let mut statuses = Vec::new();
+        for mut old in std::mem::take(&mut self.draining) {
+            loop {
+                if let Some(status) = old.try_wait()? {
+                    statuses.push(status);
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = old.kill();
+                    let _ = old.wait();
+                    bail!("a replaced ztunnel (pid {}) was still running after {limit:?}", old.id());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(statuses)
     }
 
     /// Waits until `/healthz/ready` answers 200; fails early if the process exits.
@@ -221,6 +279,10 @@ impl Tunnel {
 
     /// SIGKILL: the tunnel dies without any cleanup.
     pub fn kill(&mut self) -> anyhow::Result<()> {
+        for mut old in std::mem::take(&mut self.draining) {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
         if let Some(mut child) = self.child.take() {
             child.kill()?;
             child.wait()?;

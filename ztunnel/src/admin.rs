@@ -79,6 +79,8 @@ pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 #[derive(Debug, Default, Serialize)]
 pub struct AdminView {
     pub node: String,
+    /// This tunnel's process: during an upgrade two answer in turn.
+    pub pid: u32,
     pub config_file: String,
     /// Generation of the applied configuration.
     pub generation: u64,

@@ -9,6 +9,7 @@
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, atomic::AtomicBool},
     time::Duration,
@@ -26,6 +27,7 @@ use crate::{
     cgroup::{Cgroup, cgroup2_mount},
     config::{Config, OnPolicyChange},
     enrollment::Enrollment,
+    handover::{self, HandedListeners, HandoverError, HandoverListener, Predecessor, Successor},
     http,
     identity::runtime::IdentityRuntime,
     k8s::{
@@ -138,8 +140,31 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         kubernetes,
     } = start;
     let node_netns = Netns::open_or_current(config.node.netns.as_deref()).context("node.netns")?;
-    let bind = |addr: SocketAddr, what: &str| -> anyhow::Result<tokio::net::TcpListener> {
-        let l = node_netns.tcp_listener(addr).with_context(|| format!("{what} listener {addr}"))?;
+    // A tunnel already running on this node hands its listening sockets over
+    // (upgrade without resets): they are used instead of bound.
+    let handover_path = handover::socket_path(&config.node.run_dir);
+    let upgrade_started = std::time::Instant::now();
+    let (mut predecessor, mut handed) =
+        match tokio::task::block_in_place(|| Predecessor::connect(&handover_path))
+            .context("taking over from the tunnel running on this node")?
+        {
+            Some((p, handed)) => {
+                tracing::info!(
+                    predecessor = p.pid,
+                    listeners = handed.len(),
+                    "a tunnel runs on this node: taking over its listeners"
+                );
+                (Some(p), handed)
+            }
+            None => (None, HandedListeners::default()),
+        };
+    let mut node_sockets = Vec::new();
+    let mut bind = |addr: SocketAddr, what: &str| -> anyhow::Result<tokio::net::TcpListener> {
+        let l = match handed.take(&node_netns, addr) {
+            Some(l) => l,
+            None => node_netns.tcp_listener(addr).with_context(|| format!("{what} listener {addr}"))?,
+        };
+        node_sockets.push(handover::dup_listener(&l).with_context(|| format!("{what} listener {addr}"))?);
         Ok(tokio::net::TcpListener::from_std(l)?)
     };
     // Node listeners first: a port conflict must stop the start before
@@ -193,6 +218,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         token,
         view: Mutex::new(AdminView {
             node: config.node.name.clone(),
+            pid: std::process::id(),
             config_file: config_path.display().to_string(),
             ..AdminView::default()
         }),
@@ -279,6 +305,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         state_tx,
         tokio::runtime::Handle::current(),
     );
+    enrollment.use_handed(handed);
     let statuses = tokio::task::block_in_place(|| enrollment.apply(&config));
     publish_status(&admin, &metrics, &enrollment, statuses, false);
     for warning in config.warnings() {
@@ -301,10 +328,46 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     cgroups.watch(enrollment.watched_dirs(&current));
     let mut last_lapse_check = std::time::SystemTime::now();
     let mut trimmer = crate::memory::Trimmer::default();
+    // The successor's side of an upgrade listens once it serves.
+    let mut handover_listener = match predecessor {
+        Some(_) => None,
+        None => listen_for_successor(&handover_path),
+    };
+    let mut handed_over = None;
     loop {
         trimmer.tick();
         admin.beat();
+        if admin.is_ready()
+            && let Some(p) = predecessor.take()
+        {
+            let unused = enrollment.release_handed();
+            match tokio::task::block_in_place(|| p.taken()) {
+                Ok(pid) => tracing::info!(
+                    predecessor = pid,
+                    handover_ms = upgrade_started.elapsed().as_millis() as u64,
+                    unused_listeners = unused,
+                    "took over from the tunnel that ran on this node; it drains and exits"
+                ),
+                Err(e) => tracing::warn!("the tunnel this one took over from went away first: {e}"),
+            }
+            handover_listener = listen_for_successor(&handover_path);
+        }
         let forced = tokio::select! {
+            successor = next_successor(handover_listener.as_ref()) => {
+                match successor {
+                    Ok(successor) => {
+                        let listeners: Vec<_> =
+                            node_sockets.iter().map(|s| s.as_fd()).chain(enrollment.listener_fds()).collect();
+                        let pid = successor.pid;
+                        if hand_over(successor, &listeners, &admin).await {
+                            handed_over = Some(pid);
+                            break;
+                        }
+                    }
+                    Err(e) => tracing::warn!("handover socket: {e}"),
+                }
+                continue;
+            }
             event = next_cluster_event(&mut cluster) => {
                 let Some(source) = cluster.as_mut() else { continue };
                 match event {
@@ -398,7 +461,20 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         last_lapse_check = now;
     }
 
-    tracing::info!(drain = ?current.proxy.drain_timeout, "shutting down: no new connections, draining open ones");
+    match handed_over {
+        Some(successor) => tracing::info!(
+            successor,
+            drain = ?current.proxy.drain_timeout,
+            "handed over: no longer accepting; draining open connections, then exiting"
+        ),
+        None => tracing::info!(
+            drain = ?current.proxy.drain_timeout,
+            "shutting down: no new connections, draining open ones"
+        ),
+    }
+    if let Some(l) = &handover_listener {
+        l.remove();
+    }
     admin.set_ready(false);
     shutdown.cancel();
     ctx.connections.close();
@@ -413,6 +489,61 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     drop(enrollment);
     tracing::info!("stopped; capture stays installed (`ztunnel uninstall` removes it)");
     Ok(())
+}
+
+/// How long a successor may take from receiving the listeners to being
+/// ready (certificates, and in Kubernetes mode the cluster's first listing);
+/// enrollment here is paused meanwhile.
+const HANDOVER_LIMIT: Duration = Duration::from_secs(120);
+
+fn listen_for_successor(path: &Path) -> Option<HandoverListener> {
+    HandoverListener::bind(path)
+        .map_err(|e| {
+            tracing::warn!("no upgrade by handover (a new tunnel will have to restart this one): {e}")
+        })
+        .ok()
+}
+
+async fn next_successor(listener: Option<&HandoverListener>) -> Result<Successor, HandoverError> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Hands the listening sockets to a successor and waits, with enrollment
+/// paused (no listener may appear or go meanwhile), until it has taken over.
+/// False: it did not, and this tunnel carries on.
+async fn hand_over(
+    mut successor: Successor,
+    listeners: &[std::os::fd::BorrowedFd<'_>],
+    admin: &Admin,
+) -> bool {
+    let pid = successor.pid;
+    tracing::info!(
+        successor = pid,
+        listeners = listeners.len(),
+        "a new tunnel is taking over: enrollment paused"
+    );
+    if let Err(e) = tokio::task::block_in_place(|| successor.offer(listeners)) {
+        tracing::warn!(successor = pid, "handover failed, carrying on: {e}");
+        return false;
+    }
+    let taken = successor.wait_taken(HANDOVER_LIMIT);
+    tokio::pin!(taken);
+    loop {
+        tokio::select! {
+            r = &mut taken => return match r {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(successor = pid, "the new tunnel did not take over, carrying on: {e}");
+                    false
+                }
+            },
+            // Alive while waiting: the controller is paused, not wedged.
+            () = tokio::time::sleep(Duration::from_secs(1)) => admin.beat(),
+        }
+    }
 }
 
 /// The next event of Kubernetes mode (never, in file mode).

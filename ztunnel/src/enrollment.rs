@@ -12,7 +12,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsFd as _, OwnedFd},
+    os::fd::{AsFd, OwnedFd},
     path::PathBuf,
     sync::Arc,
 };
@@ -27,6 +27,7 @@ use crate::{
     capture::{Capture, DesiredMaps, WorkloadCapture, addr_key},
     cgroup::Cgroup,
     config::{Config, WorkloadConfig},
+    handover::HandedListeners,
     identity::spiffe::SpiffeId,
     netns::{Netns, NetnsRef},
     proxy::{self, ProxyContext, outbound::ListenerScope},
@@ -78,6 +79,8 @@ struct PodListeners {
     /// can be pointed at them again when the pod's addresses change.
     inbound_v4: Option<OwnedFd>,
     inbound_v6: Option<OwnedFd>,
+    /// Every listening socket, duplicated: what a successor is handed.
+    sockets: Vec<OwnedFd>,
 }
 
 impl PodListeners {
@@ -118,6 +121,9 @@ pub struct Enrollment {
     sync_error: Option<String>,
     /// The cgroup the programs are attached to: every workload is below it.
     cgroup_root: Cgroup,
+    /// Listening sockets a predecessor handed over, used instead of binding
+    /// until the first enrollment is done.
+    handed: HandedListeners,
 }
 
 impl Enrollment {
@@ -151,7 +157,25 @@ impl Enrollment {
             certificates: HashMap::new(),
             sync_error: None,
             cgroup_root,
+            handed: HandedListeners::default(),
         }
+    }
+
+    /// Pods' listeners are taken from `handed` (a predecessor's) where they
+    /// exist instead of bound.
+    pub fn use_handed(&mut self, handed: HandedListeners) {
+        self.handed = handed;
+    }
+
+    /// Closes the handed-over listeners no workload took (pods the
+    /// predecessor served that are gone); returns how many.
+    pub fn release_handed(&mut self) -> usize {
+        std::mem::take(&mut self.handed).len()
+    }
+
+    /// Every pod listener this tunnel serves, for a successor.
+    pub fn listener_fds(&self) -> impl Iterator<Item = std::os::fd::BorrowedFd<'_>> {
+        self.enrolled.values().flat_map(|e| e.listeners.sockets.iter().map(AsFd::as_fd))
     }
 
     /// Asks the certificate manager for the identity of every enrolled
@@ -515,7 +539,7 @@ impl Enrollment {
             loopbacks.push(Ipv6Addr::LOCALHOST.into());
         }
         for ip in loopbacks {
-            let listener = self.listen(local, SocketAddr::new(ip, OUTBOUND_PORT))?;
+            let listener = self.listen(local, SocketAddr::new(ip, OUTBOUND_PORT), &mut out)?;
             let ctx = self.ctx.clone();
             let scope = ListenerScope::Pod(local.id);
             out.tasks.push(AbortOnDrop(self.runtime.spawn(proxy::accept_loop(
@@ -523,7 +547,7 @@ impl Enrollment {
                 ctx.clone(),
                 move |s, p| proxy::outbound::handle(s, p, scope, ctx.clone()),
             ))));
-            let listener = self.listen(local, SocketAddr::new(ip, INBOUND_PLAINTEXT_PORT))?;
+            let listener = self.listen(local, SocketAddr::new(ip, INBOUND_PLAINTEXT_PORT), &mut out)?;
             let dup = listener
                 .as_fd()
                 .try_clone_to_owned()
@@ -543,7 +567,7 @@ impl Enrollment {
             // HBONE on every address of the pod (callers dial <pod ip>:15008).
             let any: IpAddr =
                 if ip.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
-            let listener = self.listen(local, SocketAddr::new(any, HBONE_PORT))?;
+            let listener = self.listen(local, SocketAddr::new(any, HBONE_PORT), &mut out)?;
             let ctx = self.ctx.clone();
             out.tasks.push(AbortOnDrop(self.runtime.spawn(proxy::accept_loop(
                 listener,
@@ -556,8 +580,22 @@ impl Enrollment {
         Ok(out)
     }
 
-    fn listen(&self, local: &LocalWorkload, addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
-        let std = local.netns.tcp_listener(addr).map_err(|e| format!("listen on {addr}: {e}"))?;
+    /// The pod's listener at `addr`: the predecessor's if it handed one
+    /// over, else a new one.
+    fn listen(
+        &mut self,
+        local: &LocalWorkload,
+        addr: SocketAddr,
+        out: &mut PodListeners,
+    ) -> Result<tokio::net::TcpListener, String> {
+        let std = match self.handed.take(&local.netns, addr) {
+            Some(l) => l,
+            None => local.netns.tcp_listener(addr).map_err(|e| format!("listen on {addr}: {e}"))?,
+        };
+        out.sockets.push(
+            crate::handover::dup_listener(&std)
+                .map_err(|e| format!("duplicating the {addr} listener: {e}"))?,
+        );
         tokio::net::TcpListener::from_std(std).map_err(|e| format!("listen on {addr}: {e}"))
     }
 

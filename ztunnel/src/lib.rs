@@ -25,6 +25,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod enrollment;
+pub mod handover;
 pub mod http;
 pub mod identity;
 pub mod k8s;

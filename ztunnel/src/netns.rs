@@ -132,6 +132,8 @@ struct Inner {
     /// wait for a trip to the namespace's thread.
     spare: [std::sync::Mutex<Vec<Socket>>; 2],
     refilling: [std::sync::atomic::AtomicBool; 2],
+    /// The namespace's cookie (SO_NETNS_COOKIE), once asked for.
+    cookie: std::sync::OnceLock<u64>,
 }
 
 /// Sockets made per trip to the namespace's thread.
@@ -141,7 +143,13 @@ const SPARE_LOW: usize = 4;
 
 impl Inner {
     fn new(path: Option<PathBuf>, jobs: Option<std::sync::Mutex<mpsc::Sender<Job>>>) -> Self {
-        Self { path, jobs, spare: Default::default(), refilling: Default::default() }
+        Self {
+            path,
+            jobs,
+            spare: Default::default(),
+            refilling: Default::default(),
+            cookie: Default::default(),
+        }
     }
 }
 
@@ -273,6 +281,19 @@ impl Netns {
 
     fn socket_err(&self, source: io::Error) -> NetnsError {
         NetnsError::Socket { path: self.inner.path.clone().unwrap_or_default(), source }
+    }
+
+    /// The namespace's cookie: what a socket made in it reports as
+    /// SO_NETNS_COOKIE (how a handed-over listener is matched to its pod).
+    pub fn cookie(&self) -> Result<u64, NetnsError> {
+        if let Some(c) = self.inner.cookie.get() {
+            return Ok(*c);
+        }
+        let cookie = self.run(|| {
+            let probe = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+            crate::sockopt::netns_cookie(&probe)
+        })?;
+        Ok(*self.inner.cookie.get_or_init(|| cookie))
     }
 
     /// A non-blocking TCP listener bound to `addr` in the namespace.

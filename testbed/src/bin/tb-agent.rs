@@ -131,6 +131,21 @@ enum Cmd {
         #[arg(long)]
         duration_ms: u64,
     },
+    /// --count long-lived connections to a bare echo server, each sending a
+    /// chunk every --interval-ms and checking every byte that comes back,
+    /// for --duration-ms; then each closes cleanly and checks the rest.
+    Streams {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 4096)]
+        chunk: usize,
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+        #[arg(long)]
+        duration_ms: u64,
+    },
     /// A bare echo server for benchmarks (no hello line).
     Echo {
         #[arg(long, required = true)]
@@ -178,6 +193,16 @@ fn main() -> anyhow::Result<()> {
             Cmd::Hold { to } => hold(to).await,
             Cmd::Http { listen, name } => http(listen, name).await,
             Cmd::Echo { listen } => bare_echo(listen).await,
+            Cmd::Streams { to, count, chunk, interval_ms, duration_ms } => {
+                streams(
+                    to,
+                    count,
+                    chunk,
+                    Duration::from_millis(interval_ms),
+                    Duration::from_millis(duration_ms),
+                )
+                .await
+            }
             Cmd::Steady { to, interval_ms, duration_ms } => {
                 steady(to, Duration::from_millis(interval_ms), Duration::from_millis(duration_ms)).await
             }
@@ -745,6 +770,92 @@ async fn bare_echo(addrs: Vec<SocketAddr>) -> anyhow::Result<()> {
         t.await??;
     }
     Ok(())
+}
+
+async fn streams(
+    to: SocketAddr,
+    count: usize,
+    chunk: usize,
+    interval: Duration,
+    duration: Duration,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..count {
+        tasks.spawn(async move {
+            let result = one_stream(to, i as u64, chunk, interval, duration).await;
+            (i, result)
+        });
+    }
+    let (mut ok, mut bytes, mut failures) = (0usize, 0u64, Vec::new());
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((_, Ok(n))) => {
+                ok += 1;
+                bytes += n;
+            }
+            Ok((i, Err((kind, error)))) => failures.push(json!({
+                "connection": i,
+                "kind": kind,
+                "error": error,
+            })),
+            Err(e) => failures.push(json!({"kind": "panic", "error": e.to_string()})),
+        }
+    }
+    emit(json!({
+        "connections": count,
+        "ok": ok,
+        "bytes": bytes,
+        "failures": failures,
+        "elapsed_ms": started.elapsed().as_millis() as u64,
+    }));
+    Ok(())
+}
+
+/// One long-lived echo exchange: every byte read back is compared with the
+/// byte sent (a reset, a loss or a corruption is a failure, said which).
+async fn one_stream(
+    to: SocketAddr,
+    seed: u64,
+    chunk: usize,
+    interval: Duration,
+    duration: Duration,
+) -> Result<u64, (&'static str, String)> {
+    let io = |what: &'static str| move |e: std::io::Error| (classify(&e), format!("{what}: {e}"));
+    let started = Instant::now();
+    let mut s = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(to))
+        .await
+        .map_err(|_| ("timeout", "connect".to_owned()))?
+        .map_err(io("connect"))?;
+    let _ = s.set_nodelay(true);
+    let mut stream = Stream(0x9e37_79b9_7f4a_7c15 ^ (seed + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
+    let mut out = vec![0u8; chunk];
+    let mut back = vec![0u8; chunk];
+    let mut total = 0u64;
+    let mut tick = tokio::time::interval(interval);
+    while started.elapsed() < duration {
+        tick.tick().await;
+        stream.fill(&mut out);
+        s.write_all(&out).await.map_err(io("write"))?;
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+            .await
+            .map_err(|_| ("timeout", format!("no echo after {total} bytes")))?
+            .map_err(io("read"))?;
+        if back != out {
+            return Err(("corrupt", format!("the echo differs after {total} bytes")));
+        }
+        total += chunk as u64;
+    }
+    s.shutdown().await.map_err(io("shutdown"))?;
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .map_err(|_| ("timeout", "no end after close".to_owned()))?
+        .map_err(io("read to end"))?;
+    if !rest.is_empty() {
+        return Err(("corrupt", format!("{} bytes after the last echo", rest.len())));
+    }
+    Ok(total)
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {

@@ -257,6 +257,7 @@ fn listen_cni(path: &Path, shutdown: CancellationToken) -> Result<mpsc::Receiver
     }
     let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).map_err(err)?);
     let (tx, rx) = mpsc::channel(64);
     let path = path.to_owned();
     tokio::spawn(async move {
@@ -300,7 +301,11 @@ fn listen_cni(path: &Path, shutdown: CancellationToken) -> Result<mpsc::Receiver
                 }
             });
         }
-        let _ = std::fs::remove_file(&path);
+        // Only while it is still this tunnel's: after an upgrade the path is
+        // the successor's socket.
+        if std::fs::metadata(&path).is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == inode) {
+            let _ = std::fs::remove_file(&path);
+        }
     });
     Ok(rx)
 }

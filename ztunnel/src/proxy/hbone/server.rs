@@ -236,8 +236,12 @@ pub async fn serve_connection(
             }
             () = ctx.shutdown.cancelled() => {
                 connection.graceful_shutdown();
-                // Keep serving the streams already open until they finish.
-                while let Some(Ok(_)) = connection.accept().await {}
+                // Streams the peer opened before it saw the GOAWAY are served
+                // like any other (dropping them would reset them); the open
+                // ones run until they finish.
+                while let Some(Ok((request, respond))) = connection.accept().await {
+                    ctx.connections.spawn(handle_stream(request, respond, caller.clone(), ctx.clone()));
+                }
                 return;
             }
         };

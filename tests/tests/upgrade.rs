@@ -1,0 +1,90 @@
+//! Upgrading the tunnel without resets, over the real testbed: a second
+//! `ztunnel run` on the same node takes the first one's listening sockets
+//! (SCM_RIGHTS), the first stops accepting, drains what it carries and exits.
+
+use std::time::Duration;
+
+use ztunnel_testbed::{
+    Testbed,
+    agent::{self, Server, Steady, Streams},
+};
+
+/// 50 long-lived connections stream through both nodes' tunnels while each
+/// node's tunnel is replaced in turn, and a client opens a new connection
+/// every 20 ms throughout. Nothing may fail: every stream's bytes come back
+/// intact, every new connection is served, none reaches the destination
+/// outside the tunnel, and both old processes exit on their own once their
+/// connections end. The same steady client sees the refusals of an upgrade
+/// by restart (capture.rs: `an_upgrade_by_restart_fails_closed_...`), so an
+/// empty failure list here is not a client that cannot see failures.
+#[test]
+fn an_upgrade_by_handover_resets_nothing_and_refuses_nothing() -> anyhow::Result<()> {
+    let mut tb = Testbed::new("handover")?;
+    let n1 = tb.add_node("n1")?;
+    let n2 = tb.add_node("n2")?;
+    let web = tb.add_pod(&n1, "web")?;
+    let db = tb.add_pod(&n2, "db")?;
+    let _server = Server::start(&tb, &db.place(), &[db.addr4(5432)])?;
+    let _echo = Server::echo(&tb, &db.place(), &[db.addr4(7000)])?;
+    // Long enough for the streams to outlive both handovers and end by
+    // themselves before the old processes' drain deadline.
+    let with_drain = |mut config: serde_json::Value| {
+        config["proxy"]["drain_timeout"] = "60s".into();
+        config
+    };
+    let mut t1 = tb.start_tunnel(&n1, with_drain(tb.tunnel_config(&n1, &[&web])))?;
+    let mut t2 = tb.start_tunnel(&n2, with_drain(tb.tunnel_config(&n2, &[&db])))?;
+    assert_eq!(agent::connect(&tb, &web.place(), db.addr4(5432), 1, 1)?.ok, 1);
+    let refused_before = t1.capture_counter("refused_not_ready")?;
+
+    let streams = Streams::start(&tb, &web.place(), db.addr4(7000), 50, Duration::from_secs(15))?;
+    let interval = Duration::from_millis(20);
+    let steady = Steady::start(&tb, &web.place(), db.addr4(5432), interval, Duration::from_secs(120))?;
+    std::thread::sleep(Duration::from_secs(3));
+
+    let limit = Duration::from_secs(60);
+    let source_side = t1.upgrade(limit)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let destination_side = t2.upgrade(limit)?;
+    eprintln!(
+        "upgrade by handover: source node {} ms, destination node {} ms from start to taken over",
+        source_side.as_millis(),
+        destination_side.as_millis()
+    );
+
+    let streamed = streams.finish()?;
+    assert_eq!(streamed["ok"], 50, "long-lived connections failed across the handovers: {streamed}");
+    assert!(streamed["bytes"].as_u64().unwrap_or(0) > 50 * 4096 * 100, "{streamed}");
+    // The old processes exit by themselves once what they carried has ended.
+    for (name, t) in [("n1", &mut t1), ("n2", &mut t2)] {
+        let exits = t.wait_drained(Duration::from_secs(60))?;
+        assert_eq!(exits.len(), 1, "{name}");
+        assert!(exits[0].success(), "{name}'s old tunnel exited with {}", exits[0]);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let report = steady.stop()?;
+    let attempts = report["attempts"].as_u64().unwrap_or(0);
+    eprintln!("upgrade by handover: {attempts} new connections one every {} ms", interval.as_millis());
+    assert!(attempts > 300, "{report}");
+    assert_eq!(
+        report["ok"].as_u64(),
+        Some(attempts),
+        "a new connection failed during the handovers: {report}"
+    );
+
+    // Nothing was refused for want of a tunnel, and nothing reached db
+    // outside one: every call db received came over mTLS, through one
+    // process or the other.
+    assert_eq!(t1.capture_counter("refused_not_ready")?, refused_before);
+    t2.flush_access_log()?;
+    let inbound: Vec<_> = t2.access_log().into_iter().filter(|e| e["direction"] == "inbound").collect();
+    assert!(inbound.len() as u64 > attempts, "{} inbound lines", inbound.len());
+    let outside: Vec<_> = inbound.iter().filter(|e| e["mode"] != "hbone" || e["reason"] != "ok").collect();
+    assert!(outside.is_empty(), "calls that reached db outside mTLS or failed: {outside:?}");
+    for (name, t) in [("n1", &t1), ("n2", &t2)] {
+        assert!(t.log().contains("handed over: no longer accepting"), "{name}: {}", t.log_tail(30));
+    }
+    // The new tunnels serve on their own.
+    assert_eq!(agent::connect(&tb, &web.place(), db.addr4(5432), 5, 1)?.ok, 5);
+    Ok(())
+}
