@@ -233,17 +233,29 @@ fn the_node_agent_holds_only_the_named_capabilities_and_is_not_privileged() {
         }
     }
 
-    // The preStop drain fits in the grace period, with room to exit after it.
-    let pre_stop = strings(&agent["lifecycle"]["preStop"]["exec"]["command"]);
-    let timeout = pre_stop.windows(2).find(|w| w[0] == "--timeout").map(|w| w[1]).expect("drain --timeout");
-    assert_eq!(&pre_stop[..2], ["/usr/local/bin/ztunnel", "drain"]);
-    let drain = humantime::parse_duration(timeout).unwrap().as_secs();
+    // The drain (after SIGTERM or a handover) fits in the grace period, with
+    // room to exit after it; nothing else runs at stop (no preStop hook: the
+    // tunnel drains on SIGTERM).
+    assert!(agent["lifecycle"]["preStop"].is_null(), "{:?}", agent["lifecycle"]);
+    let node_config = object(&docs, "ConfigMap", "ztunnel-config");
+    let node_config: Yaml =
+        serde_yaml_ng::from_str(node_config["data"]["config.yaml"].as_str().unwrap()).unwrap();
+    let drain = humantime::parse_duration(node_config["proxy"]["drain_timeout"].as_str().unwrap()).unwrap();
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
-    assert!(grace >= drain + 5, "grace {grace}s does not cover a {drain}s drain");
+    assert!(grace >= drain.as_secs() + 5, "grace {grace}s does not cover a {drain:?} drain");
 
+    // Upgrades surge: the new tunnel starts beside the old one and takes its
+    // sockets over. A hostPort (any containerPort, with hostNetwork) would
+    // keep the surge pod from being scheduled.
     let update = &ds["spec"]["updateStrategy"];
     assert_eq!(update["type"].as_str(), Some("RollingUpdate"));
-    assert_eq!(update["rollingUpdate"]["maxUnavailable"].as_u64(), Some(1));
+    assert_eq!(update["rollingUpdate"]["maxSurge"].as_u64(), Some(1));
+    assert_eq!(update["rollingUpdate"]["maxUnavailable"].as_u64(), Some(0));
+    assert!(ds["spec"]["minReadySeconds"].as_u64().unwrap_or(0) >= 5);
+    for (who, c) in all_containers(&docs) {
+        assert!(seq(&c["ports"]).iter().all(|p| p["hostPort"].is_null()), "{who} declares a hostPort");
+    }
+    assert!(agent["ports"].is_null(), "the node agent declares ports: {:?}", agent["ports"]);
     assert!(
         seq(&pod["tolerations"])
             .iter()
@@ -563,7 +575,7 @@ fn the_overlays_differ_as_documented() {
     }
     object(&production, "PrometheusRule", "ztunnel");
     let monitor = object(&production, "PodMonitor", "ztunnel");
-    assert_eq!(monitor["spec"]["podMetricsEndpoints"][0]["port"].as_str(), Some("metrics"));
+    assert_eq!(monitor["spec"]["podMetricsEndpoints"][0]["targetPort"].as_u64(), Some(15020));
 }
 
 const PROMETHEUS_RULE: &str = "kubernetes/components/monitoring/prometheusrule.yaml";

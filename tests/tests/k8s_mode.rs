@@ -434,3 +434,62 @@ fn cuts_relists_label_changes_and_a_down_tunnel() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// An upgrade in Kubernetes mode, as a surge rollout does it: a second
+/// `ztunnel run --kubernetes` on the node takes the first one's sockets once
+/// it has listed the cluster, a held connection keeps working through the
+/// old process, a new connection every 20 ms is served throughout, and the
+/// CNI socket is the new tunnel's (the old one, exiting, leaves it alone).
+#[test]
+fn an_upgrade_in_kubernetes_mode_keeps_connections_and_the_cni_socket() -> anyhow::Result<()> {
+    let mut tb = Testbed::new("k8supg")?;
+    let n1 = tb.add_node("n1")?;
+    let n2 = tb.add_node("n2")?;
+    let cluster = Cluster::start(&tb)?;
+    let (web, web_uid) = cluster.pod(&mut tb, &n1, "web", "web")?;
+    let (db, _) = cluster.pod(&mut tb, &n2, "db", "db")?;
+    let _server = Server::start(&tb, &db.place(), &[db.addr4(5432)])?;
+    let mut t1 = cluster.tunnel(&tb, &n1)?;
+    let _t2 = cluster.tunnel(&tb, &n2)?;
+    let answer = cni_add(&tb, &n1, &web, "web", &web_uid)?;
+    assert_eq!(answer.result, Outcome::Enrolled, "{answer:?}\n{}", t1.log_tail(30));
+    wait_until(
+        WAIT,
+        "web reaches db",
+        || Ok(agent::connect(&tb, &web.place(), db.addr4(5432), 1, 1)?.ok == 1),
+        || t1.log_tail(20),
+    )?;
+    let mut held = agent::Held::open(&tb, &web.place(), db.addr4(5432))?;
+    let steady = agent::Steady::start(
+        &tb,
+        &web.place(),
+        db.addr4(5432),
+        Duration::from_millis(20),
+        Duration::from_secs(120),
+    )?;
+    std::thread::sleep(Duration::from_secs(2));
+
+    let took = t1.upgrade(Duration::from_secs(60))?;
+    eprintln!("upgrade by handover in Kubernetes mode: {} ms from start to taken over", took.as_millis());
+    std::thread::sleep(Duration::from_secs(2));
+    held.ping("after the handover")?;
+    drop(held);
+    let exits = t1.wait_drained(Duration::from_secs(30))?;
+    assert!(exits.iter().all(std::process::ExitStatus::success), "{exits:?}");
+    let report = steady.stop()?;
+    let attempts = report["attempts"].as_u64().unwrap_or(0);
+    assert!(attempts > 100, "{report}");
+    assert_eq!(
+        report["ok"].as_u64(),
+        Some(attempts),
+        "a new connection failed during the handover: {report}"
+    );
+
+    // A pod made after the old tunnel exited is enrolled through the CNI
+    // socket by the new one.
+    let (api, api_uid) = cluster.pod(&mut tb, &n1, "api", "api")?;
+    let answer = cni_add(&tb, &n1, &api, "api", &api_uid)?;
+    assert_eq!(answer.result, Outcome::Enrolled, "{answer:?}\n{}", t1.log_tail(30));
+    assert_eq!(agent::connect(&tb, &api.place(), db.addr4(5432), 1, 1)?.ok, 1);
+    Ok(())
+}
