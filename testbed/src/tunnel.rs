@@ -77,6 +77,11 @@ pub struct Tunnel {
     child: Option<Child>,
     /// Processes an upgrade replaced, draining until they exit.
     draining: Vec<Child>,
+    /// A successor the tunnel started itself (SIGUSR2), not this process's
+    /// child: the test that makes one is the orphans' subreaper.
+    adopted: Option<u32>,
+    /// More environment for `ztunnel run`.
+    env: Vec<(String, String)>,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
     pub access_log_path: PathBuf,
@@ -124,6 +129,18 @@ impl Tunnel {
         config: Value,
         args: &[String],
     ) -> anyhow::Result<Self> {
+        Self::start_with_env(tb, node, config, args, &[])
+    }
+
+    /// [`Self::start_with_args`], with more environment (such as systemd's
+    /// `NOTIFY_SOCKET`).
+    pub fn start_with_env(
+        tb: &Testbed,
+        node: &Node,
+        config: Value,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         let config_path = tb.dir().join(format!("{}-tunnel.yaml", node.name));
         write_config(&config_path, &config)?;
         let access_log_path = config["access_log"]
@@ -134,6 +151,8 @@ impl Tunnel {
             node: node.clone(),
             child: None,
             draining: Vec::new(),
+            adopted: None,
+            env: env.to_vec(),
             config_path,
             log_path: tb.dir().join(format!("{}-tunnel.log", node.name)),
             access_log_path,
@@ -158,6 +177,7 @@ impl Tunnel {
             .args(["run", "--config"])
             .arg(&self.config_path)
             .args(&self.run_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -193,6 +213,15 @@ impl Tunnel {
             self.draining.push(old);
         }
         Ok(took)
+    }
+
+    /// The tunnel's own successor (started on SIGUSR2), `pid`, is the one
+    /// serving now; the process this started drains.
+    pub fn adopt(&mut self, pid: u32) {
+        if let Some(old) = self.child.take() {
+            self.draining.push(old);
+        }
+        self.adopted = Some(pid);
     }
 
     /// Waits until every process an upgrade replaced has exited; their exit
@@ -242,7 +271,7 @@ impl Tunnel {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.child.as_ref().map(Child::id).or(self.adopted)
     }
 
     /// The last `n` lines of the tunnel's own log.
@@ -282,6 +311,13 @@ impl Tunnel {
         for mut old in std::mem::take(&mut self.draining) {
             let _ = old.kill();
             let _ = old.wait();
+        }
+        if let Some(pid) = self.adopted.take() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            // Ours to reap only if this process is the orphans' subreaper;
+            // otherwise init reaps it.
+            let _ = nix::sys::wait::waitpid(pid, None);
         }
         if let Some(mut child) = self.child.take() {
             child.kill()?;

@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use ztunnel_testbed::{
-    Testbed,
+    Testbed, Tunnel,
     agent::{self, Server, Steady, Streams},
 };
 
@@ -86,5 +87,67 @@ fn an_upgrade_by_handover_resets_nothing_and_refuses_nothing() -> anyhow::Result
     }
     // The new tunnels serve on their own.
     assert_eq!(agent::connect(&tb, &web.place(), db.addr4(5432), 5, 1)?.ok, 5);
+    Ok(())
+}
+
+/// How a systemd unit upgrades: `systemctl kill -s SIGUSR2` makes the
+/// running tunnel start its own binary again as its successor; the new
+/// process takes over as above, the old one tells systemd (sd_notify) that
+/// the new one is the unit's main process, drains and exits. systemd cannot
+/// run here: a datagram socket named by `NOTIFY_SOCKET` stands in for it and
+/// receives exactly what systemd would.
+#[test]
+fn sigusr2_starts_a_successor_that_takes_over_and_becomes_the_main_pid() -> anyhow::Result<()> {
+    // The successor is the old tunnel's child: when the old one exits, this
+    // process adopts (and finally reaps) it.
+    nix::sys::prctl::set_child_subreaper(true)?;
+    let mut tb = Testbed::new("sigusr2")?;
+    let n1 = tb.add_node("n1")?;
+    let n2 = tb.add_node("n2")?;
+    let web = tb.add_pod(&n1, "web")?;
+    let db = tb.add_pod(&n2, "db")?;
+    let _server = Server::start(&tb, &db.place(), &[db.addr4(5432)])?;
+    let notify_path = tb.dir().join("notify");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&notify_path)?;
+    systemd.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let env = [("NOTIFY_SOCKET".to_owned(), notify_path.display().to_string())];
+    let mut t1 = Tunnel::start_with_env(&tb, &n1, tb.tunnel_config(&n1, &[&web]), &[], &env)?;
+    let _t2 = tb.start_tunnel(&n2, tb.tunnel_config(&n2, &[&db]))?;
+    let next = || -> anyhow::Result<String> {
+        let mut buf = [0u8; 256];
+        let n = systemd.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    assert_eq!(next()?, "READY=1", "the tunnel says ready once it is");
+    let old = t1.pid().context("running")?;
+
+    let interval = Duration::from_millis(20);
+    let steady = Steady::start(&tb, &web.place(), db.addr4(5432), interval, Duration::from_secs(120))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let started = std::time::Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old as i32), nix::sys::signal::Signal::SIGUSR2)?;
+    // The successor says ready too (harmless to systemd: the unit is active
+    // already); then the old one names it the main process.
+    let main_pid = loop {
+        let state =
+            next().with_context(|| format!("no MAINPID from the old tunnel:\n{}", t1.log_tail(30)))?;
+        if let Some(pid) = state.strip_prefix("MAINPID=") {
+            break pid.parse::<u32>()?;
+        }
+        assert_eq!(state, "READY=1", "unexpected notification");
+    };
+    eprintln!("upgrade by SIGUSR2: {} ms from the signal to MAINPID", started.elapsed().as_millis());
+    assert_ne!(main_pid, old);
+    t1.adopt(main_pid);
+    let exits = t1.wait_drained(Duration::from_secs(30))?;
+    assert!(exits.iter().all(std::process::ExitStatus::success), "{exits:?}");
+    std::thread::sleep(Duration::from_secs(1));
+    let report = steady.stop()?;
+    let attempts = report["attempts"].as_u64().unwrap_or(0);
+    assert!(attempts > 100, "{report}");
+    assert_eq!(report["ok"].as_u64(), Some(attempts), "a new connection failed during the upgrade: {report}");
+    // The main pid systemd was told is the process serving now.
+    assert_eq!(t1.config_dump()?["pid"].as_u64(), Some(u64::from(main_pid)));
+    assert_eq!(agent::connect(&tb, &web.place(), db.addr4(5432), 3, 1)?.ok, 3);
     Ok(())
 }

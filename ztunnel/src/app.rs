@@ -45,6 +45,7 @@ use crate::{
         },
         outbound::ListenerScope,
     },
+    sd_notify,
     sockopt::{self, SocketPolicy},
     state::State,
 };
@@ -322,6 +323,11 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    // SIGUSR2: start this binary again as this tunnel's successor (how a
+    // systemd unit upgrades without resets: `systemctl kill -s SIGUSR2`).
+    let mut sigusr2 = tokio::signal::unix::signal(SignalKind::user_defined2())?;
+    let mut spawned: Option<std::process::Child> = None;
+    let mut told_ready = false;
     let mut tick = tokio::time::interval(current.proxy.reload_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut cgroups = crate::cgroup::CgroupWatcher::new().context("watching cgroups")?;
@@ -337,6 +343,16 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     loop {
         trimmer.tick();
         admin.beat();
+        if admin.is_ready() && !told_ready {
+            sd_notify::tell("READY=1");
+            told_ready = true;
+        }
+        if let Some(child) = spawned.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            tracing::warn!(successor = child.id(), "the successor exited ({status}) before taking over");
+            spawned = None;
+        }
         if admin.is_ready()
             && let Some(p) = predecessor.take()
         {
@@ -361,6 +377,11 @@ async fn serve(start: Start) -> anyhow::Result<()> {
                         let pid = successor.pid;
                         if hand_over(successor, &listeners, &admin).await {
                             handed_over = Some(pid);
+                            // Our own child: systemd follows it as the unit's
+                            // main process from now on.
+                            if spawned.as_ref().map(std::process::Child::id) == Some(pid) {
+                                sd_notify::tell(&format!("MAINPID={pid}"));
+                            }
                             break;
                         }
                     }
@@ -383,6 +404,19 @@ async fn serve(start: Start) -> anyhow::Result<()> {
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
+            _ = sigusr2.recv() => {
+                match &spawned {
+                    Some(child) => tracing::warn!(successor = child.id(), "SIGUSR2: a successor is already starting"),
+                    None => match start_successor() {
+                        Ok(child) => {
+                            tracing::info!(successor = child.id(), "SIGUSR2: started a successor; it takes over once ready");
+                            spawned = Some(child);
+                        }
+                        Err(e) => tracing::error!("SIGUSR2: cannot start a successor: {e}"),
+                    },
+                }
+                continue;
+            }
             _ = sighup.recv() => true,
             _ = tick.tick() => false,
             () = cgroups.changed() => {
@@ -467,10 +501,10 @@ async fn serve(start: Start) -> anyhow::Result<()> {
             drain = ?current.proxy.drain_timeout,
             "handed over: no longer accepting; draining open connections, then exiting"
         ),
-        None => tracing::info!(
-            drain = ?current.proxy.drain_timeout,
-            "shutting down: no new connections, draining open ones"
-        ),
+        None => {
+            sd_notify::tell("STOPPING=1");
+            tracing::info!(drain = ?current.proxy.drain_timeout, "shutting down: no new connections, draining open ones")
+        }
     }
     if let Some(l) = &handover_listener {
         l.remove();
@@ -495,6 +529,21 @@ async fn serve(start: Start) -> anyhow::Result<()> {
 /// ready (certificates, and in Kubernetes mode the cluster's first listing);
 /// enrollment here is paused meanwhile.
 const HANDOVER_LIMIT: Duration = Duration::from_secs(120);
+
+/// This binary, run again with this process's arguments. The file may have
+/// been replaced by the new version (what an upgrade does): the path is
+/// run, not this process's (deleted) image.
+fn start_successor() -> std::io::Result<std::process::Child> {
+    let exe = std::env::current_exe()?;
+    let exe = match exe.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+        Some(path) => PathBuf::from(path),
+        None => exe,
+    };
+    std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .stdin(std::process::Stdio::null())
+        .spawn()
+}
 
 fn listen_for_successor(path: &Path) -> Option<HandoverListener> {
     HandoverListener::bind(path)

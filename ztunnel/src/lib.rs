@@ -36,6 +36,7 @@ pub mod netns;
 pub mod policy;
 pub mod precheck;
 pub mod proxy;
+pub mod sd_notify;
 pub mod sockopt;
 pub mod state;
 pub mod tls;
