@@ -146,7 +146,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     let handover_path = handover::socket_path(&config.node.run_dir);
     let upgrade_started = std::time::Instant::now();
     let (mut predecessor, mut handed) =
-        match tokio::task::block_in_place(|| Predecessor::connect(&handover_path))
+        match tokio::task::block_in_place(|| Predecessor::connect(&handover_path, &config.node.name))
             .context("taking over from the tunnel running on this node")?
         {
             Some((p, handed)) => {
@@ -371,6 +371,13 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         let forced = tokio::select! {
             successor = next_successor(handover_listener.as_ref()) => {
                 match successor {
+                    Ok(successor) if successor.node != current.node.name => {
+                        let why = format!("this tunnel serves node {}, not {}", current.node.name, successor.node);
+                        tracing::warn!(successor = successor.pid, "handover refused: {why} (do two tunnels share node.run_dir?)");
+                        if let Err(e) = tokio::task::block_in_place(|| successor.refuse(&why)) {
+                            tracing::warn!("handover socket: {e}");
+                        }
+                    }
                     Ok(successor) => {
                         let listeners: Vec<_> =
                             node_sockets.iter().map(|s| s.as_fd()).chain(enrollment.listener_fds()).collect();

@@ -66,6 +66,9 @@ pub enum HandoverError {
 struct Hello {
     version: u32,
     pid: u32,
+    /// The node the successor serves: only the same node's tunnel may take
+    /// over (two tunnels sharing a run directory by mistake must not).
+    node: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -73,6 +76,9 @@ struct Offer {
     version: u32,
     pid: u32,
     listeners: usize,
+    /// Why the running tunnel will not hand over (then no socket follows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refused: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -156,7 +162,7 @@ pub struct Predecessor {
 impl Predecessor {
     /// Connects to a running tunnel at `path` and takes its listeners. None:
     /// no tunnel runs there (no socket, or a stale one nobody listens on).
-    pub fn connect(path: &Path) -> Result<Option<(Self, HandedListeners)>, HandoverError> {
+    pub fn connect(path: &Path, node: &str) -> Result<Option<(Self, HandedListeners)>, HandoverError> {
         let mut stream = match UnixStream::connect(path) {
             Ok(s) => s,
             Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
@@ -166,8 +172,17 @@ impl Predecessor {
         };
         stream.set_read_timeout(Some(EXCHANGE_TIMEOUT))?;
         stream.set_write_timeout(Some(EXCHANGE_TIMEOUT))?;
-        write_message(&mut stream, &Hello { version: VERSION, pid: std::process::id() })?;
+        write_message(
+            &mut stream,
+            &Hello { version: VERSION, pid: std::process::id(), node: node.to_owned() },
+        )?;
         let offer: Offer = read_message(&mut stream)?;
+        if let Some(why) = offer.refused {
+            return Err(HandoverError::Protocol(format!(
+                "the running tunnel (pid {}) refused: {why}",
+                offer.pid
+            )));
+        }
         if offer.version != VERSION {
             return Err(HandoverError::Protocol(format!(
                 "the running tunnel (pid {}) speaks handover version {}, this one {VERSION}",
@@ -238,6 +253,8 @@ pub struct HandoverListener {
 pub struct Successor {
     stream: UnixStream,
     pub pid: u32,
+    /// The node it serves.
+    pub node: String,
 }
 
 impl HandoverListener {
@@ -285,7 +302,7 @@ impl HandoverListener {
                     continue;
                 }
             };
-            return Ok(Successor { stream, pid: hello.pid });
+            return Ok(Successor { stream, pid: hello.pid, node: hello.node });
         }
     }
 
@@ -302,7 +319,8 @@ impl Successor {
     /// Sends the listening sockets (blocking, bounded by the exchange
     /// timeout).
     pub fn offer(&mut self, listeners: &[BorrowedFd<'_>]) -> Result<(), HandoverError> {
-        let offer = Offer { version: VERSION, pid: std::process::id(), listeners: listeners.len() };
+        let offer =
+            Offer { version: VERSION, pid: std::process::id(), listeners: listeners.len(), refused: None };
         write_message(&mut self.stream, &offer)?;
         let raw: Vec<RawFd> = listeners.iter().map(AsRawFd::as_raw_fd).collect();
         for chunk in raw.chunks(FDS_PER_MESSAGE) {
@@ -310,6 +328,13 @@ impl Successor {
             sendmsg::<()>(self.stream.as_raw_fd(), &[IoSlice::new(b"F")], &cmsg, MsgFlags::empty(), None)?;
         }
         Ok(())
+    }
+
+    /// Tells the successor why it may not take over.
+    pub fn refuse(mut self, why: &str) -> Result<(), HandoverError> {
+        let offer =
+            Offer { version: VERSION, pid: std::process::id(), listeners: 0, refused: Some(why.to_owned()) };
+        write_message(&mut self.stream, &offer)
     }
 
     /// Waits (async) for the successor to say it has taken over. An error:
@@ -369,7 +394,7 @@ mod tests {
         let listeners: Vec<std::net::TcpListener> =
             (0..FDS_PER_MESSAGE + 3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
         let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-        let client = tokio::task::spawn_blocking(move || Predecessor::connect(&path));
+        let client = tokio::task::spawn_blocking(move || Predecessor::connect(&path, "n1"));
         let mut successor = server.accept().await.unwrap();
         assert_eq!(successor.pid, std::process::id());
         let fds: Vec<BorrowedFd<'_>> = listeners.iter().map(AsFd::as_fd).collect();
@@ -394,7 +419,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = socket_path(dir.path());
         let server = HandoverListener::bind(&path).unwrap();
-        let client = tokio::task::spawn_blocking(move || Predecessor::connect(&path));
+        let client = tokio::task::spawn_blocking(move || Predecessor::connect(&path, "n1"));
         let mut successor = server.accept().await.unwrap();
         tokio::task::block_in_place(|| successor.offer(&[])).unwrap();
         let (predecessor, handed) = client.await.unwrap().unwrap().unwrap();
@@ -403,14 +428,27 @@ mod tests {
         assert!(successor.wait_taken(Duration::from_secs(5)).await.is_err());
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn another_nodes_tunnel_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path());
+        let server = HandoverListener::bind(&path).unwrap();
+        let client = tokio::task::spawn_blocking(move || Predecessor::connect(&path, "n2"));
+        let successor = server.accept().await.unwrap();
+        assert_eq!(successor.node, "n2");
+        tokio::task::block_in_place(|| successor.refuse("this tunnel serves node n1")).unwrap();
+        let e = client.await.unwrap().err().expect("refused").to_string();
+        assert!(e.contains("serves node n1"), "{e}");
+    }
+
     #[test]
     fn no_running_tunnel_is_no_predecessor() {
         let dir = tempfile::tempdir().unwrap();
         let path = socket_path(dir.path());
-        assert!(Predecessor::connect(&path).unwrap().is_none());
+        assert!(Predecessor::connect(&path, "n1").unwrap().is_none());
         // A stale socket file nobody listens on.
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
-        assert!(Predecessor::connect(&path).unwrap().is_none());
+        assert!(Predecessor::connect(&path, "n1").unwrap().is_none());
     }
 
     #[tokio::test]
