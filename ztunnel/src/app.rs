@@ -26,6 +26,7 @@ use crate::{
     cgroup::{Cgroup, cgroup2_mount},
     config::{Config, OnPolicyChange},
     enrollment::Enrollment,
+    failures::FailureRing,
     http,
     identity::runtime::IdentityRuntime,
     k8s::{
@@ -189,6 +190,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         max_sockets: config.capture.max_sockets,
     })?;
     metrics.set_capture(capture.counters());
+    let failures = Arc::new(FailureRing::default());
     let admin = Arc::new(Admin {
         token,
         view: Mutex::new(AdminView {
@@ -212,6 +214,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         state: state_rx,
         records: capture.records(),
         access_log: access_log.clone(),
+        failures,
         metrics: metrics.clone(),
         certs: identity.manager.clone(),
         pool: Pool::new(
