@@ -190,6 +190,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         max_sockets: config.capture.max_sockets,
     })?;
     metrics.set_capture(capture.counters());
+    let (state_tx, state_rx) = watch::channel(Arc::new(State::empty(config.clone())));
     let failures = Arc::new(FailureRing::default());
     let admin = Arc::new(Admin {
         token,
@@ -204,9 +205,10 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         certs: identity.manager.clone(),
         set_log_level,
+        state: state_rx.clone(),
+        failures: failures.clone(),
     });
 
-    let (state_tx, state_rx) = watch::channel(Arc::new(State::empty(config.clone())));
     let sockets = SocketPolicy::from_config(&config.proxy.tcp_keepalive);
     let refusals = Refusals::new(metrics.limit_refusals.clone());
     let l = &config.limits;
