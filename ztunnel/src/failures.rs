@@ -20,7 +20,9 @@ use crate::{access_log::Entry, tls::verify::VerifyError, workload::canonical};
 /// pairs, small enough (about 1 MiB at worst) to never matter.
 pub const CAPACITY: usize = 1024;
 
-/// Longest detail kept, in bytes: details can quote what a peer sent.
+/// Longest text kept per field, in bytes: details, addresses and
+/// identities can quote what a peer sent (a `:authority`, a certificate's
+/// URI).
 const DETAIL_MAX: usize = 512;
 
 /// What the peer's certificate was refused for, when a handshake failed on
@@ -43,15 +45,15 @@ impl CertificateProblem {
     pub fn from_verify(e: &VerifyError) -> Option<Self> {
         let p = match e {
             VerifyError::Expired { not_after, .. } => {
-                Self { not_after: Some(not_after.clone()), ..Self::default() }
+                Self { not_after: Some(bounded(not_after)), ..Self::default() }
             }
             VerifyError::NotYetValid { not_before, .. } => {
-                Self { not_before: Some(not_before.clone()), ..Self::default() }
+                Self { not_before: Some(bounded(not_before)), ..Self::default() }
             }
             VerifyError::WrongIdentity { found, want } | VerifyError::WrongTrustDomain { found, want } => {
                 Self {
-                    presented_identity: Some(found.clone()),
-                    expected: Some(want.clone()),
+                    presented_identity: Some(bounded(found)),
+                    expected: Some(bounded(want)),
                     ..Self::default()
                 }
             }
@@ -109,12 +111,12 @@ impl FailureRecord {
             reason: entry.reason.clone(),
             detail: bounded(entry.error.as_deref().unwrap_or_default()),
             source_workload: entry.source_workload.clone(),
-            source_identity: entry.source_identity.clone(),
+            source_identity: entry.source_identity.as_deref().map(bounded),
             source_address: entry.source_address.clone(),
-            destination_address: entry.destination_address.clone(),
+            destination_address: bounded(&entry.destination_address),
             destination_service: entry.destination_service.clone(),
             destination_workload: entry.destination_workload.clone(),
-            destination_identity: entry.destination_identity.clone(),
+            destination_identity: entry.destination_identity.as_deref().map(bounded),
             policy: entry.policy.clone(),
             rule: entry.rule,
             certificate: entry.peer_certificate.as_ref().and_then(CertificateProblem::from_verify),
@@ -154,6 +156,9 @@ pub struct Pair {
     pub source_addresses: Vec<IpAddr>,
     /// The address dialled.
     pub destination: Option<SocketAddr>,
+    /// A Service's ready endpoints: the callee's node knows the call by
+    /// the endpoint it reached.
+    pub endpoints: Vec<SocketAddr>,
     /// The Service at that address: outbound records name the endpoint
     /// chosen, and the Service.
     pub destination_service: Option<String>,
@@ -178,11 +183,14 @@ impl Pair {
         if let (Some(want), Some(got)) = (&self.destination_service, &r.destination_service) {
             return want == got;
         }
-        let (Some(want), Some(got)) = (self.destination, r.destination()) else { return false };
+        let Some(got) = r.destination() else { return false };
         // A handshake refused on :15008 happened before the caller could
         // name a port: it concerns every port of that address.
-        canonical(want.ip()) == canonical(got.ip())
-            && (want.port() == got.port() || got.port() == crate::proxy::hbone::HBONE_PORT)
+        let same = |want: &SocketAddr| {
+            canonical(want.ip()) == canonical(got.ip())
+                && (want.port() == got.port() || got.port() == crate::proxy::hbone::HBONE_PORT)
+        };
+        self.destination.iter().chain(&self.endpoints).any(same)
     }
 }
 
@@ -314,6 +322,11 @@ mod tests {
             ..Pair::default()
         };
         assert_eq!(ring.matching(&by_address, 10).len(), 1);
+
+        // A Service's virtual address: its endpoint's records match too.
+        let via_service =
+            Pair { endpoints: vec!["198.19.2.11:81".parse().unwrap()], ..pair("shop/web", "10.96.0.10:80") };
+        assert_eq!(ring.matching(&via_service, 10).len(), 1);
     }
 
     #[test]

@@ -132,6 +132,7 @@ pub fn explain(inputs: &Inputs<'_>, query: &Query) -> Result<Explanation, Explai
             (None, Caller::Workload(_)) => Vec::new(),
         },
         destination: Some(query.to),
+        endpoints: service.map(|s| s.endpoints.clone()).unwrap_or_default(),
         destination_service: service.map(|s| s.service.clone()),
     };
     let matching = inputs
