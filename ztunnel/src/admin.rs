@@ -3,7 +3,8 @@
 //! * admin (127.0.0.1:15000): `/config_dump` (workloads and their enrollment
 //!   state, capture counters, the last reload error), `/certs`,
 //!   `/explain?from=..&to=..` (why a call works or fails) and
-//!   `POST /logging?level=...`. docs/admin-api.md has the JSON shapes. Reading is open to any process of the node;
+//!   `POST /logging?level=...` (docs/admin-api.md has the JSON shapes).
+//!   Reading is open to any process of the node;
 //!   anything that changes the tunnel (every POST) also needs the admin token,
 //!   a file only root can read (`<node.run_dir>/admin.token`, new at every
 //!   start): reaching 127.0.0.1 is not enough;

@@ -66,7 +66,8 @@ impl CertificateProblem {
 /// One failed connection, as `/explain` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailureRecord {
-    /// RFC 3339, milliseconds.
+    /// When the connection began (the access log's `timestamp`; RFC 3339,
+    /// milliseconds).
     pub time: String,
     /// `outbound` (a local workload called) or `inbound` (a local workload
     /// was called).
