@@ -133,6 +133,19 @@ fn an_allowed_call_is_explained_as_allowed_by_its_policy_and_exits_0() -> anyhow
     assert_eq!(code, 0, "{text}");
     assert!(text.starts_with("OK: allowed"), "the verdict comes first:\n{text}");
     assert!(text.contains(&format!("certificate valid serial {serial}")), "{text}");
+
+    // A caller outside the mesh (n1's own address) calls in plaintext, and
+    // db's namespace is strict.
+    let (code, v) = t2.explain_json(&tb, &n1.ip4.to_string(), &to)?;
+    assert_eq!((code, s(&v, "/source/kind")), (1, "outside_mesh"), "{v:#}");
+    assert_eq!(
+        (s(&v, "/policy/caller"), s(&v, "/verdict/cause")),
+        ("plaintext", "plaintext_refused"),
+        "{v:#}"
+    );
+    // A workload the configuration does not have is bad input: exit 2.
+    let err = t1.explain(&tb, "shop/nosuch", &to, false).map(|(_, out)| out).unwrap_err().to_string();
+    assert!(err.contains("exited 2") && err.contains("no workload `shop/nosuch`"), "{err}");
     Ok(())
 }
 
