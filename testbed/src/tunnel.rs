@@ -604,6 +604,33 @@ impl Tunnel {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `ztunnel explain --from <from> --to <to>` run in this tunnel's node
+    /// (`--json` when `json`): its exit code and what it printed.
+    pub fn explain(&self, tb: &Testbed, from: &str, to: &str, json: bool) -> anyhow::Result<(i32, String)> {
+        let mut cmd = tb.command(&self.node.unenrolled(), crate::bins::ztunnel()?)?;
+        cmd.args(["explain", "--from", from, "--to", to]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output()?;
+        let code = out.status.code().unwrap_or(-1);
+        anyhow::ensure!(
+            code == 0 || code == 1,
+            "ztunnel explain exited {code}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok((code, String::from_utf8_lossy(&out.stdout).into_owned()))
+    }
+
+    /// `ztunnel explain --json`, parsed, with its exit code.
+    pub fn explain_json(&self, tb: &Testbed, from: &str, to: &str) -> anyhow::Result<(i32, Value)> {
+        let (code, out) = self.explain(tb, from, to, true)?;
+        Ok((
+            code,
+            serde_json::from_str(&out).with_context(|| format!("ztunnel explain --json printed {out}"))?,
+        ))
+    }
+
     /// The `ztunnel certs` status of one identity.
     pub fn cert_status(&self, tb: &Testbed, identity: &str) -> anyhow::Result<Value> {
         let certs = self.certs(tb)?;

@@ -2,7 +2,8 @@
 //! node with real eBPF capture and an embedded CA, and real clients (curl)
 //! calling small HTTP servers. Prints who called whom, under which
 //! identities, encrypted or not, with the access log lines of both tunnels,
-//! and fails if anything it expects did not happen. Everything is removed at
+//! ends with `ztunnel explain` of its denied call, and fails if anything it
+//! expects did not happen. Everything is removed at
 //! the end, also on failure.
 
 use std::{
@@ -185,12 +186,34 @@ pub fn run() -> anyhow::Result<()> {
         println!();
     }
     print_counters(&tunnels)?;
+    explain_denied(&tb, &tunnels[1], &batch.key(), db.addr4(8080), &mut failures)?;
     if failures.is_empty() {
         println!("demo: all {} calls behaved as expected", calls.len());
         Ok(())
     } else {
         bail!("demo: {} unexpected:\n  {}", failures.len(), failures.join("\n  "))
     }
+}
+
+/// `ztunnel explain` of the denied call [5], asked of the callee's node
+/// (whose policy decides), printed as an operator would read it.
+fn explain_denied(
+    tb: &Testbed,
+    callee: &Tunnel,
+    from: &str,
+    to: SocketAddr,
+    failures: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    println!("\n$ ztunnel explain --from {from} --to {to}    # on {}", callee.node.name);
+    let (code, text) = callee.explain(tb, from, &to.to_string(), false)?;
+    for line in text.lines() {
+        if line.is_empty() { println!() } else { println!("  {line}") }
+    }
+    println!("  (exit {code})\n");
+    if code != 1 || !text.starts_with("FAILS: denied") {
+        failures.push(format!("ztunnel explain did not name the denial of {from} -> {to} (exit {code})"));
+    }
+    Ok(())
 }
 
 /// Istio's principal form of a SPIFFE ID.

@@ -57,6 +57,10 @@ pub struct Entry {
     pub reason: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Why the peer's certificate was refused (`/explain` reports it; the
+    /// line itself has it in `error`).
+    #[serde(skip)]
+    pub peer_certificate: Option<crate::tls::verify::VerifyError>,
     /// The policy (`namespace/name`) that decided, and its matching rule.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,

@@ -1,8 +1,10 @@
 //! The node's own endpoints:
 //!
 //! * admin (127.0.0.1:15000): `/config_dump` (workloads and their enrollment
-//!   state, capture counters, the last reload error), `/certs`, and
-//!   `POST /logging?level=...`. Reading is open to any process of the node;
+//!   state, capture counters, the last reload error), `/certs`,
+//!   `/explain?from=..&to=..` (why a call works or fails) and
+//!   `POST /logging?level=...` (docs/admin-api.md has the JSON shapes).
+//!   Reading is open to any process of the node;
 //!   anything that changes the tunnel (every POST) also needs the admin token,
 //!   a file only root can read (`<node.run_dir>/admin.token`, new at every
 //!   start): reaching 127.0.0.1 is not enough;
@@ -20,9 +22,11 @@ use serde::Serialize;
 use crate::{
     capture::CaptureCounters,
     enrollment::WorkloadStatus,
+    failures::FailureRing,
     http::{self, Body},
     identity::manager::CertManager,
     metrics::Metrics,
+    state::StateWatch,
 };
 
 /// The admin token: random, written where only root can read it.
@@ -103,6 +107,9 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub certs: CertManager,
     pub set_log_level: LogLevelSetter,
+    /// What the proxies decide by (`/explain`).
+    pub state: StateWatch,
+    pub failures: Arc<FailureRing>,
 }
 
 /// How long the controller's loop may not go round before `/healthz/live`
@@ -167,12 +174,39 @@ impl Admin {
                 ),
             },
             (&Method::GET, "/certs") => http::json(StatusCode::OK, &self.certs.view()),
+            (&Method::GET, "/explain") => self.explain(parts),
             (_, "/healthz/ready") => self.handle_readiness(parts),
             _ => http::respond(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "endpoints: GET /config_dump, GET /certs, POST /logging?level=<filter>, GET /healthz/ready\n",
+                "endpoints: GET /config_dump, GET /certs, GET /explain?from=<workload|ip>&to=<ip:port>, POST /logging?level=<filter>, GET /healthz/ready\n",
             ),
+        }
+    }
+
+    fn explain(&self, parts: &Parts) -> Response<Body> {
+        let refuse = |e: crate::explain::ExplainError| {
+            let status = if e.is_not_found() { StatusCode::NOT_FOUND } else { StatusCode::BAD_REQUEST };
+            http::respond(status, "text/plain", format!("{e}\n"))
+        };
+        let query = match crate::explain::Query::parse(parts.uri.query()) {
+            Ok(q) => q,
+            Err(e) => return refuse(e),
+        };
+        let state = self.state.borrow().clone();
+        let enrollment = self.view.lock().map(|v| v.workloads.clone()).unwrap_or_default();
+        let bundle = self.certs.bundle().borrow().clone();
+        let inputs = crate::explain::Inputs {
+            state: &state,
+            certs: &self.certs.view(),
+            bundle: &bundle,
+            enrollment: &enrollment,
+            failures: &self.failures,
+            now: crate::clock::now(),
+        };
+        match crate::explain::explain(&inputs, &query) {
+            Ok(e) => http::json(StatusCode::OK, &e),
+            Err(e) => refuse(e),
         }
     }
 

@@ -27,6 +27,7 @@ use crate::{
     cgroup::{Cgroup, cgroup2_mount},
     config::{Config, OnPolicyChange},
     enrollment::Enrollment,
+    failures::FailureRing,
     handover::{self, HandedListeners, HandoverError, HandoverListener, Predecessor, Successor},
     http,
     identity::runtime::IdentityRuntime,
@@ -215,6 +216,8 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         max_sockets: config.capture.max_sockets,
     })?;
     metrics.set_capture(capture.counters());
+    let (state_tx, state_rx) = watch::channel(Arc::new(State::empty(config.clone())));
+    let failures = Arc::new(FailureRing::default());
     let admin = Arc::new(Admin {
         token,
         view: Mutex::new(AdminView {
@@ -229,9 +232,10 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         certs: identity.manager.clone(),
         set_log_level,
+        state: state_rx.clone(),
+        failures: failures.clone(),
     });
 
-    let (state_tx, state_rx) = watch::channel(Arc::new(State::empty(config.clone())));
     let sockets = SocketPolicy::from_config(&config.proxy.tcp_keepalive);
     let refusals = Refusals::new(metrics.limit_refusals.clone());
     let l = &config.limits;
@@ -239,6 +243,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         state: state_rx,
         records: capture.records(),
         access_log: access_log.clone(),
+        failures,
         metrics: metrics.clone(),
         certs: identity.manager.clone(),
         pool: Pool::new(

@@ -12,6 +12,7 @@
 //! | `k8s` | Kubernetes mode: discovery, the policy CRD, pods' cgroups and namespaces |
 //! | `clock` | the wall clock certificates live by (tokio's, in unit tests) |
 //! | `admin`, `metrics`, `access_log` | what operators see |
+//! | `failures`, `explain` | the last failed connections, and why a call works or fails (`ztunnel explain`) |
 //! | `app` | `ztunnel run`: wiring, reload, graceful shutdown |
 //! | `precheck` | `ztunnel precheck`: whether a node can run the tunnel, before install |
 
@@ -25,6 +26,8 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod enrollment;
+pub mod explain;
+pub mod failures;
 pub mod handover;
 pub mod http;
 pub mod identity;

@@ -84,6 +84,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Why a call works or fails, from the running tunnel of this node: both
+    /// sides and their modes, the source's certificate, the trust bundle,
+    /// the policy decision and the failures recorded between the two, with
+    /// a one-line verdict first. Exit 0: the call would be allowed and no
+    /// failure was recorded in the last 5 minutes; 1: otherwise; 2: bad
+    /// input or no tunnel.
+    Explain {
+        /// The caller: a workload (`name` or `namespace/name`) or an address.
+        #[arg(long)]
+        from: String,
+        /// The address called: `ip:port` (IPv6 in brackets).
+        #[arg(long)]
+        to: String,
+        /// The tunnel's admin endpoint (in the node's network namespace).
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
+        /// The admin endpoint's JSON (docs/admin-api.md) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check whether this node can run the tunnel, before anything is
     /// installed: kernel and BTF, cgroup v2, each eBPF program loaded and
     /// attached to a scratch cgroup or namespace, bpffs, capabilities, open
@@ -189,6 +209,15 @@ fn main() -> ExitCode {
             };
         }
         Command::Certs { admin, json } => ztunnel::cli::certs(admin, json),
+        Command::Explain { from, to, admin, json } => {
+            return match ztunnel::cli::explain(admin, &from, &to, json) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("ztunnel: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Command::Precheck { json, config, kubernetes, cni_conf_dir, report_event } => {
             let options = ztunnel::precheck::Options { config, kubernetes, cni_conf_dir };
             return precheck(&options, json, report_event);

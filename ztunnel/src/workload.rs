@@ -136,6 +136,11 @@ impl Registry {
         self.by_address.get(&canonical(dst.ip()))?.iter().find(|w| w.serves(dst.port()))
     }
 
+    /// Every workload at `ip` (several: a node's plain-host workloads).
+    pub fn at(&self, ip: IpAddr) -> &[Arc<Workload>] {
+        self.by_address.get(&canonical(ip)).map_or(&[], Vec::as_slice)
+    }
+
     /// Whether several workloads share `ip` (a node's plain-host workloads),
     /// telling their traffic apart by port.
     pub fn is_shared(&self, ip: IpAddr) -> bool {

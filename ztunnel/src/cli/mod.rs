@@ -1,9 +1,13 @@
-//! The subcommands that are not `run`: the CA's, `certs`, and `policy`
-//! (in `policy`).
+//! The subcommands that are not `run`: the CA's, `certs`, `policy` (in
+//! `policy`) and `explain` (in `explain`).
 
+mod explain;
 mod policy;
 
-pub use self::policy::{PolicyCommand, policy};
+pub use self::{
+    explain::explain,
+    policy::{PolicyCommand, policy},
+};
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 

@@ -27,6 +27,7 @@ pub async fn handle_plaintext(stream: TcpStream, peer: SocketAddr, workload_id: 
         }
         entry.reason = failure.reason().to_owned();
         entry.error = Some(error);
+        ctx.failures.record_entry(&entry);
     }
     entry.duration_ms = started.elapsed().as_millis() as u64;
     ctx.metrics.count_connection(entry.direction, entry.mode, &entry.reason);

@@ -23,8 +23,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::limits::{ConnectionLimits, LimitExceeded, PerSource, WorkloadBudgets};
 use crate::{
-    access_log::AccessLog, capture::CaptureRecords, identity::manager::CertManager, metrics::Metrics,
-    netns::Netns, sockopt::SocketPolicy, state::StateWatch,
+    access_log::AccessLog, capture::CaptureRecords, failures::FailureRing, identity::manager::CertManager,
+    metrics::Metrics, netns::Netns, sockopt::SocketPolicy, state::StateWatch,
 };
 
 /// What every connection handler needs.
@@ -32,6 +32,8 @@ pub struct ProxyContext {
     pub state: StateWatch,
     pub records: Arc<CaptureRecords>,
     pub access_log: Arc<AccessLog>,
+    /// The last failures, for `ztunnel explain`.
+    pub failures: Arc<FailureRing>,
     pub metrics: Arc<Metrics>,
     pub certs: CertManager,
     pub pool: Arc<hbone::pool::Pool>,

@@ -82,6 +82,7 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, scope: ListenerScope, c
         if let Failure::Hbone(reason) = failure {
             ctx.metrics.handshake_failed("outbound", reason);
         }
+        ctx.failures.record_entry(&entry);
     }
     entry.duration_ms = started.elapsed().as_millis() as u64;
     ctx.metrics.count_connection(entry.direction, entry.mode, &entry.reason);
@@ -192,7 +193,10 @@ async fn carry(
                 EarlyBounds { per_stream: ctx.early_data_per_stream, budget: ctx.budgets.of(source.id) };
             let hbone = match ctx.pool.open(&key, &source.netns, &credential, request, &early).await {
                 Ok(s) => s,
-                Err(e) => return refuse(&stream, Failure::Hbone(e.reason()), e.to_string()),
+                Err(e) => {
+                    entry.peer_certificate = e.certificate().cloned();
+                    return refuse(&stream, Failure::Hbone(e.reason()), e.to_string());
+                }
             };
             entry.hbone_connection = Some(hbone.connection_id);
             relay_tcp_h2(stream, hbone.reader, hbone.writer, entry).await

@@ -76,7 +76,13 @@ pub enum HboneError {
     #[error("cannot reach {target}: {error}")]
     Unreachable { target: SocketAddr, error: String },
     #[error("mTLS with {target} failed ({reason}): {error}")]
-    Tls { target: SocketAddr, reason: &'static str, error: String },
+    Tls {
+        target: SocketAddr,
+        reason: &'static str,
+        error: String,
+        /// Why our side refused the peer's certificate, when it did.
+        certificate: Option<crate::tls::verify::VerifyError>,
+    },
     #[error("HTTP/2 with {target}: {error}")]
     Protocol { target: SocketAddr, error: String },
     #[error("{target} answered {status}")]
@@ -94,6 +100,14 @@ impl HboneError {
             HboneError::Protocol { .. } => "hbone_protocol",
             HboneError::Status { status, .. } => status_reason(*status),
             HboneError::PoolTimeout { .. } => "pool_timeout",
+        }
+    }
+
+    /// The peer's certificate problem, for a handshake refused on it.
+    pub fn certificate(&self) -> Option<&crate::tls::verify::VerifyError> {
+        match self {
+            HboneError::Tls { certificate, .. } => certificate.as_ref(),
+            _ => None,
         }
     }
 }

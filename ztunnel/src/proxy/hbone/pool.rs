@@ -348,6 +348,7 @@ impl Pool {
                 target,
                 reason: "tls_config",
                 error: e.to_string(),
+                certificate: None,
             })?;
             // Without SNI the name only satisfies the API.
             let name = if key.shared_address {
@@ -355,16 +356,17 @@ impl Pool {
                     target,
                     reason: "tls_config",
                     error: e.to_string(),
+                    certificate: None,
                 })?
             } else {
                 ServerName::IpAddress(target.ip().into())
             };
             let tls = TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| {
-                let (reason, error) = e
-                    .get_ref()
-                    .and_then(|i| i.downcast_ref::<rustls::Error>())
-                    .map_or(("tls_error", e.to_string()), tls::verify::handshake_reason);
-                HboneError::Tls { target, reason, error }
+                let refused = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+                let (reason, error) =
+                    refused.map_or(("tls_error", e.to_string()), tls::verify::handshake_reason);
+                let certificate = refused.and_then(tls::verify::VerifyError::from_rustls);
+                HboneError::Tls { target, reason, error, certificate }
             })?;
             let (_, session) = tls.get_ref();
             let peer_not_after = session
@@ -375,6 +377,7 @@ impl Pool {
                     target,
                     reason: "bad_certificate",
                     error: "the peer's certificate has no readable validity".into(),
+                    certificate: None,
                 })?;
             let (sender, connection) =
                 client_builder().handshake::<_, Bytes>(tls).await.map_err(|e| h2_failure(target, &e))?;
@@ -450,7 +453,7 @@ fn h2_failure(target: SocketAddr, e: &h2::Error) -> HboneError {
     match tls {
         Some(t) => {
             let (reason, error) = tls::verify::handshake_reason(t);
-            HboneError::Tls { target, reason, error }
+            HboneError::Tls { target, reason, error, certificate: tls::verify::VerifyError::from_rustls(t) }
         }
         None => HboneError::Protocol { target, error: e.to_string() },
     }

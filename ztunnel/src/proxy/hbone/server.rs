@@ -137,11 +137,10 @@ pub async fn serve_connection(
         Ok(Err(e)) => {
             let fallback =
                 if e.kind() == std::io::ErrorKind::UnexpectedEof { "handshake_eof" } else { "not_tls" };
-            let (reason, error) = e
-                .get_ref()
-                .and_then(|i| i.downcast_ref::<rustls::Error>())
-                .map_or((fallback, e.to_string()), tls::verify::handshake_reason);
-            refused_handshake(&ctx, peer, landed, Some(&target), reason, error);
+            let refused = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+            let (reason, error) = refused.map_or((fallback, e.to_string()), tls::verify::handshake_reason);
+            let certificate = refused.and_then(tls::verify::VerifyError::from_rustls);
+            refused_certificate(&ctx, peer, landed, Some(&target), reason, error, certificate);
             return;
         }
         Err(_) => {
@@ -339,6 +338,19 @@ fn refused_handshake(
     reason: &str,
     error: String,
 ) {
+    refused_certificate(ctx, peer, landed, target, reason, error, None);
+}
+
+/// A refused handshake, with why the caller's certificate was refused.
+fn refused_certificate(
+    ctx: &ProxyContext,
+    peer: SocketAddr,
+    landed: SocketAddr,
+    target: Option<&LocalWorkload>,
+    reason: &str,
+    error: String,
+    certificate: Option<tls::verify::VerifyError>,
+) {
     ctx.metrics.handshake_failed("inbound", reason);
     let mut entry = Entry::now("inbound", "hbone");
     entry.source_address = Some(peer.to_string());
@@ -348,6 +360,8 @@ fn refused_handshake(
     entry.decision = "deny";
     entry.reason = reason.to_owned();
     entry.error = Some(error);
+    entry.peer_certificate = certificate;
+    ctx.failures.record_entry(&entry);
     ctx.metrics.count_connection(entry.direction, entry.mode, &entry.reason);
     ctx.access_log.log(entry);
 }
@@ -376,6 +390,7 @@ async fn handle_stream(
         }
         entry.reason = failure.reason().to_owned();
         entry.error = Some(error);
+        ctx.failures.record_entry(&entry);
     }
     entry.duration_ms = started.elapsed().as_millis() as u64;
     ctx.metrics.count_connection(entry.direction, entry.mode, &entry.reason);
