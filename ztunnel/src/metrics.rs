@@ -11,6 +11,8 @@ use prometheus_client::{
 
 use crate::capture::CaptureCounters;
 
+pub mod text;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
