@@ -42,6 +42,7 @@ const EXPORTED_SERIES: &[&str] = &[
     "ztunnel_ready",
     "ztunnel_pool_connections",
     "ztunnel_pool_streams",
+    "ztunnel_tokio_alive_tasks",
     "process_open_fds",
     "process_resident_memory_bytes",
 ];

@@ -123,6 +123,7 @@ impl Admin {
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
+        self.metrics.ready.set(i64::from(ready));
     }
 
     pub fn handle_admin(&self, parts: &Parts) -> Response<Body> {

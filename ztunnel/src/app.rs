@@ -208,23 +208,27 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     let sockets = SocketPolicy::from_config(&config.proxy.tcp_keepalive);
     let refusals = Refusals::new(metrics.limit_refusals.clone());
     let l = &config.limits;
+    let pool = Pool::new(
+        PoolSettings {
+            idle_timeout: config.proxy.pool_idle_timeout,
+            connect_timeout: config.proxy.connect_timeout,
+            clock_skew: config.identity.clock_skew,
+            wait_timeout: l.pool_wait_timeout,
+            sockets,
+            ..PoolSettings::default()
+        },
+        identity.manager.bundle(),
+    );
+    metrics.process.set_runtime(tokio::runtime::Handle::current());
+    let weak_pool = Arc::downgrade(&pool);
+    metrics.process.set_pool(move || weak_pool.upgrade().map(|p| p.stats()));
     let ctx = Arc::new(ProxyContext {
         state: state_rx,
         records: capture.records(),
         access_log: access_log.clone(),
         metrics: metrics.clone(),
         certs: identity.manager.clone(),
-        pool: Pool::new(
-            PoolSettings {
-                idle_timeout: config.proxy.pool_idle_timeout,
-                connect_timeout: config.proxy.connect_timeout,
-                clock_skew: config.identity.clock_skew,
-                wait_timeout: l.pool_wait_timeout,
-                sockets,
-                ..PoolSettings::default()
-            },
-            identity.manager.bundle(),
-        ),
+        pool,
         limits: ConnectionLimits::new(limits, refusals.clone()),
         handshakes: PerSource::handshakes(l.handshakes_per_source, l.handshakes, refusals.clone()),
         hbone_sources: PerSource::connections(l.hbone_connections_per_source, refusals),

@@ -11,7 +11,10 @@ use prometheus_client::{
 
 use crate::capture::CaptureCounters;
 
+pub mod process;
 pub mod text;
+
+pub use self::process::{PoolStats, ProcessCollector};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -84,6 +87,10 @@ pub struct Metrics {
     /// Access log lines lost because the writer could not keep up.
     pub access_log_dropped: Counter,
     pub limit_refusals: Family<LimitLabels, Counter>,
+    /// 1 while `/healthz/ready` answers 200.
+    pub ready: Gauge,
+    /// Descriptors, memory, tasks and the HBONE pool, read at scrape time.
+    pub process: ProcessCollector,
     capture: CaptureCollector,
 }
 
@@ -134,6 +141,14 @@ impl Metrics {
         );
         let capture = CaptureCollector::default();
         registry.register_collector(Box::new(capture.clone()));
+        let process = ProcessCollector::default();
+        registry.register_collector(Box::new(process.clone()));
+        let ready = Gauge::default();
+        registry.register(
+            "ztunnel_ready",
+            "1 while the tunnel is ready (/healthz/ready answers 200)",
+            ready.clone(),
+        );
         let tcp_opened = Family::<TcpLabels, Counter>::default();
         registry.register("istio_tcp_connections_opened", "Connections opened", tcp_opened.clone());
         let tcp_closed = Family::<TcpLabels, Counter>::default();
@@ -169,6 +184,8 @@ impl Metrics {
             access_log_dropped.clone(),
         );
         Self {
+            ready,
+            process,
             access_log_dropped,
             limit_refusals,
             policy_decisions,
