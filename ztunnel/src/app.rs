@@ -160,7 +160,8 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         Some(_) => Metrics::with_kubernetes(&k8s_metrics),
         None => Metrics::new(),
     });
-    let access_log = Arc::new(AccessLog::start(&config.access_log, metrics.access_log_dropped.clone())?);
+    let access_log =
+        Arc::new(AccessLog::start(&config.access_log.target, metrics.access_log_dropped.clone())?);
     let shutdown = CancellationToken::new();
     let token = AdminToken::create(&config.node.admin_token())
         .with_context(|| format!("writing the admin token {}", config.node.admin_token().display()))?;
