@@ -136,17 +136,24 @@ impl TcpLabels {
     }
 }
 
-/// The workload a pod belongs to: a Deployment's pod `<deployment>-<pod
-/// template hash>-<suffix>` is `<deployment>`, so a rollout does not mint new
-/// series; any other name is the workload's own.
+/// The workload a pod belongs to, read from the labels its controller sets
+/// (Istio reads the owner references, which the registry does not carry),
+/// so that a rollout or a rescheduled pod does not mint new series:
+/// a Deployment's `<name>-<pod-template-hash>-<suffix>`, a StatefulSet's
+/// `<name>-<ordinal>` and a DaemonSet's `<name>-<suffix>` are `<name>`, a
+/// Job's pod is its Job. Any other name is the workload's own.
 pub fn workload_name(w: &Workload) -> &str {
-    if let Some(hash) = w.labels.get("pod-template-hash").filter(|h| !h.is_empty())
-        && let Some((deployment, _)) = w.name.rsplit_once(&format!("-{hash}-"))
-        && !deployment.is_empty()
+    let label = |k: &str| w.labels.get(k).map(String::as_str).filter(|v| !v.is_empty());
+    let controller = if let Some(hash) = label("pod-template-hash") {
+        w.name.rsplit_once(&format!("-{hash}-")).map(|(n, _)| n).filter(|n| !n.is_empty())
+    } else if label("statefulset.kubernetes.io/pod-name").is_some()
+        || label("pod-template-generation").is_some()
     {
-        return deployment;
-    }
-    &w.name
+        w.name.rsplit_once('-').map(|(n, _)| n).filter(|n| !n.is_empty())
+    } else {
+        label("batch.kubernetes.io/job-name").or_else(|| label("job-name"))
+    };
+    controller.unwrap_or(&w.name)
 }
 
 /// Istio's canonical service: the first of these labels, else the workload.
@@ -203,6 +210,15 @@ mod tests {
             (workload_name(&w), canonical_service(&w), canonical_revision(&w)),
             ("web-0", "web", "v2")
         );
+        let w = workload("db-2", &[("statefulset.kubernetes.io/pod-name", "db-2")]);
+        assert_eq!(workload_name(&w), "db");
+        let w = workload("agent-x7k2p", &[("pod-template-generation", "3")]);
+        assert_eq!(workload_name(&w), "agent");
+        let w = workload("backup-28764120-abcde", &[("batch.kubernetes.io/job-name", "backup-28764120")]);
+        assert_eq!(workload_name(&w), "backup-28764120");
+        // A label that does not fit the name leaves the name as it is.
+        let w = workload("odd", &[("pod-template-hash", "abc")]);
+        assert_eq!(workload_name(&w), "odd");
         let w = workload(
             "x",
             &[
