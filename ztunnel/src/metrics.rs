@@ -180,6 +180,17 @@ impl Metrics {
             "Access log lines dropped because the log could not be written fast enough",
             access_log_dropped.clone(),
         );
+        // Series the alerts read with increase() exist from the start, at 0:
+        // one born at 1 would hide its first event from increase().
+        for result in ["applied", "unchanged", "invalid"] {
+            let _ = config_reloads.get_or_create(&ResultLabels { result: result.to_owned() });
+        }
+        for result in ["success", "error"] {
+            let _ = certificate_renewals.get_or_create(&ResultLabels { result: result.to_owned() });
+        }
+        for limit in crate::limits::LimitExceeded::ALL {
+            let _ = limit_refusals.get_or_create(&LimitLabels { limit: limit.reason() });
+        }
         Self {
             ready,
             process,
