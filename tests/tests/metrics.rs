@@ -20,7 +20,7 @@ use ztunnel_testbed::{
     agent::{Held, Server},
     tunnel::Tunnel,
 };
-use ztunnel_tests::{WAIT, field, wait_until};
+use ztunnel_tests::{EXPORTED_SERIES, WAIT, field, wait_until};
 
 /// Istio's labels on `istio_tcp_*` (its ztunnel's `CommonTrafficLabels`).
 const ISTIO_LABELS: &[&str] = &[
@@ -257,6 +257,15 @@ fn istio_tcp_metrics_are_live_during_a_long_connection_and_complete_after_it() -
     // The tunnel's own series, during the transfer.
     let during = t1.metrics()?;
     promtool_check(&promtool, &during)?;
+    // Everything the alert rules and the dashboard may query is exported.
+    // A labelled family shows once it has a series: the caller's tunnel has
+    // a refused handshake once flush_access_log's marker was refused, the
+    // callee's a policy decision for this connection.
+    t1.flush_access_log()?;
+    let both = format!("{}{}", t1.metrics()?, t2.metrics()?);
+    let missing: Vec<&&str> =
+        EXPORTED_SERIES.iter().filter(|n| !both.contains(&format!("# TYPE {n} "))).collect();
+    assert!(missing.is_empty(), "not exported: {missing:?}\n{both}");
     assert_eq!(gauge(&during, "ztunnel_ready"), Some(1.0), "{during}");
     assert!(gauge(&during, "process_open_fds").is_some_and(|n| n >= 10.0), "{during}");
     assert!(gauge(&during, "process_resident_memory_bytes").is_some_and(|n| n > 1e6), "{during}");
