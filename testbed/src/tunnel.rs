@@ -143,8 +143,11 @@ impl Tunnel {
     ) -> anyhow::Result<Self> {
         let config_path = tb.dir().join(format!("{}-tunnel.yaml", node.name));
         write_config(&config_path, &config)?;
-        let access_log_path = config["access_log"]
+        // `access_log: <path>`, or `access_log: {target: <path>, ...}`.
+        let access_log = &config["access_log"];
+        let access_log_path = access_log
             .as_str()
+            .or_else(|| access_log["target"].as_str())
             .map(PathBuf::from)
             .unwrap_or_else(|| tb.dir().join("no-access-log"));
         let mut t = Self {

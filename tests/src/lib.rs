@@ -84,3 +84,27 @@ pub fn metric(text: &str, series: &str) -> u64 {
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0) as u64
 }
+
+/// Every series ztunnel exports, as Prometheus scrapes them: the contract
+/// the alert rules and the dashboard are checked against (`tests/deploy.rs`)
+/// and a running tunnel is checked against (`tests/metrics.rs`).
+pub const EXPORTED_SERIES: &[&str] = &[
+    "istio_tcp_connections_opened_total",
+    "istio_tcp_connections_closed_total",
+    "istio_tcp_sent_bytes_total",
+    "istio_tcp_received_bytes_total",
+    "ztunnel_certificate_expiry_timestamp_seconds",
+    "ztunnel_certificate_renewals_total",
+    "ztunnel_handshake_failures_total",
+    "ztunnel_policy_decisions_total",
+    "ztunnel_capture_events_total",
+    "ztunnel_limit_refusals_total",
+    "ztunnel_config_reloads_total",
+    "ztunnel_workloads",
+    "ztunnel_ready",
+    "ztunnel_pool_connections",
+    "ztunnel_pool_streams",
+    "ztunnel_tokio_alive_tasks",
+    "process_open_fds",
+    "process_resident_memory_bytes",
+];

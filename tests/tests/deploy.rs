@@ -20,31 +20,13 @@ use std::{
 
 use serde_json::Value as Json;
 use serde_yaml_ng::Value as Yaml;
+// Every series ztunnel exports: shared with tests/metrics.rs, which checks a
+// running tunnel against it.
+use ztunnel_tests::EXPORTED_SERIES;
 
 // ---------------------------------------------------------------------------
 // The contract: what ztunnel exports, and what deploy/ must grant.
 // ---------------------------------------------------------------------------
-
-/// Every series ztunnel exports, as Prometheus scrapes them.
-const EXPORTED_SERIES: &[&str] = &[
-    "istio_tcp_connections_opened_total",
-    "istio_tcp_connections_closed_total",
-    "istio_tcp_sent_bytes_total",
-    "istio_tcp_received_bytes_total",
-    "ztunnel_certificate_expiry_timestamp_seconds",
-    "ztunnel_certificate_renewals_total",
-    "ztunnel_handshake_failures_total",
-    "ztunnel_policy_decisions_total",
-    "ztunnel_capture_events_total",
-    "ztunnel_limit_refusals_total",
-    "ztunnel_config_reloads_total",
-    "ztunnel_workloads",
-    "ztunnel_ready",
-    "ztunnel_pool_connections",
-    "ztunnel_pool_streams",
-    "process_open_fds",
-    "process_resident_memory_bytes",
-];
 
 /// What the dashboard must show at least once.
 const DASHBOARD_MUST_SHOW: &[&str] = &[

@@ -1,4 +1,7 @@
-//! One JSON line per connection, written when the connection ends.
+//! One JSON line per connection, written when the connection ends
+//! (`event: final`), and for a long connection one more every interval while
+//! it runs (`event: periodic`, with the bytes so far; see `proxy::traffic`).
+//! Every field is documented in docs/runbook.md ("Access log fields").
 //!
 //! Lines go through a bounded queue to a writer task so that a slow disk or a
 //! blocked stdout never stalls the data path; if the queue is full the line is
@@ -25,7 +28,10 @@ const BATCH_PAUSE: std::time::Duration = std::time::Duration::from_millis(25);
 /// Everything an operator needs to know about one connection.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Entry {
+    /// When the connection started (the same on all of its lines).
     pub timestamp: String,
+    /// `final` (the connection ended) or `periodic` (still open).
+    pub event: &'static str,
     /// `outbound` (captured from a local workload) or `inbound`.
     pub direction: &'static str,
     /// How the bytes travelled: `passthrough`, `hbone`, `plaintext`.
@@ -84,6 +90,7 @@ impl Entry {
     pub fn now(direction: &'static str, mode: &'static str) -> Self {
         Self {
             timestamp: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            event: "final",
             direction,
             mode,
             decision: "allow",
@@ -161,6 +168,11 @@ impl AccessLog {
             }
         });
         Ok(Self { tx: Some(tx), queued: AtomicU64::new(0), written, dropped })
+    }
+
+    /// Whether lines go anywhere (the target is not `off`).
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
     }
 
     pub fn log(&self, entry: Entry) {

@@ -25,7 +25,10 @@ use crate::{
     failures::FailureRing,
     http::{self, Body},
     identity::manager::CertManager,
-    metrics::Metrics,
+    metrics::{
+        Metrics,
+        text::{Format, to_classic},
+    },
     state::StateWatch,
 };
 
@@ -129,6 +132,7 @@ impl Admin {
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
+        self.metrics.ready.set(i64::from(ready));
     }
 
     pub fn handle_admin(&self, parts: &Parts) -> Response<Body> {
@@ -247,12 +251,16 @@ impl Admin {
         if parts.uri.path() != "/metrics" {
             return http::respond(StatusCode::NOT_FOUND, "text/plain", "GET /metrics\n");
         }
+        let accept = parts.headers.get(hyper::header::ACCEPT).and_then(|v| v.to_str().ok());
+        let format = Format::negotiate(accept);
         match self.metrics.encode() {
-            Ok(text) => http::respond(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                text,
-            ),
+            Ok(text) => {
+                let body = match format {
+                    Format::OpenMetrics => text,
+                    Format::Text => to_classic(&text),
+                };
+                http::respond(StatusCode::OK, format.content_type(), body)
+            }
             Err(e) => http::respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", e.to_string()),
         }
     }

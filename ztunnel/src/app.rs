@@ -45,6 +45,7 @@ use crate::{
             pool::{Pool, PoolSettings},
         },
         outbound::ListenerScope,
+        traffic::Traffic,
     },
     sd_notify,
     sockopt::{self, SocketPolicy},
@@ -187,7 +188,8 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         Some(_) => Metrics::with_kubernetes(&k8s_metrics),
         None => Metrics::new(),
     });
-    let access_log = Arc::new(AccessLog::start(&config.access_log, metrics.access_log_dropped.clone())?);
+    let access_log =
+        Arc::new(AccessLog::start(&config.access_log.target, metrics.access_log_dropped.clone())?);
     let shutdown = CancellationToken::new();
     let token = AdminToken::create(&config.node.admin_token())
         .with_context(|| format!("writing the admin token {}", config.node.admin_token().display()))?;
@@ -239,6 +241,20 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     let sockets = SocketPolicy::from_config(&config.proxy.tcp_keepalive);
     let refusals = Refusals::new(metrics.limit_refusals.clone());
     let l = &config.limits;
+    let pool = Pool::new(
+        PoolSettings {
+            idle_timeout: config.proxy.pool_idle_timeout,
+            connect_timeout: config.proxy.connect_timeout,
+            clock_skew: config.identity.clock_skew,
+            wait_timeout: l.pool_wait_timeout,
+            sockets,
+            ..PoolSettings::default()
+        },
+        identity.manager.bundle(),
+    );
+    metrics.process.set_runtime(tokio::runtime::Handle::current());
+    let weak_pool = Arc::downgrade(&pool);
+    metrics.process.set_pool(move || weak_pool.upgrade().map(|p| p.stats()));
     let ctx = Arc::new(ProxyContext {
         state: state_rx,
         records: capture.records(),
@@ -246,17 +262,8 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         failures,
         metrics: metrics.clone(),
         certs: identity.manager.clone(),
-        pool: Pool::new(
-            PoolSettings {
-                idle_timeout: config.proxy.pool_idle_timeout,
-                connect_timeout: config.proxy.connect_timeout,
-                clock_skew: config.identity.clock_skew,
-                wait_timeout: l.pool_wait_timeout,
-                sockets,
-                ..PoolSettings::default()
-            },
-            identity.manager.bundle(),
-        ),
+        pool,
+        traffic: Traffic::new(metrics.clone(), access_log.clone(), Some(config.access_log.interval)),
         limits: ConnectionLimits::new(limits, refusals.clone()),
         handshakes: PerSource::handshakes(l.handshakes_per_source, l.handshakes, refusals.clone()),
         hbone_sources: PerSource::connections(l.hbone_connections_per_source, refusals),

@@ -34,6 +34,16 @@ pub enum LimitExceeded {
 }
 
 impl LimitExceeded {
+    pub const ALL: [LimitExceeded; 7] = [
+        LimitExceeded::Total,
+        LimitExceeded::Workload,
+        LimitExceeded::FairShare,
+        LimitExceeded::HandshakesPerSource,
+        LimitExceeded::Handshakes,
+        LimitExceeded::ConnectionsPerSource,
+        LimitExceeded::Deliveries,
+    ];
+
     pub fn reason(self) -> &'static str {
         match self {
             LimitExceeded::Total => "limit_total",

@@ -11,6 +11,15 @@ use prometheus_client::{
 
 use crate::capture::CaptureCounters;
 
+pub mod process;
+pub mod tcp;
+pub mod text;
+
+pub use self::{
+    process::{PoolStats, ProcessCollector},
+    tcp::TcpLabels,
+};
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
@@ -40,21 +49,6 @@ pub struct HandshakeLabels {
     pub reason: String,
 }
 
-/// Istio's standard TCP labels, so existing dashboards work.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TcpLabels {
-    pub reporter: String,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub request_protocol: String,
-    pub response_flags: String,
-    pub connection_security_policy: String,
-}
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
     pub limit: &'static str,
@@ -82,6 +76,10 @@ pub struct Metrics {
     /// Access log lines lost because the writer could not keep up.
     pub access_log_dropped: Counter,
     pub limit_refusals: Family<LimitLabels, Counter>,
+    /// 1 while `/healthz/ready` answers 200.
+    pub ready: Gauge,
+    /// Descriptors, memory, tasks and the HBONE pool, read at scrape time.
+    pub process: ProcessCollector,
     capture: CaptureCollector,
 }
 
@@ -132,20 +130,36 @@ impl Metrics {
         );
         let capture = CaptureCollector::default();
         registry.register_collector(Box::new(capture.clone()));
+        let process = ProcessCollector::default();
+        registry.register_collector(Box::new(process.clone()));
+        let ready = Gauge::default();
+        registry.register(
+            "ztunnel_ready",
+            "1 while the tunnel is ready (/healthz/ready answers 200)",
+            ready.clone(),
+        );
         let tcp_opened = Family::<TcpLabels, Counter>::default();
-        registry.register("istio_tcp_connections_opened", "Connections opened", tcp_opened.clone());
+        registry.register(
+            "istio_tcp_connections_opened",
+            "Connections opened (counted when carrying starts)",
+            tcp_opened.clone(),
+        );
         let tcp_closed = Family::<TcpLabels, Counter>::default();
-        registry.register("istio_tcp_connections_closed", "Connections closed", tcp_closed.clone());
+        registry.register(
+            "istio_tcp_connections_closed",
+            "Connections closed, with the labels they opened with",
+            tcp_closed.clone(),
+        );
         let tcp_sent_bytes = Family::<TcpLabels, Counter>::default();
         registry.register(
             "istio_tcp_sent_bytes",
-            "Bytes sent back to the caller (destination to source)",
+            "Bytes sent back to the caller (destination to source), counted while the connection runs",
             tcp_sent_bytes.clone(),
         );
         let tcp_received_bytes = Family::<TcpLabels, Counter>::default();
         registry.register(
             "istio_tcp_received_bytes",
-            "Bytes received from the caller (source to destination)",
+            "Bytes received from the caller (source to destination), counted while the connection runs",
             tcp_received_bytes.clone(),
         );
         let policy_decisions = Family::<DecisionLabels, Counter>::default();
@@ -166,7 +180,20 @@ impl Metrics {
             "Access log lines dropped because the log could not be written fast enough",
             access_log_dropped.clone(),
         );
+        // Series the alerts read with increase() exist from the start, at 0:
+        // one born at 1 would hide its first event from increase().
+        for result in ["applied", "unchanged", "invalid"] {
+            let _ = config_reloads.get_or_create(&ResultLabels { result: result.to_owned() });
+        }
+        for result in ["success", "error"] {
+            let _ = certificate_renewals.get_or_create(&ResultLabels { result: result.to_owned() });
+        }
+        for limit in crate::limits::LimitExceeded::ALL {
+            let _ = limit_refusals.get_or_create(&LimitLabels { limit: limit.reason() });
+        }
         Self {
+            ready,
+            process,
             access_log_dropped,
             limit_refusals,
             policy_decisions,
@@ -197,42 +224,6 @@ impl Metrics {
 
     pub fn forget_certificate(&self, identity: &str) {
         self.certificate_expiry.remove(&IdentityLabels { identity: identity.to_owned() });
-    }
-
-    /// Counts a finished connection in Istio's TCP metrics, as seen by
-    /// `reporter` (`source` for outbound, `destination` for inbound).
-    pub fn count_tcp(&self, entry: &crate::access_log::Entry, reporter: &str) {
-        // Refused connections carried nothing; would-deny ones (audit mode)
-        // carried traffic and count like any other.
-        if entry.decision == "deny" {
-            return;
-        }
-        let split = |w: &Option<String>| {
-            w.as_deref()
-                .and_then(|w| w.split_once('/'))
-                .map_or(("unknown".to_owned(), "unknown".to_owned()), |(ns, name)| {
-                    (name.to_owned(), ns.to_owned())
-                })
-        };
-        let (source_workload, source_workload_namespace) = split(&entry.source_workload);
-        let (destination_workload, destination_workload_namespace) = split(&entry.destination_workload);
-        let principal = |p: &Option<String>| p.clone().unwrap_or_else(|| "unknown".to_owned());
-        let labels = TcpLabels {
-            reporter: reporter.to_owned(),
-            source_workload,
-            source_workload_namespace,
-            source_principal: principal(&entry.source_identity),
-            destination_workload,
-            destination_workload_namespace,
-            destination_principal: principal(&entry.destination_identity),
-            request_protocol: "tcp".to_owned(),
-            response_flags: if entry.reason == "ok" { "-".to_owned() } else { entry.reason.clone() },
-            connection_security_policy: entry.connection_security_policy.to_owned(),
-        };
-        self.tcp_opened.get_or_create(&labels).inc();
-        self.tcp_closed.get_or_create(&labels).inc();
-        self.tcp_received_bytes.get_or_create(&labels).inc_by(entry.bytes_sent);
-        self.tcp_sent_bytes.get_or_create(&labels).inc_by(entry.bytes_received);
     }
 
     pub fn limit_refused(&self, limit: crate::limits::LimitExceeded) {

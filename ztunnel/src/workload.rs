@@ -141,6 +141,17 @@ impl Registry {
         self.by_address.get(&canonical(ip)).map_or(&[], Vec::as_slice)
     }
 
+    /// The workload a connection from `ip` came from: the one there holding
+    /// `identity` when the caller proved one, else the only one there.
+    pub fn source(&self, ip: IpAddr, identity: Option<&SpiffeId>) -> Option<&Arc<Workload>> {
+        let there = self.at(ip);
+        match identity {
+            Some(id) => there.iter().find(|w| &w.identity == id),
+            None if there.len() == 1 => there.first(),
+            None => None,
+        }
+    }
+
     /// Whether several workloads share `ip` (a node's plain-host workloads),
     /// telling their traffic apart by port.
     pub fn is_shared(&self, ip: IpAddr) -> bool {
@@ -219,5 +230,13 @@ mod tests {
         assert!(reg.is_shared("198.18.0.1".parse().unwrap()));
         assert!(!reg.is_shared("198.19.1.2".parse().unwrap()));
         assert_eq!(find("198.19.9.9:80"), None);
+        let source =
+            |s: &str, id: Option<&SpiffeId>| reg.source(s.parse().unwrap(), id).map(|w| w.name.clone());
+        assert_eq!(source("198.19.1.2", None).as_deref(), Some("pod"));
+        // A shared address names its workload only with the caller's identity.
+        assert_eq!(source("198.18.0.1", None), None);
+        let b = SpiffeId::new(TrustDomain::default(), "default", "host-b").unwrap();
+        assert_eq!(source("198.18.0.1", Some(&b)).as_deref(), Some("host-b"));
+        assert_eq!(source("198.19.9.9", None), None);
     }
 }

@@ -3,6 +3,7 @@
 //! Everything is checked before anything is started: a file that loads is a
 //! file the tunnel can run. Every error names the file, the field and the line.
 
+mod access_log;
 pub mod limits;
 mod locate;
 pub mod registry;
@@ -20,6 +21,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize};
 
 pub use self::{
+    access_log::AccessLogConfig,
     limits::{KeepaliveConfig, LimitsConfig, ResolvedLimits},
     locate::Step,
     service::{Endpoint, EndpointSlice, ServiceConfig, ServicePort},
@@ -65,7 +67,7 @@ pub struct Config {
     #[serde(default)]
     pub limits: LimitsConfig,
     #[serde(default)]
-    pub access_log: AccessLogTarget,
+    pub access_log: AccessLogConfig,
     #[serde(default)]
     pub identity: IdentityConfig,
     /// Modes per namespace (a workload may override them).

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use ztunnel_ebpf_common::{DELIVERY_MARK, is_tunnel_port};
 
 use super::{Failure, ProxyContext, authz, delivery, outbound::relay_tcp};
-use crate::{access_log::Entry, sockopt, workload::canonical};
+use crate::{access_log::Entry, metrics::TcpLabels, sockopt, workload::canonical};
 
 pub async fn handle_plaintext(stream: TcpStream, peer: SocketAddr, workload_id: u32, ctx: Arc<ProxyContext>) {
     let started = Instant::now();
@@ -31,7 +31,6 @@ pub async fn handle_plaintext(stream: TcpStream, peer: SocketAddr, workload_id: 
     }
     entry.duration_ms = started.elapsed().as_millis() as u64;
     ctx.metrics.count_connection(entry.direction, entry.mode, &entry.reason);
-    ctx.metrics.count_tcp(&entry, "destination");
     ctx.access_log.log(entry);
 }
 
@@ -90,5 +89,8 @@ async fn carry(
         Ok(s) => s,
         Err((failure, error)) => return refuse(&stream, failure, error),
     };
-    relay_tcp(stream, upstream, entry, Some(&admitted.registration)).await
+    let source = ctx.state.borrow().registry.source(peer.ip(), None).cloned();
+    let labels = TcpLabels::new("destination", source.as_deref(), Some(&workload.workload), entry);
+    let carried = ctx.traffic.open(&labels, entry);
+    relay_tcp(stream, upstream, entry, Some(&admitted.registration), carried.transferred()).await
 }

@@ -7,6 +7,8 @@
 //! * `inbound`: plaintext connections steered to :15006.
 //! * `delivery`: handing connections to workloads with the caller's address.
 //! * `relay`, `h2`: the bidirectional copy every path ends in.
+//! * `traffic`: each carried connection counted open, its bytes as they
+//!   flow, and closed.
 
 pub mod authz;
 pub mod delivery;
@@ -15,6 +17,7 @@ pub mod hbone;
 pub mod inbound;
 pub mod outbound;
 pub mod relay;
+pub mod traffic;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -37,6 +40,8 @@ pub struct ProxyContext {
     pub metrics: Arc<Metrics>,
     pub certs: CertManager,
     pub pool: Arc<hbone::pool::Pool>,
+    /// Connections being carried: Istio's TCP metrics, periodic log lines.
+    pub traffic: Arc<traffic::Traffic>,
     /// Admitted inbound connections, re-decided when policy changes.
     pub open: Arc<authz::OpenConnections>,
     /// Connections carried, in all and per workload.

@@ -28,6 +28,7 @@ use super::{
 use crate::{
     access_log::Entry,
     config::Passthrough,
+    metrics::TcpLabels,
     sockopt,
     workload::{LocalWorkload, Workload},
 };
@@ -86,7 +87,6 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, scope: ListenerScope, c
     }
     entry.duration_ms = started.elapsed().as_millis() as u64;
     ctx.metrics.count_connection(entry.direction, entry.mode, &entry.reason);
-    ctx.metrics.count_tcp(&entry, "source");
     ctx.access_log.log(entry);
 }
 
@@ -163,7 +163,9 @@ async fn carry(
                 Err((failure, error)) => return refuse(&stream, failure, error),
             };
             entry.source_address = upstream.local_addr().ok().map(|a| a.to_string());
-            relay_tcp(stream, upstream, entry, None).await
+            let labels = TcpLabels::new("source", Some(&source.workload), None, entry);
+            let carried = ctx.traffic.open(&labels, entry);
+            relay_tcp(stream, upstream, entry, None, carried.transferred()).await
         }
         Route::Hbone(destination) => {
             entry.mode = "hbone";
@@ -199,7 +201,9 @@ async fn carry(
                 }
             };
             entry.hbone_connection = Some(hbone.connection_id);
-            relay_tcp_h2(stream, hbone.reader, hbone.writer, entry).await
+            let labels = TcpLabels::new("source", Some(&source.workload), Some(&destination), entry);
+            let carried = ctx.traffic.open(&labels, entry);
+            relay_tcp_h2(stream, hbone.reader, hbone.writer, entry, carried.transferred()).await
         }
     }
 }
@@ -210,13 +214,13 @@ pub(super) async fn relay_tcp(
     mut upstream: TcpStream,
     entry: &mut Entry,
     registration: Option<&super::authz::Registration>,
+    transferred: &relay::Transferred,
 ) -> Result<(), (Failure, String)> {
-    let transferred = relay::Transferred::default();
     let result = {
         let (dr, dw) = downstream.split();
         let (ur, uw) = upstream.split();
         let relay =
-            relay::relay((BufReader::new(dr), Writer(dw)), (BufReader::new(ur), Writer(uw)), &transferred);
+            relay::relay((BufReader::new(dr), Writer(dw)), (BufReader::new(ur), Writer(uw)), transferred);
         super::authz::unless_revoked(relay, registration).await
     };
     entry.bytes_sent = transferred.sent();
@@ -250,11 +254,11 @@ async fn relay_tcp_h2(
     reader: super::h2::H2Reader,
     mut writer: super::h2::H2Writer,
     entry: &mut Entry,
+    transferred: &relay::Transferred,
 ) -> Result<(), (Failure, String)> {
-    let transferred = relay::Transferred::default();
     let result = {
         let (dr, dw) = downstream.split();
-        relay::relay((BufReader::new(dr), Writer(dw)), (reader, &mut writer), &transferred).await
+        relay::relay((BufReader::new(dr), Writer(dw)), (reader, &mut writer), transferred).await
     };
     entry.bytes_sent = transferred.sent();
     entry.bytes_received = transferred.received();

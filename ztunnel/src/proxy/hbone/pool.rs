@@ -214,6 +214,18 @@ impl Pool {
             .sum()
     }
 
+    /// Connections taking streams, and the streams open on the connections
+    /// the pool holds (a retired one is let go once reaped), for the metrics.
+    pub fn stats(&self) -> crate::metrics::PoolStats {
+        let entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut stats = crate::metrics::PoolStats::default();
+        for c in entries.values().flat_map(|e| &e.connections) {
+            stats.connections += u64::from(!c.closed.load(Ordering::Acquire));
+            stats.streams += c.streams.load(Ordering::Acquire) as u64;
+        }
+        stats
+    }
+
     /// Drops closed connections and idle ones.
     fn reap(&self) {
         let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

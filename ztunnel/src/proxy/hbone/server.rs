@@ -46,6 +46,7 @@ use super::{ALPN_H2, check_connect, pool::port_from_sni};
 use crate::{
     access_log::Entry,
     identity::{node_id::PeerId, spiffe::SpiffeId},
+    metrics::TcpLabels,
     proxy::{
         Failure, ProxyContext, authz, delivery,
         h2::{H2Reader, H2Writer, keepalive, server_builder},
@@ -394,7 +395,6 @@ async fn handle_stream(
     }
     entry.duration_ms = started.elapsed().as_millis() as u64;
     ctx.metrics.count_connection(entry.direction, entry.mode, &entry.reason);
-    ctx.metrics.count_tcp(&entry, "destination");
     ctx.access_log.log(entry);
 }
 
@@ -445,7 +445,11 @@ async fn carry(
         Err(e) => return Err((None, Failure::Reset, e.to_string())),
     };
     let recv = request.into_body();
-    relay_h2_tcp(H2Reader::new(recv), H2Writer::new(send), upstream, entry, Some(&admitted.registration))
+    let source = ctx.state.borrow().registry.source(caller.peer.ip(), Some(&caller.source)).cloned();
+    let labels = TcpLabels::new("destination", source.as_deref(), Some(&target.workload), entry);
+    let carried = ctx.traffic.open(&labels, entry);
+    let (reader, writer) = (H2Reader::new(recv), H2Writer::new(send));
+    relay_h2_tcp(reader, writer, upstream, entry, Some(&admitted.registration), carried.transferred())
         .await
         .map_err(|(f, e)| (None, f, e))
 }
@@ -458,11 +462,11 @@ pub async fn relay_h2_tcp(
     mut tcp: TcpStream,
     entry: &mut Entry,
     registration: Option<&authz::Registration>,
+    transferred: &relay::Transferred,
 ) -> Result<(), (Failure, String)> {
-    let transferred = relay::Transferred::default();
     let result = {
         let (r, w) = tcp.split();
-        let relay = relay::relay((reader, &mut writer), (BufReader::new(r), Writer(w)), &transferred);
+        let relay = relay::relay((reader, &mut writer), (BufReader::new(r), Writer(w)), transferred);
         authz::unless_revoked(relay, registration).await
     };
     entry.bytes_sent = transferred.sent();
