@@ -542,7 +542,8 @@ impl Enrollment {
             let listener = self.listen(local, SocketAddr::new(ip, OUTBOUND_PORT), &mut out)?;
             let ctx = self.ctx.clone();
             let scope = ListenerScope::Pod(local.id);
-            out.tasks.push(AbortOnDrop(self.runtime.spawn(proxy::accept_loop(
+            out.tasks.push(AbortOnDrop(self.runtime.spawn(proxy::accept_loop_for_pod(
+                local.id,
                 listener,
                 ctx.clone(),
                 move |s, p| proxy::outbound::handle(s, p, scope, ctx.clone()),
@@ -559,7 +560,8 @@ impl Enrollment {
             }
             let ctx = self.ctx.clone();
             let id = local.id;
-            out.tasks.push(AbortOnDrop(self.runtime.spawn(proxy::accept_loop(
+            out.tasks.push(AbortOnDrop(self.runtime.spawn(proxy::accept_loop_for_pod(
+                local.id,
                 listener,
                 ctx.clone(),
                 move |s, p| proxy::inbound::handle_plaintext(s, p, id, ctx.clone()),
@@ -569,7 +571,8 @@ impl Enrollment {
                 if ip.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
             let listener = self.listen(local, SocketAddr::new(any, HBONE_PORT), &mut out)?;
             let ctx = self.ctx.clone();
-            out.tasks.push(AbortOnDrop(self.runtime.spawn(proxy::accept_loop(
+            out.tasks.push(AbortOnDrop(self.runtime.spawn(proxy::accept_loop_for_pod(
+                local.id,
                 listener,
                 ctx.clone(),
                 move |s, p| proxy::hbone::server::serve_connection(s, p, scope, ctx.clone()),

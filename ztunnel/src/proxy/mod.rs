@@ -157,6 +157,31 @@ pub async fn dial(
     }
 }
 
+/// [`accept_loop`] for one of pod `id`'s listeners: it starts accepting only
+/// once the published state knows the pod. A listener can have connections
+/// waiting before that (its workload's capture is marked ready just before
+/// the state is published; after an upgrade the predecessor's queue is
+/// already live), and a connection taken then would find no workload and be
+/// reset.
+pub async fn accept_loop_for_pod<F, Fut>(
+    id: u32,
+    listener: tokio::net::TcpListener,
+    ctx: Arc<ProxyContext>,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut state = ctx.state.clone();
+    while !state.borrow_and_update().local.contains_key(&id) {
+        tokio::select! {
+            changed = state.changed() => if changed.is_err() { return },
+            () = ctx.shutdown.cancelled() => return,
+        }
+    }
+    accept_loop(listener, ctx, handle).await;
+}
+
 /// Accepts forever (until shutdown), handing each connection to `handle` on a
 /// tracked task. Accept errors (a full fd table) pause briefly instead of
 /// spinning.
