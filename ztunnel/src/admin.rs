@@ -59,6 +59,15 @@ impl AdminToken {
         Ok(Self { value, path: path.to_owned() })
     }
 
+    /// The token a running tunnel wrote, kept (an upgrade's successor shares
+    /// it with the tunnel it takes over from); a new one if there is none.
+    pub fn adopt(path: &std::path::Path) -> std::io::Result<Self> {
+        match Self::read(path) {
+            Ok(value) if value.len() == 64 => Ok(Self { value, path: path.to_owned() }),
+            _ => Self::create(path),
+        }
+    }
+
     /// Reads the token a running tunnel wrote (the CLI's side).
     pub fn read(path: &std::path::Path) -> std::io::Result<String> {
         Ok(std::fs::read_to_string(path)?.trim().to_owned())

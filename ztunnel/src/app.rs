@@ -147,28 +147,24 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     // (upgrade without resets): they are used instead of bound.
     let handover_path = handover::socket_path(&config.node.run_dir);
     let upgrade_started = std::time::Instant::now();
-    let (mut predecessor, mut handed) =
-        match tokio::task::block_in_place(|| Predecessor::connect(&handover_path, &config.node.name))
-            .context("taking over from the tunnel running on this node")?
-        {
-            Some((p, handed)) => {
-                tracing::info!(
-                    predecessor = p.pid,
-                    listeners = handed.len(),
-                    "a tunnel runs on this node: taking over its listeners"
-                );
-                (Some(p), handed)
-            }
-            None => (None, HandedListeners::default()),
-        };
+    let (mut predecessor, mut handed) = match tokio::task::block_in_place(|| {
+        Predecessor::connect(&handover_path, &config.node.name, tunnel_cgroup_id)
+    })
+    .context("taking over from the tunnel running on this node")?
+    {
+        Some((p, handed)) => {
+            tracing::info!(
+                predecessor = p.pid,
+                listeners = handed.len(),
+                "a tunnel runs on this node: taking over its listeners"
+            );
+            (Some(p), handed)
+        }
+        None => (None, HandedListeners::default()),
+    };
     let mut node_sockets = Vec::new();
     let mut bind = |addr: SocketAddr, what: &str| -> anyhow::Result<tokio::net::TcpListener> {
-        let l = match handed.take(&node_netns, addr) {
-            Some(l) => l,
-            None => node_netns.tcp_listener(addr).with_context(|| format!("{what} listener {addr}"))?,
-        };
-        node_sockets.push(handover::dup_listener(&l).with_context(|| format!("{what} listener {addr}"))?);
-        Ok(tokio::net::TcpListener::from_std(l)?)
+        handed.take_or_bind(&node_netns, addr, &mut node_sockets).with_context(|| format!("{what} listener"))
     };
     // Node listeners first: a port conflict must stop the start before
     // capture is touched.
@@ -191,8 +187,14 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     let access_log =
         Arc::new(AccessLog::start(&config.access_log.target, metrics.access_log_dropped.clone())?);
     let shutdown = CancellationToken::new();
-    let token = AdminToken::create(&config.node.admin_token())
-        .with_context(|| format!("writing the admin token {}", config.node.admin_token().display()))?;
+    // Taking over: the running tunnel's token stays valid for both (a POST
+    // may reach either while they overlap, and the old one must keep
+    // working if this one fails).
+    let token = match predecessor {
+        Some(_) => AdminToken::adopt(&config.node.admin_token()),
+        None => AdminToken::create(&config.node.admin_token()),
+    }
+    .with_context(|| format!("the admin token {}", config.node.admin_token().display()))?;
     // Identity before capture: a CA or credential problem must stop the start
     // while the node is still untouched.
     let identity = IdentityRuntime::start(&config, &node_netns, metrics.clone(), shutdown.clone())?;
@@ -202,9 +204,16 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     // has been listed and applied.
     let mut cluster = match &kubernetes {
         Some(options) => Some(
-            KubernetesSource::start(options, config.clone(), &mount, k8s_metrics, shutdown.clone())
-                .await
-                .context("Kubernetes mode")?,
+            KubernetesSource::start(
+                options,
+                config.clone(),
+                &mount,
+                k8s_metrics,
+                shutdown.clone(),
+                predecessor.is_some(),
+            )
+            .await
+            .context("Kubernetes mode")?,
         ),
         None => None,
     };
@@ -216,6 +225,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         tunnel_cgroup_id,
         max_connections: config.capture.max_connections,
         max_sockets: config.capture.max_sockets,
+        predecessor_running: predecessor.is_some(),
     })?;
     metrics.set_capture(capture.counters());
     let (state_tx, state_rx) = watch::channel(Arc::new(State::empty(config.clone())));
@@ -319,14 +329,20 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         tokio::runtime::Handle::current(),
     );
     enrollment.use_handed(handed);
-    let statuses = tokio::task::block_in_place(|| enrollment.apply(&config));
-    publish_status(&admin, &metrics, &enrollment, statuses, false);
-    for warning in config.warnings() {
-        tracing::warn!("configuration: {warning}");
-    }
+    // In Kubernetes mode the file has no workloads: applying it would empty
+    // the pinned enrollment the previous tunnel left (its pods' connections
+    // would go out uncaptured until the cluster is listed). The first
+    // listing is the first apply; until then the pins stay as they are
+    // (refused while no tunnel listens; served by a predecessor during a
+    // handover).
     if cluster.is_none() {
+        let statuses = tokio::task::block_in_place(|| enrollment.apply(&config));
+        publish_status(&admin, &metrics, &enrollment, statuses, false);
         admin.set_ready(true);
         tracing::info!(node = %config.node.name, "ztunnel ready");
+    }
+    for warning in config.warnings() {
+        tracing::warn!("configuration: {warning}");
     }
 
     let mut reloader = Reloader::new(&config_path, kubernetes.as_ref().map(|k| k.node_name.clone()));
@@ -352,6 +368,7 @@ async fn serve(start: Start) -> anyhow::Result<()> {
         None => listen_for_successor(&handover_path),
     };
     let mut handed_over = None;
+    let mut ready_since = None;
     loop {
         trimmer.tick();
         admin.beat();
@@ -365,10 +382,22 @@ async fn serve(start: Start) -> anyhow::Result<()> {
             tracing::warn!(successor = child.id(), "the successor exited ({status}) before taking over");
             spawned = None;
         }
+        // Taking over once every local identity holds a certificate (the
+        // running tunnel has its own; a CA outage during an upgrade leaves
+        // the old one serving), or after CERTIFICATES_LIMIT regardless (an
+        // identity the CA never signs must not block every upgrade).
+        if admin.is_ready() && ready_since.is_none() {
+            ready_since = Some(std::time::Instant::now());
+        }
+        let waiting_for_certificates = predecessor.is_some()
+            && ready_since.is_some_and(|t| t.elapsed() < CERTIFICATES_LIMIT)
+            && !identity.manager.view().identities.iter().all(|c| c.state == "valid");
         if admin.is_ready()
+            && !waiting_for_certificates
             && let Some(p) = predecessor.take()
         {
             let unused = enrollment.release_handed();
+            let pid_of_predecessor = p.pid;
             match tokio::task::block_in_place(|| p.taken()) {
                 Ok(pid) => tracing::info!(
                     predecessor = pid,
@@ -376,11 +405,22 @@ async fn serve(start: Start) -> anyhow::Result<()> {
                     unused_listeners = unused,
                     "took over from the tunnel that ran on this node; it drains and exits"
                 ),
+                Err(e) if handover::is_running(pid_of_predecessor) => {
+                    // It gave up waiting (HANDOVER_LIMIT) and serves on:
+                    // two tunnels must not both serve the node.
+                    anyhow::bail!(
+                        "the running tunnel (pid {pid_of_predecessor}) gave up waiting for this one to be ready ({e}); it keeps serving, this one exits"
+                    );
+                }
                 Err(e) => tracing::warn!("the tunnel this one took over from went away first: {e}"),
+            }
+            if let Some(source) = cluster.as_mut() {
+                source.publish_cni_socket();
             }
             handover_listener = listen_for_successor(&handover_path);
         }
         let forced = tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(50)), if waiting_for_certificates => continue,
             successor = next_successor(handover_listener.as_ref()) => {
                 match successor {
                     Ok(successor) if successor.node != current.node.name => {
@@ -394,17 +434,30 @@ async fn serve(start: Start) -> anyhow::Result<()> {
                         let listeners: Vec<_> =
                             node_sockets.iter().map(|s| s.as_fd()).chain(enrollment.listener_fds()).collect();
                         let pid = successor.pid;
-                        if hand_over(successor, &listeners, &admin).await {
-                            handed_over = Some(pid);
-                            // Our own child: systemd follows it as the unit's
-                            // main process from now on.
-                            if spawned.as_ref().map(std::process::Child::id) == Some(pid) {
-                                sd_notify::tell(&format!("MAINPID={pid}"));
+                        let successor_cgroup = successor.tunnel_cgroup;
+                        match hand_over(successor, &listeners, &admin, &mut sigterm).await {
+                            HandOver::Taken | HandOver::Stopped => {
+                                handed_over = Some((pid, successor_cgroup));
+                                // Our own child: systemd follows it as the
+                                // unit's main process from now on.
+                                if spawned.as_ref().map(std::process::Child::id) == Some(pid) {
+                                    sd_notify::tell(&format!("MAINPID={pid}"));
+                                }
+                                break;
                             }
-                            break;
+                            HandOver::Failed => {
+                                // The would-be successor may have written the
+                                // shared maps: make them this tunnel's again.
+                                enrollment.force_sync();
+                                let statuses = tokio::task::block_in_place(|| enrollment.apply(&current));
+                                publish_status(&admin, &metrics, &enrollment, statuses, false);
+                            }
                         }
                     }
-                    Err(e) => tracing::warn!("handover socket: {e}"),
+                    Err(e) => {
+                        tracing::warn!("handover socket: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                 }
                 continue;
             }
@@ -440,9 +493,12 @@ async fn serve(start: Start) -> anyhow::Result<()> {
             _ = tick.tick() => false,
             () = cgroups.changed() => {
                 // A cgroup came or went: a restarted unit is enrolled again
-                // now, not at the next tick.
-                let statuses = tokio::task::block_in_place(|| enrollment.apply(&current));
-                publish_status(&admin, &metrics, &enrollment, statuses, false);
+                // now, not at the next tick (in Kubernetes mode once the
+                // cluster is listed: before, there is nothing to apply).
+                if cluster.as_ref().is_none_or(KubernetesSource::synced) {
+                    let statuses = tokio::task::block_in_place(|| enrollment.apply(&current));
+                    publish_status(&admin, &metrics, &enrollment, statuses, false);
+                }
                 continue;
             }
         };
@@ -515,11 +571,13 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     }
 
     match handed_over {
-        Some(successor) => tracing::info!(
-            successor,
-            drain = ?current.proxy.drain_timeout,
-            "handed over: no longer accepting; draining open connections, then exiting"
-        ),
+        Some((successor, _)) => {
+            tracing::info!(
+                successor,
+                drain = ?current.proxy.drain_timeout,
+                "handed over: no longer accepting; draining open connections, then exiting"
+            );
+        }
         None => {
             sd_notify::tell("STOPPING=1");
             tracing::info!(drain = ?current.proxy.drain_timeout, "shutting down: no new connections, draining open ones")
@@ -528,6 +586,11 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     if let Some(l) = &handover_listener {
         l.remove();
     }
+    // The copies kept for a successor: without them the listening sockets
+    // close with the accept loops (at a plain stop, new connections are then
+    // refused at once instead of queued and reset at exit).
+    drop(node_sockets);
+    enrollment.drop_listener_copies();
     admin.set_ready(false);
     shutdown.cancel();
     ctx.connections.close();
@@ -537,6 +600,9 @@ async fn serve(start: Start) -> anyhow::Result<()> {
     servers.close();
     let _ = tokio::time::timeout(Duration::from_secs(1), servers.wait()).await;
     access_log.flushed(Duration::from_secs(2)).await;
+    if let Some((_, successor_cgroup)) = handed_over {
+        enrollment.retire_delivery(successor_cgroup);
+    }
     // Capture stays attached (pinned): enrolled workloads are refused until
     // the next tunnel starts, never let out in the clear.
     drop(enrollment);
@@ -548,6 +614,10 @@ async fn serve(start: Start) -> anyhow::Result<()> {
 /// ready (certificates, and in Kubernetes mode the cluster's first listing);
 /// enrollment here is paused meanwhile.
 const HANDOVER_LIMIT: Duration = Duration::from_secs(120);
+
+/// How long a successor that is ready waits for its certificates before it
+/// takes over anyway.
+const CERTIFICATES_LIMIT: Duration = Duration::from_secs(30);
 
 /// This binary, run again with this process's arguments. The file may have
 /// been replaced by the new version (what an upgrade does): the path is
@@ -586,7 +656,8 @@ async fn hand_over(
     mut successor: Successor,
     listeners: &[std::os::fd::BorrowedFd<'_>],
     admin: &Admin,
-) -> bool {
+    sigterm: &mut tokio::signal::unix::Signal,
+) -> HandOver {
     let pid = successor.pid;
     tracing::info!(
         successor = pid,
@@ -595,23 +666,41 @@ async fn hand_over(
     );
     if let Err(e) = tokio::task::block_in_place(|| successor.offer(listeners)) {
         tracing::warn!(successor = pid, "handover failed, carrying on: {e}");
-        return false;
+        return HandOver::Failed;
     }
+    // Not ready while it is under way: a probe of the node's readiness port
+    // may reach either process, and neither can promise the other.
+    admin.set_ready(false);
     let taken = successor.wait_taken(HANDOVER_LIMIT);
     tokio::pin!(taken);
     loop {
         tokio::select! {
             r = &mut taken => return match r {
-                Ok(()) => true,
+                Ok(()) => HandOver::Taken,
                 Err(e) => {
                     tracing::warn!(successor = pid, "the new tunnel did not take over, carrying on: {e}");
-                    false
+                    admin.set_ready(true);
+                    HandOver::Failed
                 }
             },
+            // Stopped meanwhile (the old pod deleted): the successor already
+            // holds the sockets and serves once ready; connections wait in
+            // their queues until then.
+            _ = sigterm.recv() => {
+                tracing::info!(successor = pid, "SIGTERM during the handover: stopping; the new tunnel keeps the sockets");
+                return HandOver::Stopped;
+            }
             // Alive while waiting: the controller is paused, not wedged.
             () = tokio::time::sleep(Duration::from_secs(1)) => admin.beat(),
         }
     }
+}
+
+enum HandOver {
+    Taken,
+    /// SIGTERM came first.
+    Stopped,
+    Failed,
 }
 
 /// The next event of Kubernetes mode (never, in file mode).

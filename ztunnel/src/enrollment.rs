@@ -173,6 +173,25 @@ impl Enrollment {
         std::mem::take(&mut self.handed).len()
     }
 
+    /// Makes the next `apply` write the capture maps in full (a would-be
+    /// successor may have written them).
+    pub fn force_sync(&mut self) {
+        self.published = None;
+    }
+
+    /// Closes the copies of the pods' listening sockets kept for a successor
+    /// (the sockets close with their accept loops then).
+    pub fn drop_listener_copies(&mut self) {
+        for e in self.enrolled.values_mut() {
+            e.listeners.sockets.clear();
+        }
+    }
+
+    /// See [`Capture::retire_delivery`].
+    pub fn retire_delivery(&self, successor_cgroup: u64) {
+        self.capture.retire_delivery(successor_cgroup);
+    }
+
     /// Every pod listener this tunnel serves, for a successor.
     pub fn listener_fds(&self) -> impl Iterator<Item = std::os::fd::BorrowedFd<'_>> {
         self.enrolled.values().flat_map(|e| e.listeners.sockets.iter().map(AsFd::as_fd))
@@ -591,15 +610,7 @@ impl Enrollment {
         addr: SocketAddr,
         out: &mut PodListeners,
     ) -> Result<tokio::net::TcpListener, String> {
-        let std = match self.handed.take(&local.netns, addr) {
-            Some(l) => l,
-            None => local.netns.tcp_listener(addr).map_err(|e| format!("listen on {addr}: {e}"))?,
-        };
-        out.sockets.push(
-            crate::handover::dup_listener(&std)
-                .map_err(|e| format!("duplicating the {addr} listener: {e}"))?,
-        );
-        tokio::net::TcpListener::from_std(std).map_err(|e| format!("listen on {addr}: {e}"))
+        self.handed.take_or_bind(&local.netns, addr, &mut out.sockets).map_err(|e| e.to_string())
     }
 
     /// Points inbound steering for the pod's addresses at its :15006

@@ -60,6 +60,8 @@ pub enum HandoverError {
     Protocol(String),
     #[error("handover: {0}")]
     Sys(#[from] nix::Error),
+    #[error("{0}")]
+    Bind(#[from] crate::netns::NetnsError),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -69,6 +71,9 @@ struct Hello {
     /// The node the successor serves: only the same node's tunnel may take
     /// over (two tunnels sharing a run directory by mistake must not).
     node: String,
+    /// The successor's tunnel cgroup (whether the predecessor's delivery
+    /// link is its own or the successor's).
+    tunnel_cgroup: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -109,6 +114,16 @@ impl HandedListeners {
     fn from_fds(fds: Vec<OwnedFd>) -> Self {
         let mut by_place = HashMap::new();
         for fd in fds {
+            // Only a listening TCP socket is of use (a successor must not
+            // spin on accept() errors of anything else it was sent).
+            let kind = socket2::SockRef::from(&fd);
+            match (kind.r#type(), kind.is_listener()) {
+                (Ok(socket2::Type::STREAM), Ok(true)) => {}
+                _ => {
+                    tracing::warn!("a handed-over socket is not a TCP listener: closed");
+                    continue;
+                }
+            }
             let listener = std::net::TcpListener::from(fd);
             let place = sockopt::netns_cookie(&listener).and_then(|c| Ok((c, listener.local_addr()?)));
             match place {
@@ -143,6 +158,23 @@ impl HandedListeners {
         }
     }
 
+    /// The listener at `addr` in `netns`: the handed-over one if there is
+    /// one, else a new one; a copy goes to `copies` (what a later successor
+    /// is handed).
+    pub fn take_or_bind(
+        &mut self,
+        netns: &Netns,
+        addr: SocketAddr,
+        copies: &mut Vec<OwnedFd>,
+    ) -> Result<tokio::net::TcpListener, HandoverError> {
+        let listener = match self.take(netns, addr) {
+            Some(l) => l,
+            None => netns.tcp_listener(addr)?,
+        };
+        copies.push(listener.as_fd().try_clone_to_owned()?);
+        Ok(tokio::net::TcpListener::from_std(listener)?)
+    }
+
     pub fn len(&self) -> usize {
         self.by_place.len()
     }
@@ -162,7 +194,11 @@ pub struct Predecessor {
 impl Predecessor {
     /// Connects to a running tunnel at `path` and takes its listeners. None:
     /// no tunnel runs there (no socket, or a stale one nobody listens on).
-    pub fn connect(path: &Path, node: &str) -> Result<Option<(Self, HandedListeners)>, HandoverError> {
+    pub fn connect(
+        path: &Path,
+        node: &str,
+        tunnel_cgroup: u64,
+    ) -> Result<Option<(Self, HandedListeners)>, HandoverError> {
         let mut stream = match UnixStream::connect(path) {
             Ok(s) => s,
             Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
@@ -170,12 +206,19 @@ impl Predecessor {
             }
             Err(source) => return Err(HandoverError::Socket { path: path.to_owned(), source }),
         };
+        // Sockets are taken only from root or this process's own user.
+        let creds = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)?;
+        if !trusted(creds.uid()) {
+            return Err(HandoverError::Protocol(format!(
+                "{} is served by uid {}, neither root nor this process's user",
+                path.display(),
+                creds.uid()
+            )));
+        }
         stream.set_read_timeout(Some(EXCHANGE_TIMEOUT))?;
         stream.set_write_timeout(Some(EXCHANGE_TIMEOUT))?;
-        write_message(
-            &mut stream,
-            &Hello { version: VERSION, pid: std::process::id(), node: node.to_owned() },
-        )?;
+        let hello = Hello { version: VERSION, pid: std::process::id(), node: node.to_owned(), tunnel_cgroup };
+        write_message(&mut stream, &hello)?;
         let offer: Offer = read_message(&mut stream)?;
         if let Some(why) = offer.refused {
             return Err(HandoverError::Protocol(format!(
@@ -255,6 +298,8 @@ pub struct Successor {
     pub pid: u32,
     /// The node it serves.
     pub node: String,
+    /// Its tunnel cgroup.
+    pub tunnel_cgroup: u64,
 }
 
 impl HandoverListener {
@@ -282,8 +327,7 @@ impl HandoverListener {
         loop {
             let (stream, _) = self.listener.accept().await?;
             let creds = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)?;
-            let me = nix::unistd::geteuid().as_raw();
-            if creds.uid() != 0 && creds.uid() != me {
+            if !trusted(creds.uid()) {
                 tracing::warn!(
                     uid = creds.uid(),
                     pid = creds.pid(),
@@ -302,7 +346,17 @@ impl HandoverListener {
                     continue;
                 }
             };
-            return Ok(Successor { stream, pid: hello.pid, node: hello.node });
+            let successor =
+                Successor { stream, pid: hello.pid, node: hello.node, tunnel_cgroup: hello.tunnel_cgroup };
+            if hello.version != VERSION {
+                let why = format!("it speaks handover version {}, this tunnel {VERSION}", hello.version);
+                tracing::warn!(successor = successor.pid, "handover refused: {why}");
+                if let Err(e) = tokio::task::block_in_place(|| successor.refuse(&why)) {
+                    tracing::warn!("handover: {e}");
+                }
+                continue;
+            }
+            return Ok(successor);
         }
     }
 
@@ -352,6 +406,17 @@ impl Successor {
     }
 }
 
+/// Root, or the user this process runs as.
+fn trusted(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
+}
+
+/// Whether process `pid` still runs.
+pub fn is_running(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else { return false };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
 // ---- framing: a 4-byte length, then JSON (never a buffered reader: bytes
 // that carry descriptors must be read by recvmsg) ----
 
@@ -375,11 +440,6 @@ fn read_message<T: for<'de> Deserialize<'de>>(stream: &mut UnixStream) -> Result
     serde_json::from_slice(&body).map_err(|e| HandoverError::Protocol(format!("unreadable message: {e}")))
 }
 
-/// Duplicates of listening sockets, kept so they can be handed over.
-pub fn dup_listener(listener: &impl AsFd) -> io::Result<OwnedFd> {
-    listener.as_fd().try_clone_to_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,7 +454,7 @@ mod tests {
         let listeners: Vec<std::net::TcpListener> =
             (0..FDS_PER_MESSAGE + 3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
         let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-        let client = tokio::task::spawn_blocking(move || Predecessor::connect(&path, "n1"));
+        let client = tokio::task::spawn_blocking(move || Predecessor::connect(&path, "n1", 1));
         let mut successor = server.accept().await.unwrap();
         assert_eq!(successor.pid, std::process::id());
         let fds: Vec<BorrowedFd<'_>> = listeners.iter().map(AsFd::as_fd).collect();
@@ -419,7 +479,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = socket_path(dir.path());
         let server = HandoverListener::bind(&path).unwrap();
-        let client = tokio::task::spawn_blocking(move || Predecessor::connect(&path, "n1"));
+        let client = tokio::task::spawn_blocking(move || Predecessor::connect(&path, "n1", 1));
         let mut successor = server.accept().await.unwrap();
         tokio::task::block_in_place(|| successor.offer(&[])).unwrap();
         let (predecessor, handed) = client.await.unwrap().unwrap().unwrap();
@@ -433,7 +493,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = socket_path(dir.path());
         let server = HandoverListener::bind(&path).unwrap();
-        let client = tokio::task::spawn_blocking(move || Predecessor::connect(&path, "n2"));
+        let client = tokio::task::spawn_blocking(move || Predecessor::connect(&path, "n2", 1));
         let successor = server.accept().await.unwrap();
         assert_eq!(successor.node, "n2");
         tokio::task::block_in_place(|| successor.refuse("this tunnel serves node n1")).unwrap();
@@ -445,10 +505,10 @@ mod tests {
     fn no_running_tunnel_is_no_predecessor() {
         let dir = tempfile::tempdir().unwrap();
         let path = socket_path(dir.path());
-        assert!(Predecessor::connect(&path, "n1").unwrap().is_none());
+        assert!(Predecessor::connect(&path, "n1", 1).unwrap().is_none());
         // A stale socket file nobody listens on.
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
-        assert!(Predecessor::connect(&path, "n1").unwrap().is_none());
+        assert!(Predecessor::connect(&path, "n1", 1).unwrap().is_none());
     }
 
     #[tokio::test]

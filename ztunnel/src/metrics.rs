@@ -95,7 +95,7 @@ impl Metrics {
         let config_reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "ztunnel_config_reloads",
-            "Configuration reloads, by result (applied, unchanged, invalid)",
+            "Configuration reloads, by result (applied, invalid)",
             config_reloads.clone(),
         );
         let workloads = Family::<WorkloadStateLabels, Gauge>::default();
@@ -182,7 +182,7 @@ impl Metrics {
         );
         // Series the alerts read with increase() exist from the start, at 0:
         // one born at 1 would hide its first event from increase().
-        for result in ["applied", "unchanged", "invalid"] {
+        for result in ["applied", "invalid"] {
             let _ = config_reloads.get_or_create(&ResultLabels { result: result.to_owned() });
         }
         for result in ["success", "error"] {

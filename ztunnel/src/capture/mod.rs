@@ -77,6 +77,9 @@ pub struct CaptureSettings {
     pub max_connections: u32,
     /// Size of the socket owner map: TCP sockets of workloads on the node.
     pub max_sockets: u32,
+    /// A tunnel this one takes over from still serves: its delivery link
+    /// (another cgroup's, in Kubernetes) must stay until it exits.
+    pub predecessor_running: bool,
 }
 
 /// The loaded, attached capture programs and their maps.
@@ -93,6 +96,8 @@ pub struct Capture {
     records: Arc<CaptureRecords>,
 
     counters: Arc<CaptureCounters>,
+    /// The tunnel's cgroup, whose delivery link this tunnel pinned.
+    tunnel_cgroup_id: u64,
 }
 
 impl Capture {
@@ -148,7 +153,10 @@ impl Capture {
             let id = program.attach(tunnel.as_fd(), CgroupAttachMode::Single).map_err(err)?;
             let link = FdLink::try_from(program.take_link(id).map_err(err)?)
                 .map_err(|source| CaptureError::Link { name, source })?;
-            pins.replace_link(&pins.link(name), link)?;
+            pins.replace_link(&pins.delivery_link(settings.tunnel_cgroup_id), link)?;
+            if !settings.predecessor_running {
+                pins.remove_delivery_links_except(settings.tunnel_cgroup_id)?;
+            }
         }
         {
             let name = program_name::SK_LOOKUP;
@@ -174,6 +182,7 @@ impl Capture {
             counters: Arc::new(CaptureCounters::new(take_map(&mut ebpf, map_name::CAPTURE_COUNTERS)?)),
             pins,
             ebpf,
+            tunnel_cgroup_id: settings.tunnel_cgroup_id,
         })
     }
 
@@ -228,6 +237,17 @@ impl Capture {
         let link: FdLink = program.take_link(id).map_err(err)?.into();
         self.pins.replace_link(&self.pins.netns_link(namespace, workload), link)?;
         Ok(())
+    }
+
+    /// After a handover, as this tunnel exits: its delivery link goes unless
+    /// the successor runs in the same cgroup (then the link is the
+    /// successor's).
+    pub fn retire_delivery(&self, successor_cgroup: u64) {
+        if successor_cgroup != self.tunnel_cgroup_id
+            && let Err(e) = self.pins.remove_link(&self.pins.delivery_link(self.tunnel_cgroup_id))
+        {
+            tracing::warn!("removing this tunnel's delivery link: {e}");
+        }
     }
 
     /// Detaches inbound steering from a pod's namespace.

@@ -4,6 +4,7 @@
 //! ```text
 //! <pin_dir>/v<MAP_ABI_VERSION>/maps/<MAP>                 maps shared by every tunnel generation
 //! <pin_dir>/v<MAP_ABI_VERSION>/links/<program>            cgroup links (connect4, connect6, sockops)
+//! <pin_dir>/v<MAP_ABI_VERSION>/links/delivery/<cgroup id>  the delivery program, per tunnel cgroup
 //! <pin_dir>/v<MAP_ABI_VERSION>/links/netns/<ns>/<name>    one sk_lookup link per enrolled pod
 //! ```
 //!
@@ -96,6 +97,28 @@ impl Pins {
 
     pub fn link(&self, program: &str) -> PathBuf {
         self.root.join("links").join(program)
+    }
+
+    /// The delivery program's link for the tunnel cgroup `cgroup_id`: one
+    /// per tunnel cgroup, so that a successor in another cgroup (a new pod)
+    /// does not detach the running tunnel's while both serve.
+    pub fn delivery_link(&self, cgroup_id: u64) -> PathBuf {
+        self.root.join("links").join("delivery").join(cgroup_id.to_string())
+    }
+
+    /// Unpins every delivery link but `keep`'s (tunnels that are gone).
+    pub fn remove_delivery_links_except(&self, keep: u64) -> Result<(), PinError> {
+        // Builds before per-cgroup pins kept a single one.
+        remove_if_exists(&self.link(ztunnel_ebpf_common::program_name::DELIVERY_SOCKOPS))?;
+        let dir = self.root.join("links").join("delivery");
+        let Ok(entries) = fs::read_dir(&dir) else { return Ok(()) };
+        for entry in entries {
+            let entry = entry.map_err(io_err(&dir))?;
+            if entry.file_name().to_string_lossy() != keep.to_string() {
+                remove_if_exists(&entry.path())?;
+            }
+        }
+        Ok(())
     }
 
     pub fn netns_dir(&self) -> PathBuf {

@@ -98,6 +98,10 @@ pub struct KubernetesSource {
     cni: mpsc::Receiver<CniCall>,
     /// ADDs whose pod is not shown yet or not captured yet.
     waiting: Vec<CniCall>,
+    /// Taking over from a running tunnel: the CNI socket listens at this
+    /// staging path until [`Self::publish_cni_socket`] moves it over the
+    /// running tunnel's, so that a successor that fails leaves it in place.
+    cni_staged: Option<(PathBuf, PathBuf)>,
 }
 
 impl KubernetesSource {
@@ -108,6 +112,7 @@ impl KubernetesSource {
         mount: &Path,
         metrics: K8sMetrics,
         shutdown: CancellationToken,
+        taking_over: bool,
     ) -> Result<Self, AgentError> {
         let client = super::client(options.kubeconfig.as_deref()).await?;
         let mut discovery = DiscoveryConfig::new(options.node_name.clone());
@@ -118,7 +123,13 @@ impl KubernetesSource {
         } else {
             PodCgroups::new(mount, options.kubepods_roots.clone())
         };
-        let cni = listen_cni(&options.cni_socket, shutdown)?;
+        let staging = taking_over.then(|| {
+            let mut name = options.cni_socket.clone().into_os_string();
+            name.push(".next");
+            PathBuf::from(name)
+        });
+        let cni =
+            listen_cni(staging.as_deref().unwrap_or(&options.cni_socket), &options.cni_socket, shutdown)?;
         Ok(Self {
             base,
             node: options.node_name.clone(),
@@ -126,7 +137,21 @@ impl KubernetesSource {
             local: LocalPods::new(cgroups, metrics),
             cni,
             waiting: Vec::new(),
+            cni_staged: staging.map(|s| (s, options.cni_socket.clone())),
         })
+    }
+
+    /// After taking over: the CNI plugin reaches this tunnel from now on.
+    pub fn publish_cni_socket(&mut self) {
+        if let Some((staging, path)) = self.cni_staged.take()
+            && let Err(e) = std::fs::rename(&staging, &path)
+        {
+            tracing::error!(
+                "moving the CNI socket {} to {}: {e} (CNI ADDs will fail until the tunnel restarts)",
+                staging.display(),
+                path.display()
+            );
+        }
     }
 
     /// Every watcher has listed once: until then the configuration holds
@@ -243,7 +268,11 @@ impl KubernetesSource {
 
 /// Listens on the CNI socket (mode 0600: only root, the runtime's plugin,
 /// may enroll) and hands each request to the controller.
-fn listen_cni(path: &Path, shutdown: CancellationToken) -> Result<mpsc::Receiver<CniCall>, AgentError> {
+fn listen_cni(
+    path: &Path,
+    published: &Path,
+    shutdown: CancellationToken,
+) -> Result<mpsc::Receiver<CniCall>, AgentError> {
     use std::os::unix::fs::PermissionsExt as _;
     let err = |source| AgentError::CniSocket { path: path.to_owned(), source };
     if let Some(dir) = path.parent() {
@@ -260,6 +289,7 @@ fn listen_cni(path: &Path, shutdown: CancellationToken) -> Result<mpsc::Receiver
     let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).map_err(err)?);
     let (tx, rx) = mpsc::channel(64);
     let path = path.to_owned();
+    let published = published.to_owned();
     tokio::spawn(async move {
         loop {
             let stream = tokio::select! {
@@ -301,10 +331,12 @@ fn listen_cni(path: &Path, shutdown: CancellationToken) -> Result<mpsc::Receiver
                 }
             });
         }
-        // Only while it is still this tunnel's: after an upgrade the path is
-        // the successor's socket.
-        if std::fs::metadata(&path).is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == inode) {
-            let _ = std::fs::remove_file(&path);
+        // Only while it is still this tunnel's (staged or published): after
+        // an upgrade the path is the successor's socket.
+        for p in [&path, &published] {
+            if std::fs::metadata(p).is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == inode) {
+                let _ = std::fs::remove_file(p);
+            }
         }
     });
     Ok(rx)
