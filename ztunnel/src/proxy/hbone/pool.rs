@@ -374,7 +374,10 @@ impl Pool {
                 ServerName::IpAddress(target.ip().into())
             };
             let tls = TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| {
-                let (reason, error, certificate) = tls::verify::handshake_failure(&e, "tls_error");
+                let refused = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+                let (reason, error) =
+                    refused.map_or(("tls_error", e.to_string()), tls::verify::handshake_reason);
+                let certificate = refused.and_then(tls::verify::VerifyError::from_rustls);
                 HboneError::Tls { target, reason, error, certificate }
             })?;
             let (_, session) = tls.get_ref();
@@ -461,8 +464,8 @@ fn h2_failure(target: SocketAddr, e: &h2::Error) -> HboneError {
     let tls = e.get_io().and_then(|io| io.get_ref()).and_then(|i| i.downcast_ref::<rustls::Error>());
     match tls {
         Some(t) => {
-            let (reason, error, certificate) = tls::verify::rustls_failure(t);
-            HboneError::Tls { target, reason, error, certificate }
+            let (reason, error) = tls::verify::handshake_reason(t);
+            HboneError::Tls { target, reason, error, certificate: tls::verify::VerifyError::from_rustls(t) }
         }
         None => HboneError::Protocol { target, error: e.to_string() },
     }
