@@ -2,9 +2,10 @@
 //! `ztunnel run` on the same node takes the first one's listening sockets
 //! (SCM_RIGHTS), the first stops accepting, drains what it carries and exits.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::Context as _;
+use ztunnel::capture::MAP_ABI_VERSION;
 use ztunnel_testbed::{
     Testbed, Tunnel,
     agent::{self, Server, Steady, Streams},
@@ -150,4 +151,100 @@ fn sigusr2_starts_a_successor_that_takes_over_and_becomes_the_main_pid() -> anyh
     assert_eq!(t1.config_dump()?["pid"].as_u64(), Some(u64::from(main_pid)));
     assert_eq!(agent::connect(&tb, &web.place(), db.addr4(5432), 3, 1)?.ok, 3);
     Ok(())
+}
+
+/// A new tunnel process swaps its eBPF programs into the links the running
+/// one pinned. Attaching a second link and then unpinning the first would run
+/// both programs for a moment: a connect() the first one redirected to the
+/// tunnel is seen by the second as a call to the tunnel's own port and
+/// refused (EPERM), and a socket created then is counted twice against its
+/// workload's quota. Clients connecting back to back through six upgrades
+/// must see none of it. (With a new link attached before the old one was
+/// unpinned, this saw a refused connect() in about every other run.)
+#[test]
+fn swapping_the_capture_programs_refuses_no_connect() -> anyhow::Result<()> {
+    let mut tb = Testbed::new("swapprog")?;
+    let n1 = tb.add_node("n1")?;
+    let n2 = tb.add_node("n2")?;
+    let web = tb.add_pod(&n1, "web")?;
+    let db = tb.add_pod(&n2, "db")?;
+    let _server = Server::start(&tb, &db.place(), &[db.addr4(5432)])?;
+    let mut t1 = tb.start_tunnel(&n1, tb.tunnel_config(&n1, &[&web]))?;
+    let _t2 = tb.start_tunnel(&n2, tb.tunnel_config(&n2, &[&db]))?;
+    assert_eq!(agent::connect(&tb, &web.place(), db.addr4(5432), 1, 1)?.ok, 1);
+    let before = |t: &Tunnel| -> anyhow::Result<u64> { t.capture_counter("self_call") };
+    let self_calls = before(&t1)?;
+
+    // Back to back: the next connect() starts as soon as the last exchange
+    // ends, so one of them is in flight almost all the time.
+    let clients = (0..4)
+        .map(|_| {
+            Steady::start(
+                &tb,
+                &web.place(),
+                db.addr4(5432),
+                Duration::from_millis(1),
+                Duration::from_secs(120),
+            )
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let links_dir = tb.pin_base.join(&n1.name).join(format!("v{MAP_ABI_VERSION}/links"));
+    let links_before = pinned_links(&links_dir)?;
+    std::thread::sleep(Duration::from_secs(1));
+    for _ in 0..6 {
+        t1.upgrade(Duration::from_secs(60))?;
+        t1.wait_drained(Duration::from_secs(30))?;
+    }
+    // The same links (ids) carry new programs: swapped, not attached anew.
+    let links_after = pinned_links(&links_dir)?;
+    assert_eq!(
+        links_before.keys().collect::<Vec<_>>(),
+        links_after.keys().collect::<Vec<_>>(),
+        "the pinned links"
+    );
+    assert!(links_before.len() >= 7, "cgroup, delivery and sk_lookup links: {links_before:?}");
+    for (pin, (link, program)) in &links_before {
+        let (link_after, program_after) = links_after[pin];
+        assert_eq!(*link, link_after, "{pin} is another link after the upgrades:\n{}", t1.log_tail(200));
+        assert_ne!(*program, program_after, "{pin} still runs the first tunnel's program");
+    }
+    let mut attempts = 0;
+    for client in clients {
+        let report = client.stop()?;
+        attempts += report["attempts"].as_u64().unwrap_or(0);
+        assert_eq!(
+            report["ok"],
+            report["attempts"],
+            "a connect() failed while the programs were swapped: {report}\n{}",
+            t1.log_tail(20)
+        );
+    }
+    eprintln!("program swap: {attempts} connections through six upgrades, none refused");
+    assert!(attempts > 600, "too few connections to cover the swaps: {attempts}");
+    assert_eq!(t1.capture_counter("self_call")?, self_calls);
+    Ok(())
+}
+
+/// Every link pinned below `dir`: its path (relative), link id and program id.
+fn pinned_links(dir: &std::path::Path) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("{}", d.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let shown = std::process::Command::new("bpftool")
+                .args(["-j", "link", "show", "pinned"])
+                .arg(&path)
+                .output()?;
+            anyhow::ensure!(shown.status.success(), "bpftool: {}", String::from_utf8_lossy(&shown.stderr));
+            let link: serde_json::Value = serde_json::from_slice(&shown.stdout)?;
+            let ids = (link["id"].as_u64().unwrap_or(0), link["prog_id"].as_u64().unwrap_or(0));
+            out.insert(path.strip_prefix(dir)?.display().to_string(), ids);
+        }
+    }
+    Ok(out)
 }

@@ -6,6 +6,7 @@
 //! or removing a workload is a map update, never an attach or detach, so it
 //! cannot disturb anyone else's connections. See docs/architecture.md.
 
+mod link_swap;
 mod maps;
 pub mod pins;
 
@@ -14,7 +15,7 @@ use std::{
     fs::File,
     mem::size_of,
     net::SocketAddr,
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, BorrowedFd},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -24,6 +25,7 @@ use aya::{
     maps::{HashMap, LpmTrie, MapData, MapInfo, SockHash},
     programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
 };
+use nix::sys::stat::fstat;
 use ztunnel_ebpf_common::{
     AddrKey, CaptureRecord, CidrKey, ConnTuple, DeliveryKey, EnrolledWorkload, PortKey, SocketOwner, counter,
     global_name, map_name, program_name,
@@ -34,7 +36,10 @@ pub use ztunnel_ebpf_common::MAP_ABI_VERSION;
 pub use self::maps::{
     CaptureCounters, CaptureRecords, CapturedConnection, DesiredMaps, WorkloadCapture, addr_key,
 };
-use self::pins::{PinError, Pins};
+use self::{
+    link_swap::{LinkTarget, SwapError},
+    pins::{PinError, Pins},
+};
 use crate::{cgroup::Cgroup, netns::NetnsRef};
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +127,12 @@ impl Capture {
             path: settings.cgroup_root.path().to_owned(),
             source,
         })?;
+        let cgroup_root_id = fstat(cgroup.as_fd())
+            .map_err(|e| CaptureError::Cgroup {
+                path: settings.cgroup_root.path().to_owned(),
+                source: e.into(),
+            })?
+            .st_ino;
         // CgroupSockAddr and SockOps share no trait for attach/take_link.
         macro_rules! attach_to_cgroup {
             ($ty:ty, $name:expr) => {{
@@ -129,12 +140,20 @@ impl Capture {
                 let err = |source| CaptureError::Program { name, source };
                 let program: &mut $ty = program_mut(&mut ebpf, name)?;
                 program.load().map_err(err)?;
-                // bpf_link_create takes no flags for cgroups (EINVAL): links
-                // always coexist with other programs, as ALLOW_MULTI would.
-                let id = program.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(err)?;
-                let link = FdLink::try_from(program.take_link(id).map_err(err)?)
-                    .map_err(|source| CaptureError::Link { name, source })?;
-                pins.replace_link(&pins.link(name), link)?;
+                let pin = pins.link(name);
+                if !swapped(
+                    &pin,
+                    LinkTarget::Cgroup(cgroup_root_id),
+                    program.fd().map_err(err)?.as_fd(),
+                    name,
+                ) {
+                    // bpf_link_create takes no flags for cgroups (EINVAL): links
+                    // always coexist with other programs, as ALLOW_MULTI would.
+                    let id = program.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(err)?;
+                    let link = FdLink::try_from(program.take_link(id).map_err(err)?)
+                        .map_err(|source| CaptureError::Link { name, source })?;
+                    pins.replace_link(&pin, link)?;
+                }
             }};
         }
         attach_to_cgroup!(CgroupSockAddr, program_name::CONNECT4);
@@ -150,10 +169,14 @@ impl Capture {
             })?;
             let program: &mut SockOps = program_mut(&mut ebpf, name)?;
             program.load().map_err(err)?;
-            let id = program.attach(tunnel.as_fd(), CgroupAttachMode::Single).map_err(err)?;
-            let link = FdLink::try_from(program.take_link(id).map_err(err)?)
-                .map_err(|source| CaptureError::Link { name, source })?;
-            pins.replace_link(&pins.delivery_link(settings.tunnel_cgroup_id), link)?;
+            let pin = pins.delivery_link(settings.tunnel_cgroup_id);
+            let target = LinkTarget::Cgroup(settings.tunnel_cgroup_id);
+            if !swapped(&pin, target, program.fd().map_err(err)?.as_fd(), name) {
+                let id = program.attach(tunnel.as_fd(), CgroupAttachMode::Single).map_err(err)?;
+                let link = FdLink::try_from(program.take_link(id).map_err(err)?)
+                    .map_err(|source| CaptureError::Link { name, source })?;
+                pins.replace_link(&pin, link)?;
+            }
             if !settings.predecessor_running {
                 pins.remove_delivery_links_except(settings.tunnel_cgroup_id)?;
             }
@@ -232,10 +255,16 @@ impl Capture {
             .map_err(|source| CaptureError::Netns { path: PathBuf::from(netns.display()), source })?;
         let name = program_name::SK_LOOKUP;
         let err = |source| CaptureError::Program { name, source };
+        let inode = fstat(file.as_fd())
+            .map_err(|e| CaptureError::Netns { path: PathBuf::from(netns.display()), source: e.into() })?
+            .st_ino;
         let program: &mut SkLookup = program_mut(&mut self.ebpf, name)?;
-        let id = program.attach(file).map_err(err)?;
-        let link: FdLink = program.take_link(id).map_err(err)?.into();
-        self.pins.replace_link(&self.pins.netns_link(namespace, workload), link)?;
+        let pin = self.pins.netns_link(namespace, workload);
+        if !swapped(&pin, LinkTarget::Netns(inode), program.fd().map_err(err)?.as_fd(), name) {
+            let id = program.attach(file).map_err(err)?;
+            let link: FdLink = program.take_link(id).map_err(err)?.into();
+            self.pins.replace_link(&pin, link)?;
+        }
         Ok(())
     }
 
@@ -461,6 +490,31 @@ fn forward_kernel_logs(ebpf: &mut Ebpf) {
             guard.clear_ready();
         }
     });
+}
+
+/// Whether the program went into the link pinned at `pin` in place (see
+/// [`link_swap`]); when not, the caller attaches a link of its own.
+fn swapped(pin: &Path, target: LinkTarget, program: BorrowedFd<'_>, name: &'static str) -> bool {
+    match link_swap::swap_program(pin, target, program) {
+        Ok(()) => {
+            tracing::debug!(program = name, pin = %pin.display(), "program swapped into the pinned link");
+            true
+        }
+        Err(SwapError::NotPinned) => false,
+        Err(e @ SwapError::OtherTarget { .. }) => {
+            tracing::info!(program = name, pin = %pin.display(), "attaching a new link: {e}");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(
+                program = name,
+                pin = %pin.display(),
+                "cannot swap the program into the pinned link ({e}); attaching a new link, so for a moment \
+                 both programs run and a connect() then may be refused"
+            );
+            false
+        }
+    }
 }
 
 fn keys<K: aya::Pod, V: aya::Pod>(
