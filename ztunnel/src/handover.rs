@@ -28,7 +28,7 @@ use std::{
     net::SocketAddr,
     os::{
         fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
-        unix::{fs::MetadataExt as _, net::UnixStream},
+        unix::net::UnixStream,
     },
     path::{Path, PathBuf},
     time::Duration,
@@ -37,7 +37,7 @@ use std::{
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::{Deserialize, Serialize};
 
-use crate::{netns::Netns, sockopt};
+use crate::{netns::Netns, sockopt, unix_socket};
 
 /// Protocol version: both sides must speak the same.
 const VERSION: u32 = 1;
@@ -287,9 +287,7 @@ fn receive_fds(stream: &UnixStream, count: usize) -> Result<Vec<OwnedFd>, Handov
 /// The running tunnel's side: waits for a successor.
 pub struct HandoverListener {
     listener: tokio::net::UnixListener,
-    path: PathBuf,
-    /// The socket file this process made (removed at exit only if still it).
-    inode: u64,
+    file: unix_socket::SocketFile,
 }
 
 /// A successor that connected and said hello.
@@ -305,20 +303,9 @@ pub struct Successor {
 impl HandoverListener {
     /// Listens at `path` (0600), replacing a stale socket file.
     pub fn bind(path: &Path) -> Result<Self, HandoverError> {
-        use std::os::unix::fs::PermissionsExt as _;
-        let err = |source| HandoverError::Socket { path: path.to_owned(), source };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
-        }
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(err(e)),
-        }
-        let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-        let inode = std::fs::metadata(path).map_err(err)?.ino();
-        Ok(Self { listener, path: path.to_owned(), inode })
+        let (listener, file) = unix_socket::bind(path)
+            .map_err(|source| HandoverError::Socket { path: path.to_owned(), source })?;
+        Ok(Self { listener, file })
     }
 
     /// The next successor: a process of root or of this tunnel's own user
@@ -363,9 +350,7 @@ impl HandoverListener {
     /// Removes the socket file if it is still this process's (a successor
     /// has bound its own in its place otherwise).
     pub fn remove(&self) {
-        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
-            let _ = std::fs::remove_file(&self.path);
-        }
+        self.file.remove();
     }
 }
 
@@ -509,17 +494,5 @@ mod tests {
         // A stale socket file nobody listens on.
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         assert!(Predecessor::connect(&path, "n1", 1).unwrap().is_none());
-    }
-
-    #[tokio::test]
-    async fn the_socket_file_is_removed_only_while_it_is_ours() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = socket_path(dir.path());
-        let first = HandoverListener::bind(&path).unwrap();
-        let second = HandoverListener::bind(&path).unwrap();
-        first.remove();
-        assert!(path.exists(), "the successor's socket was removed");
-        second.remove();
-        assert!(!path.exists());
     }
 }

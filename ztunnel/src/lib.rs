@@ -43,4 +43,5 @@ pub mod sd_notify;
 pub mod sockopt;
 pub mod state;
 pub mod tls;
+pub mod unix_socket;
 pub mod workload;

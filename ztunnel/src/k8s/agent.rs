@@ -273,20 +273,10 @@ fn listen_cni(
     published: &Path,
     shutdown: CancellationToken,
 ) -> Result<mpsc::Receiver<CniCall>, AgentError> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let err = |source| AgentError::CniSocket { path: path.to_owned(), source };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    // A socket left by the previous tunnel: nothing listens on it any more.
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).map_err(err)?);
+    // A socket left by the previous tunnel (nothing listens on it any more)
+    // is replaced.
+    let (listener, file) = crate::unix_socket::bind(path)
+        .map_err(|source| AgentError::CniSocket { path: path.to_owned(), source })?;
     let (tx, rx) = mpsc::channel(64);
     let path = path.to_owned();
     let published = published.to_owned();
@@ -331,13 +321,9 @@ fn listen_cni(
                 }
             });
         }
-        // Only while it is still this tunnel's (staged or published): after
-        // an upgrade the path is the successor's socket.
-        for p in [&path, &published] {
-            if std::fs::metadata(p).is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == inode) {
-                let _ = std::fs::remove_file(p);
-            }
-        }
+        // Where it was bound (staged) or moved to (published).
+        file.remove();
+        file.remove_at(&published);
     });
     Ok(rx)
 }

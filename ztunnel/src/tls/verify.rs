@@ -278,6 +278,26 @@ pub fn peer_id(cert: &CertificateDer<'_>) -> Result<PeerId, VerifyError> {
 }
 
 /// Maps a handshake failure to its reason, for the access log and metrics.
+/// A refused handshake, typed: the reason, the text, and the peer
+/// certificate's problem when that was the cause.
+pub fn rustls_failure(e: &rustls::Error) -> (&'static str, String, Option<VerifyError>) {
+    let (reason, error) = handshake_reason(e);
+    (reason, error, VerifyError::from_rustls(e))
+}
+
+/// [`rustls_failure`] for the I/O error a TLS stream's handshake returned;
+/// `fallback` is the reason when TLS itself did not fail (the peer went away,
+/// or spoke something else).
+pub fn handshake_failure(
+    e: &std::io::Error,
+    fallback: &'static str,
+) -> (&'static str, String, Option<VerifyError>) {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(refused) => rustls_failure(refused),
+        None => (fallback, e.to_string(), None),
+    }
+}
+
 pub fn handshake_reason(e: &rustls::Error) -> (&'static str, String) {
     if let Some(v) = VerifyError::from_rustls(e) {
         return (v.reason(), v.to_string());

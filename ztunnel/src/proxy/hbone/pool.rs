@@ -374,10 +374,7 @@ impl Pool {
                 ServerName::IpAddress(target.ip().into())
             };
             let tls = TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| {
-                let refused = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
-                let (reason, error) =
-                    refused.map_or(("tls_error", e.to_string()), tls::verify::handshake_reason);
-                let certificate = refused.and_then(tls::verify::VerifyError::from_rustls);
+                let (reason, error, certificate) = tls::verify::handshake_failure(&e, "tls_error");
                 HboneError::Tls { target, reason, error, certificate }
             })?;
             let (_, session) = tls.get_ref();
@@ -464,8 +461,8 @@ fn h2_failure(target: SocketAddr, e: &h2::Error) -> HboneError {
     let tls = e.get_io().and_then(|io| io.get_ref()).and_then(|i| i.downcast_ref::<rustls::Error>());
     match tls {
         Some(t) => {
-            let (reason, error) = tls::verify::handshake_reason(t);
-            HboneError::Tls { target, reason, error, certificate: tls::verify::VerifyError::from_rustls(t) }
+            let (reason, error, certificate) = tls::verify::rustls_failure(t);
+            HboneError::Tls { target, reason, error, certificate }
         }
         None => HboneError::Protocol { target, error: e.to_string() },
     }

@@ -138,9 +138,7 @@ pub async fn serve_connection(
         Ok(Err(e)) => {
             let fallback =
                 if e.kind() == std::io::ErrorKind::UnexpectedEof { "handshake_eof" } else { "not_tls" };
-            let refused = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
-            let (reason, error) = refused.map_or((fallback, e.to_string()), tls::verify::handshake_reason);
-            let certificate = refused.and_then(tls::verify::VerifyError::from_rustls);
+            let (reason, error, certificate) = tls::verify::handshake_failure(&e, fallback);
             refused_certificate(&ctx, peer, landed, Some(&target), reason, error, certificate);
             return;
         }
