@@ -92,7 +92,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let tunnel = measure(&tb, &client.place(), server.addr4(0), opts, &log)?;
     let cpu = tunnels.iter().map(cpu_seconds).sum::<f64>() - cpu_before;
     let rss = tunnels.iter().map(peak_rss_mib).fold(0.0, f64::max);
-    // Every measured connection went through the tunnels.
+    // Every measured connection went through the tunnels. (The log is
+    // buffered: a short run's lines, e.g. `--only throughput`, need a flush.)
+    tunnels[0].flush_access_log()?;
     let carried =
         tunnels[0].access_log().iter().filter(|e| e["mode"] == "hbone" && e["reason"] == "ok").count();
     if carried == 0 {
