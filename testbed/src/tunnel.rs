@@ -218,6 +218,13 @@ impl Tunnel {
         Ok(took)
     }
 
+    /// Starts a would-be successor with the same configuration and returns
+    /// at once, leaving it to the caller (to make one fail mid-handover).
+    /// Unlike [`Self::upgrade`], the caller owns and must reap it.
+    pub fn start_successor(&self) -> anyhow::Result<Child> {
+        self.spawn_process()
+    }
+
     /// The tunnel's own successor (started on SIGUSR2), `pid`, is the one
     /// serving now; the process this started drains.
     pub fn adopt(&mut self, pid: u32) {

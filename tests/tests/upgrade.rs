@@ -68,11 +68,12 @@ fn an_upgrade_by_handover_resets_nothing_and_refuses_nothing() -> anyhow::Result
     let attempts = report["attempts"].as_u64().unwrap_or(0);
     eprintln!("upgrade by handover: {attempts} new connections one every {} ms", interval.as_millis());
     assert!(attempts > 300, "{report}");
-    assert_eq!(
-        report["ok"].as_u64(),
-        Some(attempts),
-        "a new connection failed during the handovers: {report}"
-    );
+    if report["ok"].as_u64() != Some(attempts) {
+        panic!(
+            "a new connection failed during the handovers: {report}\n{}",
+            failed_lines(&[("n1", &t1), ("n2", &t2)])
+        );
+    }
 
     // Nothing was refused for want of a tunnel, and nothing reached db
     // outside one: every call db received came over mTLS, through one
@@ -223,6 +224,86 @@ fn swapping_the_capture_programs_refuses_no_connect() -> anyhow::Result<()> {
     assert!(attempts > 600, "too few connections to cover the swaps: {attempts}");
     assert_eq!(t1.capture_counter("self_call")?, self_calls);
     Ok(())
+}
+
+/// A would-be successor swaps its programs into the pinned links as it
+/// starts; if it then dies before taking over, the tunnel that carries on
+/// puts its own back, so the links never run the programs of a process that
+/// is gone (an upgrade's new build, perhaps the reason it failed). The
+/// successor is held back by a CA outage (it takes over only once its
+/// workloads hold certificates) and killed while it waits.
+#[test]
+fn a_successor_that_dies_before_taking_over_leaves_the_links_to_the_running_tunnel() -> anyhow::Result<()> {
+    let mut tb = Testbed::new("deadsucc")?;
+    let n1 = tb.add_node("n1")?;
+    let n2 = tb.add_node("n2")?;
+    let web = tb.add_pod(&n1, "web")?;
+    let db = tb.add_pod(&n2, "db")?;
+    let _server = Server::start(&tb, &db.place(), &[db.addr4(5432)])?;
+    let mut ca = tb.start_ca(&n1, &[])?;
+    let mut config = tb.tunnel_config(&n1, &[&web]);
+    tb.use_remote_ca(&mut config, &ca, &n1)?;
+    let t1 = tb.start_tunnel(&n1, config)?;
+    let _t2 = tb.start_tunnel(&n2, tb.tunnel_config(&n2, &[&db]))?;
+    assert_eq!(agent::connect(&tb, &web.place(), db.addr4(5432), 1, 1)?.ok, 1);
+    let links_dir = tb.pin_base.join(&n1.name).join(format!("v{MAP_ABI_VERSION}/links"));
+    let ours = pinned_links(&links_dir)?;
+    assert!(ours.len() >= 7, "cgroup, delivery and sk_lookup links: {ours:?}");
+
+    ca.stop();
+    let mut successor = t1.start_successor()?;
+    // First see the successor's programs in every link: what a tunnel that
+    // did not take them back would be left with.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = pinned_links(&links_dir)?;
+        if ours.iter().all(|(pin, (_, program))| now.get(pin).is_some_and(|(_, p)| p != program)) {
+            break;
+        }
+        if let Some(status) = successor.try_wait()? {
+            anyhow::bail!(
+                "the successor exited ({status}) before swapping its programs in:\n{}",
+                t1.log_tail(40)
+            );
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the successor's programs never reached every link: {now:?} (ours: {ours:?})\n{}",
+            t1.log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!t1.log().contains("took over from the tunnel"), "it took over already:\n{}", t1.log_tail(40));
+    successor.kill()?;
+    successor.wait()?;
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !t1.log().contains("the new tunnel did not take over, carrying on") {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no handover failure seen:\n{}",
+            t1.log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = pinned_links(&links_dir)?;
+    assert_eq!(after, ours, "the same links, running this tunnel's programs again:\n{}", t1.log_tail(40));
+    assert_eq!(agent::connect(&tb, &web.place(), db.addr4(5432), 5, 1)?.ok, 5);
+    Ok(())
+}
+
+/// For a failure message: the access log lines of connections that did not
+/// end `ok`, and the end of each tunnel's log.
+fn failed_lines(tunnels: &[(&str, &Tunnel)]) -> String {
+    let mut out = String::new();
+    for (name, t) in tunnels {
+        let _ = t.flush_access_log();
+        for line in t.access_log().into_iter().filter(|e| e["reason"] != "ok") {
+            out.push_str(&format!("{name} access log: {line}\n"));
+        }
+        out.push_str(&format!("{name} log:\n{}\n", t.log_tail(60)));
+    }
+    out
 }
 
 /// Every link pinned below `dir`: its path (relative), link id and program id.

@@ -446,8 +446,10 @@ async fn serve(start: Start) -> anyhow::Result<()> {
                                 break;
                             }
                             HandOver::Failed => {
-                                // The would-be successor may have written the
-                                // shared maps: make them this tunnel's again.
+                                // The would-be successor may have put its
+                                // programs into the pinned links and written
+                                // the shared maps: make them this tunnel's again.
+                                enrollment.reclaim_capture_links();
                                 enrollment.force_sync();
                                 let statuses = tokio::task::block_in_place(|| enrollment.apply(&current));
                                 publish_status(&admin, &metrics, &enrollment, statuses, false);

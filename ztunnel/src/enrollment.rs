@@ -187,6 +187,11 @@ impl Enrollment {
         }
     }
 
+    /// See [`Capture::reclaim_links`].
+    pub fn reclaim_capture_links(&self) {
+        self.capture.reclaim_links();
+    }
+
     /// See [`Capture::retire_delivery`].
     pub fn retire_delivery(&self, successor_cgroup: u64) {
         self.capture.retire_delivery(successor_cgroup);

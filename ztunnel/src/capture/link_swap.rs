@@ -52,16 +52,29 @@ const BPF_LINK_TYPE_NETNS: u32 = 5;
 /// throughout; the kernel checks that the program's type and attach type
 /// are the link's.
 pub fn swap_program(pin: &Path, target: LinkTarget, program: BorrowedFd<'_>) -> Result<(), SwapError> {
-    let link = match open_pinned(pin) {
-        Ok(fd) => fd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(SwapError::NotPinned),
-        Err(source) => return Err(SwapError::Syscall { call: "BPF_OBJ_GET", source }),
-    };
+    let link = open_link(pin)?;
     let found = link_target(link.as_fd())
         .map_err(|source| SwapError::Syscall { call: "BPF_OBJ_GET_INFO_BY_FD", source })?;
     if found != Some(target) {
         return Err(SwapError::OtherTarget { found, wanted: target });
     }
+    update(link.as_fd(), program)
+}
+
+/// Puts `program` into the link pinned at `pin`, whatever it is attached to:
+/// for links this tunnel pinned that another process's program now runs in.
+pub fn put_back(pin: &Path, program: BorrowedFd<'_>) -> Result<(), SwapError> {
+    update(open_link(pin)?.as_fd(), program)
+}
+
+fn open_link(pin: &Path) -> Result<OwnedFd, SwapError> {
+    open_pinned(pin).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => SwapError::NotPinned,
+        _ => SwapError::Syscall { call: "BPF_OBJ_GET", source },
+    })
+}
+
+fn update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> Result<(), SwapError> {
     #[repr(C)]
     struct LinkUpdateAttr {
         link_fd: u32,

@@ -279,6 +279,53 @@ impl Capture {
         }
     }
 
+    /// After a successor failed to take over: it swapped its programs into
+    /// the pinned links, where they would keep running with it gone (a new
+    /// version's, perhaps the reason it failed). This tunnel's go back in,
+    /// in place as on install, so no connect() sees two programs.
+    pub fn reclaim_links(&self) {
+        let mut links: Vec<(PathBuf, &'static str)> = [
+            program_name::CONNECT4,
+            program_name::CONNECT6,
+            program_name::SOCKOPS,
+            program_name::SOCK_CREATE,
+            program_name::SOCK_RELEASE,
+        ]
+        .into_iter()
+        .map(|name| (self.pins.link(name), name))
+        .collect();
+        links.push((self.pins.delivery_link(self.tunnel_cgroup_id), program_name::DELIVERY_SOCKOPS));
+        match self.pins.netns_links() {
+            Ok(pods) => {
+                links.extend(pods.into_iter().filter(|(_, name)| !pins::is_staging(name)).map(
+                    |(namespace, name)| (self.pins.netns_link(&namespace, &name), program_name::SK_LOOKUP),
+                ))
+            }
+            Err(e) => tracing::warn!("listing the pods' pinned links to take them back: {e}"),
+        }
+        for (pin, name) in links {
+            let program = match self.ebpf.program(name).map(aya::programs::Program::fd) {
+                Some(Ok(program)) => program,
+                Some(Err(e)) => {
+                    tracing::warn!(program = name, "this tunnel's program has no descriptor: {e}");
+                    continue;
+                }
+                None => {
+                    tracing::warn!(program = name, "this tunnel has no such program loaded");
+                    continue;
+                }
+            };
+            match link_swap::put_back(&pin, program.as_fd()) {
+                Ok(()) | Err(SwapError::NotPinned) => {}
+                Err(e) => tracing::warn!(
+                    program = name,
+                    pin = %pin.display(),
+                    "cannot put this tunnel's program back into the pinned link; the failed successor's runs there: {e}"
+                ),
+            }
+        }
+    }
+
     /// Detaches inbound steering from a pod's namespace.
     pub fn detach_netns(&mut self, namespace: &str, name: &str) -> Result<(), CaptureError> {
         Ok(self.pins.remove_link(&self.pins.netns_link(namespace, name))?)

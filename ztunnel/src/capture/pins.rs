@@ -11,8 +11,9 @@
 //! A link stays attached as long as it is pinned, so a tunnel that exits (or
 //! crashes) leaves capture in place and enrolled workloads fail closed until
 //! the next one starts. The next one swaps its programs into the pinned links
-//! (`link_swap`), so one program or the other runs, never both. Only where no
-//! link is pinned for the same target (first start, a moved cgroup root, a
+//! (`link_swap`), so one program or the other runs, never both (and a tunnel
+//! whose successor failed before taking over swaps its own back). Only where
+//! no link is pinned for the same target (first start, a moved cgroup root, a
 //! pod's new namespace) does it attach a link of its own and pin it over the
 //! old one, new before old so that nothing goes uncaptured in between.
 
