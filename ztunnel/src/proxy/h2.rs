@@ -11,9 +11,14 @@
 //! * Both sides send a PING every 10 s and drop a connection that does not
 //!   answer within 20 s.
 
-use std::{io, sync::Arc, time::Duration};
+use std::{
+    io,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use h2::{Reason, RecvStream, SendStream};
 use tokio::sync::watch;
 
@@ -85,8 +90,14 @@ pub fn h2_to_io(e: h2::Error) -> io::Error {
 /// The receiving half of a CONNECT stream.
 pub struct H2Reader {
     state: ReaderState,
-    /// Told when the CONNECT is answered (client streams).
-    answered: Option<watch::Sender<bool>>,
+    /// The CONNECT's fate, for the writer (client streams).
+    answer: Option<watch::Sender<Answer>>,
+    /// Sends the CONNECT again once if the server never processed it.
+    reopen: Option<Reopen>,
+    /// What the writer sent before the answer, shared with it.
+    unanswered: Option<Arc<Mutex<Unanswered>>>,
+    /// A reopened stream's slot on its connection.
+    _reopened_slot: Option<Box<dyn Send + Sync>>,
 }
 
 enum ReaderState {
@@ -94,6 +105,69 @@ enum ReaderState {
     /// flowing the other way (the server buffers it until it is connected).
     Awaiting(h2::client::ResponseFuture),
     Body(RecvStream),
+}
+
+/// Where a client stream's CONNECT stands, as its writer sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    Pending,
+    /// Sent again on another connection, with the early data: the writer
+    /// carries on there.
+    Reopened,
+    /// Answered (or failed for good): early data is unbounded from now on.
+    Settled,
+}
+
+/// A CONNECT sent again on another connection.
+pub struct Reopened {
+    pub response: h2::client::ResponseFuture,
+    pub send: SendStream<Bytes>,
+    /// Keeps the stream's slot on its connection taken.
+    pub slot: Box<dyn Send + Sync>,
+}
+
+/// Sends the CONNECT again on another connection, for a stream the server
+/// never processed.
+pub type Reopen = Box<dyn FnOnce() -> BoxFuture<'static, io::Result<Reopened>> + Send>;
+
+/// Early data of a client stream not answered yet: kept so that a reopened
+/// stream can carry it again, and the reopened stream's sending half until
+/// the writer takes it.
+#[derive(Default)]
+struct Unanswered {
+    sent: Vec<Bytes>,
+    finished: bool,
+    reopened: bool,
+    replacement: Option<SendStream<Bytes>>,
+}
+
+fn lock(u: &Mutex<Unanswered>) -> std::sync::MutexGuard<'_, Unanswered> {
+    u.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Whether a stream failed without the server having processed it: it was
+/// above the last stream a graceful GOAWAY let through (RFC 9113 §6.8: such
+/// a stream may be sent again). This is a server's graceful shutdown racing
+/// a new stream: h2 answers the server's shutdown PING before it writes
+/// HEADERS queued just earlier, so the final GOAWAY can exclude them.
+fn never_processed(e: &h2::Error) -> bool {
+    e.is_go_away() && e.is_remote() && e.reason() == Some(Reason::NO_ERROR)
+}
+
+/// A CONNECT that failed and was not sent again: whatever the writer waits
+/// for is settled.
+struct SettleOnDrop<'a>(&'a Option<watch::Sender<Answer>>);
+
+impl Drop for SettleOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(a) = self.0 {
+            a.send_if_modified(|s| {
+                let changed = *s != Answer::Settled;
+                *s = Answer::Settled;
+                changed
+            });
+        }
+    }
 }
 
 /// A CONNECT answered with something else than 200, seen by the first read.
@@ -105,22 +179,50 @@ pub struct ConnectRefused {
 
 impl H2Reader {
     pub fn new(recv: RecvStream) -> Self {
-        Self { state: ReaderState::Body(recv), answered: None }
-    }
-
-    /// The response side of a client stream whose CONNECT is still pending;
-    /// `answered` learns when it is answered (the writer's early data waits
-    /// on it).
-    pub fn awaiting(response: h2::client::ResponseFuture, answered: watch::Sender<bool>) -> Self {
-        Self { state: ReaderState::Awaiting(response), answered: Some(answered) }
+        Self {
+            state: ReaderState::Body(recv),
+            answer: None,
+            reopen: None,
+            unanswered: None,
+            _reopened_slot: None,
+        }
     }
 
     async fn body(&mut self) -> io::Result<&mut RecvStream> {
         if let ReaderState::Awaiting(response) = &mut self.state {
-            let response = response.await;
-            if let Some(a) = self.answered.take() {
-                let _ = a.send(true);
+            let _settle = SettleOnDrop(&self.answer);
+            let mut response = response.await;
+            if let Err(e) = &response
+                && never_processed(e)
+                && let Some(reopen) = self.reopen.take()
+                && let Some(unanswered) = &self.unanswered
+            {
+                tracing::debug!(
+                    "HBONE stream refused by the server's GOAWAY before it was processed: sending it again"
+                );
+                let reopened = reopen().await?;
+                {
+                    let mut u = lock(unanswered);
+                    let mut send = reopened.send;
+                    for b in &u.sent {
+                        send.send_data(b.clone(), false).map_err(h2_to_io)?;
+                    }
+                    if u.finished {
+                        send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
+                    }
+                    u.replacement = Some(send);
+                    u.reopened = true;
+                }
+                self._reopened_slot = Some(reopened.slot);
+                if let Some(a) = &self.answer {
+                    let _ = a.send(Answer::Reopened);
+                }
+                response = reopened.response.await;
             }
+            if let Some(u) = self.unanswered.take() {
+                lock(&u).sent = Vec::new();
+            }
+            drop(_settle);
             let response = response.map_err(h2_to_io)?;
             let status = response.status().as_u16();
             if status != 200 {
@@ -133,6 +235,30 @@ impl H2Reader {
             ReaderState::Awaiting(_) => Err(io::Error::other("HTTP/2 response missing")),
         }
     }
+}
+
+/// A client CONNECT stream whose answer has not come: its reader and writer,
+/// which share the early data (bounded by `per_stream` and the source's
+/// `budget`) so that `reopen` can send it again on another connection if
+/// the server turns the stream away unprocessed.
+pub fn client_stream(
+    response: h2::client::ResponseFuture,
+    send: SendStream<Bytes>,
+    per_stream: usize,
+    budget: Arc<Budget>,
+    reopen: Option<Reopen>,
+) -> (H2Reader, H2Writer) {
+    let (answer, answered) = watch::channel(Answer::Pending);
+    let unanswered = Arc::new(Mutex::new(Unanswered::default()));
+    let reader = H2Reader {
+        state: ReaderState::Awaiting(response),
+        answer: Some(answer),
+        reopen,
+        unanswered: Some(unanswered.clone()),
+        _reopened_slot: None,
+    };
+    let early = EarlyData { answered, per_stream, sent: 0, budget, held: 0, unanswered };
+    (reader, H2Writer { send, early: Some(early), switched: false })
 }
 
 impl ChunkRead for H2Reader {
@@ -165,6 +291,8 @@ impl ChunkRead for H2Reader {
 pub struct H2Writer {
     send: SendStream<Bytes>,
     early: Option<EarlyData>,
+    /// Writing to a reopened stream: a second loss is final.
+    switched: bool,
 }
 
 /// Bytes a client sends before its CONNECT is answered: the tunnel holds
@@ -172,21 +300,16 @@ pub struct H2Writer {
 /// per stream and, through the source workload's budget, per workload. Past
 /// either bound the client is read no further until the answer comes.
 pub struct EarlyData {
-    answered: watch::Receiver<bool>,
+    answered: watch::Receiver<Answer>,
     per_stream: usize,
     sent: usize,
     budget: Arc<Budget>,
     /// Bytes taken from the budget, given back once answered.
     held: usize,
+    unanswered: Arc<Mutex<Unanswered>>,
 }
 
 impl EarlyData {
-    /// A pair for one stream: the reader's side, and the writer's gate.
-    pub fn new(per_stream: usize, budget: Arc<Budget>) -> (watch::Sender<bool>, Self) {
-        let (tx, answered) = watch::channel(false);
-        (tx, Self { answered, per_stream, sent: 0, budget, held: 0 })
-    }
-
     fn release(&mut self) {
         self.budget.early_data.add_permits(std::mem::take(&mut self.held));
     }
@@ -200,22 +323,33 @@ impl Drop for EarlyData {
 
 impl H2Writer {
     pub fn new(send: SendStream<Bytes>) -> Self {
-        Self { send, early: None }
+        Self { send, early: None, switched: false }
     }
 
-    /// A client stream whose early data is bounded by `early`.
-    pub fn with_early_data(send: SendStream<Bytes>, early: EarlyData) -> Self {
-        Self { send, early: Some(early) }
+    /// Takes the reopened stream's sending half if the reader made one.
+    fn take_replacement(&mut self, u: &mut Unanswered) {
+        if let Some(send) = u.replacement.take() {
+            self.send = send;
+            self.switched = true;
+        }
+    }
+
+    /// The answer came (or the reader is gone): no bound from now on.
+    fn settle(&mut self) {
+        if let Some(mut early) = self.early.take() {
+            early.release();
+            let unanswered = early.unanswered.clone();
+            self.take_replacement(&mut lock(&unanswered));
+        }
     }
 
     /// How much of `len` bytes may go now; waits for the answer when nothing
     /// may. Once the stream is answered there is no bound.
     async fn early_allowance(&mut self, len: usize) -> usize {
-        let Some(early) = &mut self.early else { return len };
         loop {
-            if *early.answered.borrow() {
-                early.release();
-                self.early = None;
+            let Some(early) = &mut self.early else { return len };
+            if *early.answered.borrow_and_update() == Answer::Settled {
+                self.settle();
                 return len;
             }
             let room = early.per_stream.saturating_sub(early.sent).min(len);
@@ -230,9 +364,48 @@ impl H2Writer {
             }
             // Nothing may go until the answer (or the stream's end).
             if early.answered.changed().await.is_err() {
-                early.release();
-                self.early = None;
+                self.settle();
                 return len;
+            }
+        }
+    }
+
+    /// Sends early data, kept until the answer so that a reopened stream
+    /// carries it too.
+    async fn send_early(&mut self, part: Bytes) -> io::Result<()> {
+        let Some(early) = &self.early else { return self.send_all(part).await };
+        let unanswered = early.unanswered.clone();
+        {
+            let mut u = lock(&unanswered);
+            self.take_replacement(&mut u);
+            u.sent.push(part.clone());
+        }
+        match self.send_all(part).await {
+            Ok(()) => Ok(()),
+            Err(e) => self.after_loss(e).await,
+        }
+    }
+
+    /// A send failed before the answer: if the reader sends the stream
+    /// again, what was sent went with it and writing goes on there.
+    async fn after_loss(&mut self, e: io::Error) -> io::Result<()> {
+        loop {
+            let Some(early) = &mut self.early else { return Err(e) };
+            if self.switched {
+                return Err(e);
+            }
+            let answer = *early.answered.borrow_and_update();
+            if answer != Answer::Pending {
+                let unanswered = early.unanswered.clone();
+                let mut u = lock(&unanswered);
+                if !u.reopened {
+                    return Err(e);
+                }
+                self.take_replacement(&mut u);
+                return Ok(());
+            }
+            if early.answered.changed().await.is_err() {
+                return Err(e);
             }
         }
     }
@@ -248,13 +421,22 @@ impl ChunkWrite for H2Writer {
         while self.early.is_some() && !chunk.is_empty() {
             let n = self.early_allowance(chunk.len()).await;
             let part = chunk.split_to(n);
-            self.send_all(part).await?;
+            self.send_early(part).await?;
         }
         self.send_all(chunk).await
     }
 
     async fn finish(&mut self) -> io::Result<()> {
-        self.send.send_data(Bytes::new(), true).map_err(h2_to_io)
+        if let Some(early) = &self.early {
+            let unanswered = early.unanswered.clone();
+            let mut u = lock(&unanswered);
+            self.take_replacement(&mut u);
+            u.finished = true;
+        }
+        match self.send.send_data(Bytes::new(), true).map_err(h2_to_io) {
+            Err(e) if self.early.is_some() => self.after_loss(e).await,
+            r => r,
+        }
     }
 }
 
@@ -274,5 +456,158 @@ impl H2Writer {
             self.send.send_data(chunk.split_to(n), false).map_err(h2_to_io)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{Method, Request, Response};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+
+    fn connect() -> Request<()> {
+        Request::builder().method(Method::CONNECT).uri("198.18.0.9:5432").body(()).unwrap_or_default()
+    }
+
+    fn budget() -> Arc<Budget> {
+        Arc::new(Budget {
+            early_data: tokio::sync::Semaphore::new(1 << 20),
+            deliveries: tokio::sync::Semaphore::new(16),
+        })
+    }
+
+    /// A server shutting down as h2's graceful shutdown does when the race
+    /// goes against the client: it takes the client's first stream (HEADERS
+    /// and DATA) and then sends the final GOAWAY with a last stream id below
+    /// it, so the stream was never processed. Raw frames, since no server
+    /// API chooses the last stream id. Tells `sent` once the GOAWAY is out.
+    async fn turns_the_first_stream_away(mut io: DuplexStream, sent: tokio::sync::oneshot::Sender<()>) {
+        let mut preface = [0u8; 24];
+        if io.read_exact(&mut preface).await.is_err() {
+            return;
+        }
+        // SETTINGS (empty), then frames as they come.
+        let _ = io.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
+        let mut sent = Some(sent);
+        let (mut headers, mut data) = (false, false);
+        loop {
+            let mut head = [0u8; 9];
+            if io.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            if io.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            match head[3] {
+                // SETTINGS without ACK: acknowledge it.
+                4 if head[4] & 1 == 0 => {
+                    let _ = io.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await;
+                }
+                1 if stream == 1 => headers = true,
+                0 if stream == 1 => data = true,
+                _ => {}
+            }
+            if headers
+                && data
+                && let Some(s) = sent.take()
+            {
+                // GOAWAY: last stream 0, NO_ERROR.
+                let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                let _ = io.write_all(&goaway).await;
+                let _ = s.send(());
+            }
+        }
+    }
+
+    /// An HBONE-like server that answers every CONNECT 200 and echoes it.
+    async fn echoes(io: DuplexStream) {
+        let Ok(mut conn) = server_builder().handshake::<_, Bytes>(io).await else { return };
+        while let Some(Ok((request, mut respond))) = conn.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut send) = respond.send_response(Response::new(()), false) else { return };
+                let mut body = request.into_body();
+                while let Some(Ok(b)) = body.data().await {
+                    let _ = body.flow_control().release_capacity(b.len());
+                    let _ = send.send_data(b, false);
+                }
+                let _ = send.send_data(Bytes::new(), true);
+            });
+        }
+    }
+
+    async fn client(io: DuplexStream) -> h2::client::SendRequest<Bytes> {
+        let (send, conn) = client_builder().handshake::<_, Bytes>(io).await.unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(conn);
+        send
+    }
+
+    /// A stream on a connection whose server turns it away, and a reopen
+    /// that sends it again to an echo server; tells `goaway` once the first
+    /// server has sent its GOAWAY.
+    async fn lost_stream(with_reopen: bool) -> (H2Reader, H2Writer, tokio::sync::oneshot::Receiver<()>) {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let (goaway_tx, goaway) = tokio::sync::oneshot::channel();
+        tokio::spawn(turns_the_first_stream_away(server_io, goaway_tx));
+        let mut lost = client(client_io).await;
+        let (echo_client_io, echo_server_io) = tokio::io::duplex(1 << 20);
+        tokio::spawn(echoes(echo_server_io));
+        let echo = client(echo_client_io).await;
+
+        lost = lost.ready().await.unwrap_or_else(|e| panic!("{e}"));
+        let (response, send) = lost.send_request(connect(), false).unwrap_or_else(|e| panic!("{e}"));
+        let reopen: Option<Reopen> = with_reopen.then(|| -> Reopen {
+            Box::new(move || {
+                Box::pin(async move {
+                    let mut ready = echo.ready().await.map_err(h2_to_io)?;
+                    let (response, send) = ready.send_request(connect(), false).map_err(h2_to_io)?;
+                    Ok(Reopened { response, send, slot: Box::new(()) })
+                })
+            })
+        });
+        let (reader, writer) = client_stream(response, send, 64 * 1024, budget(), reopen);
+        (reader, writer, goaway)
+    }
+
+    async fn read_all(reader: &mut H2Reader) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Some(b) = reader.read_chunk().await? {
+            reader.consumed(b.len());
+            out.extend_from_slice(&b);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn a_stream_a_goaway_turned_away_unprocessed_goes_again_with_its_early_data() {
+        let (mut reader, mut writer, goaway) = lost_stream(true).await;
+        let write = async {
+            writer.write_chunk(Bytes::from_static(b"sent before the GOAWAY, ")).await?;
+            let _ = goaway.await;
+            // Written to the lost stream or the new one, whichever the
+            // writer finds: it must arrive once, in order.
+            writer.write_chunk(Bytes::from_static(b"after it, ")).await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            writer.write_chunk(Bytes::from_static(b"after the answer")).await?;
+            writer.finish().await
+        };
+        let (written, read) = tokio::join!(write, read_all(&mut reader));
+        written.unwrap_or_else(|e| panic!("writing: {e}"));
+        let read = read.unwrap_or_else(|e| panic!("reading: {e}"));
+        assert_eq!(String::from_utf8_lossy(&read), "sent before the GOAWAY, after it, after the answer");
+    }
+
+    /// The same stream without a reopen fails: what the test above survives
+    /// is a real loss.
+    #[tokio::test]
+    async fn without_a_reopen_the_stream_turned_away_fails() {
+        let (mut reader, mut writer, _goaway) = lost_stream(false).await;
+        writer.write_chunk(Bytes::from_static(b"early")).await.unwrap_or_else(|e| panic!("{e}"));
+        let read = read_all(&mut reader).await;
+        // The GOAWAY's NO_ERROR, as h2_to_io words it.
+        assert_eq!(read.map_err(|e| e.kind()).err(), Some(io::ErrorKind::UnexpectedEof));
     }
 }

@@ -193,7 +193,7 @@ async fn carry(
             let request = connect_request(dst, &source.workload, source_addr);
             let early =
                 EarlyBounds { per_stream: ctx.early_data_per_stream, budget: ctx.budgets.of(source.id) };
-            let hbone = match ctx.pool.open(&key, &source.netns, &credential, request, &early).await {
+            let hbone = match ctx.pool.open(key, &source.netns, credential, request, &early).await {
                 Ok(s) => s,
                 Err(e) => {
                     entry.peer_certificate = e.certificate().cloned();

@@ -38,7 +38,10 @@ use super::{ALPN_H2, HboneError};
 use crate::{
     identity::{cert::Credential, spiffe::SpiffeId},
     netns::Netns,
-    proxy::h2::{EarlyData, H2Reader, H2Writer, MAX_STREAMS_PER_CONNECTION, client_builder, keepalive},
+    proxy::h2::{
+        H2Reader, H2Writer, MAX_STREAMS_PER_CONNECTION, Reopen, Reopened, client_builder, client_stream,
+        keepalive,
+    },
     tls::{self, BundleSource, verify::Expect},
 };
 
@@ -257,28 +260,61 @@ impl Pool {
     /// Opens a CONNECT stream: on a pooled connection with room, or a new
     /// one; gives up after `wait_timeout`.
     pub async fn open(
+        self: &Arc<Self>,
+        key: PoolKey,
+        netns: &Netns,
+        credential: Arc<Credential>,
+        request: Request<()>,
+        early: &EarlyBounds,
+    ) -> Result<HboneStream, HboneError> {
+        let (slot, response, send) = self.stream_in_time(&key, netns, &credential, &request).await?;
+        // Sent again on another connection if the server turns it away
+        // unprocessed (its graceful shutdown raced this stream).
+        let reopen: Reopen = {
+            let (pool, netns) = (self.clone(), netns.clone());
+            let lost_on = slot.0.clone();
+            Box::new(move || {
+                Box::pin(async move {
+                    lost_on.closed.store(true, Ordering::Release);
+                    let (slot, response, send) = pool
+                        .stream_in_time(&key, &netns, &credential, &request)
+                        .await
+                        .map_err(std::io::Error::other)?;
+                    Ok(Reopened { response, send, slot: Box::new(slot) })
+                })
+            })
+        };
+        // The caller's bytes may follow the CONNECT at once (the server
+        // buffers them until it has reached the destination), within
+        // `early`'s bounds. The answer is awaited by the first read; a
+        // refusal (401, 503, ...) surfaces there.
+        let (reader, writer) =
+            client_stream(response, send, early.per_stream, early.budget.clone(), Some(reopen));
+        Ok(HboneStream { reader, writer, connection_id: slot.0.id, _slot: SlotGuard(slot) })
+    }
+
+    async fn stream_in_time(
         &self,
         key: &PoolKey,
         netns: &Netns,
         credential: &Credential,
-        request: Request<()>,
-        early: &EarlyBounds,
-    ) -> Result<HboneStream, HboneError> {
+        request: &Request<()>,
+    ) -> Result<(Slot, h2::client::ResponseFuture, h2::SendStream<Bytes>), HboneError> {
         let wait = self.settings.wait_timeout;
-        match tokio::time::timeout(wait, self.open_stream(key, netns, credential, request, early)).await {
+        match tokio::time::timeout(wait, self.stream(key, netns, credential, request)).await {
             Ok(r) => r,
             Err(_) => Err(HboneError::PoolTimeout { target: key.destination, waited: wait }),
         }
     }
 
-    async fn open_stream(
+    /// Sends the CONNECT on a pooled connection with room, or a new one.
+    async fn stream(
         &self,
         key: &PoolKey,
         netns: &Netns,
         credential: &Credential,
-        request: Request<()>,
-        early: &EarlyBounds,
-    ) -> Result<HboneStream, HboneError> {
+        request: &Request<()>,
+    ) -> Result<(Slot, h2::client::ResponseFuture, h2::SendStream<Bytes>), HboneError> {
         let port = request.uri().port_u16().unwrap_or(0);
         // A connection can die between its last use and this one (GOAWAY,
         // peer restart): one retry on a fresh connection.
@@ -307,21 +343,8 @@ impl Pool {
                     }
                 }
             };
-            match send(&slot.0, key.destination, clone_request(&request)).await {
-                Ok((response, send)) => {
-                    // The caller's bytes may follow the CONNECT at once (the
-                    // server buffers them until it has reached the
-                    // destination), within `early`'s bounds. The answer is
-                    // awaited by the first read; a refusal (401, 503, ...)
-                    // surfaces there.
-                    let (answered, early) = EarlyData::new(early.per_stream, early.budget.clone());
-                    return Ok(HboneStream {
-                        reader: H2Reader::awaiting(response, answered),
-                        writer: H2Writer::with_early_data(send, early),
-                        connection_id: slot.0.id,
-                        _slot: SlotGuard(slot),
-                    });
-                }
+            match send(&slot.0, key.destination, clone_request(request)).await {
+                Ok((response, send)) => return Ok((slot, response, send)),
                 Err(SendError::Connection(e)) => {
                     slot.0.closed.store(true, Ordering::Release);
                     if attempt == 1 {
