@@ -219,6 +219,8 @@ impl H2Reader {
                 }
                 response = reopened.response.await;
             }
+            // Answered (or failed for good): nothing is sent again from here.
+            self.reopen = None;
             if let Some(u) = self.unanswered.take() {
                 lock(&u).sent = Vec::new();
             }

@@ -158,6 +158,9 @@ struct Entry {
     opening: Arc<tokio::sync::Mutex<Option<(Instant, HboneError)>>>,
 }
 
+/// A CONNECT sent: its slot, the answer to come, and its sending half.
+type SentConnect = (Slot, h2::client::ResponseFuture, h2::SendStream<Bytes>);
+
 /// A stream slot; dropping it frees the slot.
 struct Slot(Arc<Connection>);
 
@@ -293,67 +296,61 @@ impl Pool {
         Ok(HboneStream { reader, writer, connection_id: slot.0.id, _slot: SlotGuard(slot) })
     }
 
+    /// Sends the CONNECT on a pooled connection with room, or a new one;
+    /// gives up after `wait_timeout`.
     async fn stream_in_time(
         &self,
         key: &PoolKey,
         netns: &Netns,
         credential: &Credential,
         request: &Request<()>,
-    ) -> Result<(Slot, h2::client::ResponseFuture, h2::SendStream<Bytes>), HboneError> {
+    ) -> Result<SentConnect, HboneError> {
         let wait = self.settings.wait_timeout;
-        match tokio::time::timeout(wait, self.stream(key, netns, credential, request)).await {
-            Ok(r) => r,
-            Err(_) => Err(HboneError::PoolTimeout { target: key.destination, waited: wait }),
-        }
-    }
-
-    /// Sends the CONNECT on a pooled connection with room, or a new one.
-    async fn stream(
-        &self,
-        key: &PoolKey,
-        netns: &Netns,
-        credential: &Credential,
-        request: &Request<()>,
-    ) -> Result<(Slot, h2::client::ResponseFuture, h2::SendStream<Bytes>), HboneError> {
-        let port = request.uri().port_u16().unwrap_or(0);
-        // A connection can die between its last use and this one (GOAWAY,
-        // peer restart): one retry on a fresh connection.
-        for attempt in 0..2 {
-            let slot = match self.reserve(key, credential) {
-                Some(s) => s,
-                None => {
-                    let lock = self.opening_lock(key);
-                    let waited_from = Instant::now();
-                    let mut opening = lock.lock().await;
-                    // The setup this stream waited for failed: so does it.
-                    if let Some((at, e)) = opening.as_ref()
-                        && *at >= waited_from
-                    {
-                        return Err(e.clone());
+        let attempts = async {
+            let port = request.uri().port_u16().unwrap_or(0);
+            // A connection can die between its last use and this one (GOAWAY,
+            // peer restart): one retry on a fresh connection.
+            for attempt in 0..2 {
+                let slot = match self.reserve(key, credential) {
+                    Some(s) => s,
+                    None => {
+                        let lock = self.opening_lock(key);
+                        let waited_from = Instant::now();
+                        let mut opening = lock.lock().await;
+                        // The setup this stream waited for failed: so does it.
+                        if let Some((at, e)) = opening.as_ref()
+                            && *at >= waited_from
+                        {
+                            return Err(e.clone());
+                        }
+                        match self.reserve(key, credential) {
+                            Some(s) => s,
+                            None => match self.open_connection(key, netns, credential, port).await {
+                                Ok(s) => s,
+                                Err(e) => {
+                                    *opening = Some((Instant::now(), e.clone()));
+                                    return Err(e);
+                                }
+                            },
+                        }
                     }
-                    match self.reserve(key, credential) {
-                        Some(s) => s,
-                        None => match self.open_connection(key, netns, credential, port).await {
-                            Ok(s) => s,
-                            Err(e) => {
-                                *opening = Some((Instant::now(), e.clone()));
-                                return Err(e);
-                            }
-                        },
-                    }
-                }
-            };
-            match send(&slot.0, key.destination, clone_request(request)).await {
-                Ok((response, send)) => return Ok((slot, response, send)),
-                Err(SendError::Connection(e)) => {
-                    slot.0.closed.store(true, Ordering::Release);
-                    if attempt == 1 {
-                        return Err(e);
+                };
+                match send(&slot.0, key.destination, clone_request(request)).await {
+                    Ok((response, send)) => return Ok((slot, response, send)),
+                    Err(SendError::Connection(e)) => {
+                        slot.0.closed.store(true, Ordering::Release);
+                        if attempt == 1 {
+                            return Err(e);
+                        }
                     }
                 }
             }
+            Err(HboneError::Protocol { target: key.destination, error: "no usable connection".into() })
+        };
+        match tokio::time::timeout(wait, attempts).await {
+            Ok(r) => r,
+            Err(_) => Err(HboneError::PoolTimeout { target: key.destination, waited: wait }),
         }
-        Err(HboneError::Protocol { target: key.destination, error: "no usable connection".into() })
     }
 
     /// Dials, handshakes mTLS and HTTP/2, and adds the connection to the pool
