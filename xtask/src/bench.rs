@@ -93,13 +93,18 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     let cpu = tunnels.iter().map(cpu_seconds).sum::<f64>() - cpu_before;
     let rss = tunnels.iter().map(peak_rss_mib).fold(0.0, f64::max);
     // Every measured connection went through the tunnels. (The log is
-    // buffered: a short run's lines, e.g. `--only throughput`, need a flush.)
+    // buffered: a short run's lines, e.g. `--only throughput`, need a flush;
+    // and a connection's line is written once the tunnel has seen it close,
+    // which can come after the flush's own marker.)
     tunnels[0].flush_access_log()?;
-    let carried =
-        tunnels[0].access_log().iter().filter(|e| e["mode"] == "hbone" && e["reason"] == "ok").count();
-    if carried == 0 {
-        bail!("no connection went through the tunnels: the tunnel figures would be direct ones");
-    }
+    let carried = tunnels[0]
+        .wait_access_log(1, Duration::from_secs(10), |e| e["mode"] == "hbone" && e["reason"] == "ok")
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "no connection went through the tunnels: the tunnel figures would be direct ones\n{e}"
+            )
+        })?
+        .len();
 
     let ratio = |t: f64, d: f64| if d > 0.0 { t / d } else { 0.0 };
     let report = json!({
