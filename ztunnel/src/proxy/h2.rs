@@ -137,7 +137,6 @@ pub type Reopen = Box<dyn FnOnce() -> BoxFuture<'static, io::Result<Reopened>> +
 struct Unanswered {
     sent: Vec<Bytes>,
     finished: bool,
-    reopened: bool,
     replacement: Option<SendStream<Bytes>>,
 }
 
@@ -211,7 +210,6 @@ impl H2Reader {
                         send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
                     }
                     u.replacement = Some(send);
-                    u.reopened = true;
                 }
                 self._reopened_slot = Some(reopened.slot);
                 if let Some(a) = &self.answer {
@@ -400,7 +398,8 @@ impl H2Writer {
             if answer != Answer::Pending {
                 let unanswered = early.unanswered.clone();
                 let mut u = lock(&unanswered);
-                if !u.reopened {
+                // Not switched yet: a replacement here is the reopen.
+                if u.replacement.is_none() {
                     return Err(e);
                 }
                 self.take_replacement(&mut u);
